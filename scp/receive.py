@@ -1,0 +1,98 @@
+"""The SCP: presentation contexts we accept, and the C-STORE handler that only writes to the spool.
+
+The handler does no pixel work (STYLE rule 5): pynetdicom has already streamed the dataset to a file in the
+spool's tmp/ (chunked receive, see service.py); the handler checks the header can be read, commits the file with
+a rename and answers. Any failure to keep the instance answers a failure status, never Success.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+
+from scp import status, syntaxes
+from scp.errors import SpoolError
+from scp.forward import set_nodelay
+from scp.spool import Received, Spool
+
+LOGGER = logging.getLogger(__name__)
+
+
+def add_supported_contexts(ae: AE) -> None:
+    """Accept Verification and every storage SOP class in every transfer syntax pydicom knows."""
+    ae.add_supported_context(Verification)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, list(syntaxes.ACCEPTED))
+
+
+def handle_store(event: Event, spool: Spool, on_commit: Callable[[str], None]) -> int:
+    """Commit the received instance to the spool; answer Success only once it is durable."""
+    request = event.request
+    assoc = event.assoc
+    calling = assoc.requestor.ae_title
+    sop_instance_uid = str(request.AffectedSOPInstanceUID)
+    path: Path = event.dataset_path
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        header.get("SOPInstanceUID")  # first access can raise on a malformed dataset
+    except (InvalidDicomError, ValueError, EOFError, KeyError, OSError, TypeError) as exc:
+        LOGGER.warning(
+            "rejected instance %s from %s: cannot be read (%s); answered 0x%04X",
+            sop_instance_uid,
+            calling,
+            exc,
+            status.CANNOT_UNDERSTAND,
+        )
+        return status.CANNOT_UNDERSTAND
+    received = Received(
+        calling_ae=calling,
+        called_ae=assoc.acceptor.ae_title,
+        peer_address=str(assoc.requestor.address),
+        sop_class_uid=str(request.AffectedSOPClassUID),
+        sop_instance_uid=sop_instance_uid,
+        transfer_syntax=str(event.context.transfer_syntax),
+        received_at=time.time(),
+    )
+    try:
+        spool_id = spool.commit_received(path, received)
+    except (OSError, SpoolError) as exc:
+        LOGGER.error(
+            "could not spool instance %s from %s: %s; answered 0x%04X",
+            sop_instance_uid,
+            calling,
+            exc,
+            status.OUT_OF_RESOURCES,
+        )
+        return status.OUT_OF_RESOURCES
+    LOGGER.info(
+        "received %s from %s (%s, %s) as %s",
+        sop_instance_uid,
+        calling,
+        received.sop_class_uid,
+        received.transfer_syntax,
+        spool_id,
+    )
+    on_commit(spool_id)
+    return status.SUCCESS
+
+
+def handle_connection_open(event: Event) -> None:
+    """Turn off Nagle's algorithm on every accepted connection."""
+    set_nodelay(event.assoc)
+
+
+def handlers(spool: Spool, on_commit: Callable[[str], None]) -> list[tuple[object, ...]]:
+    """The event handlers of the SCP, with their dependencies bound in (STYLE rule 4)."""
+    return [
+        (evt.EVT_C_STORE, handle_store, [spool, on_commit]),
+        (evt.EVT_CONN_OPEN, handle_connection_open),
+    ]
