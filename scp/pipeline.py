@@ -2,7 +2,7 @@
 
 `Processor` turns received instances into per-destination jobs; `Deliverer` sends one destination's jobs with
 retries. Both are driven by threads owned by service.py; pixel work runs in the `Encoder`'s worker processes,
-where a crashing native codec cannot take the node down.
+where a crashing native codec cannot take the node down (workers.py).
 """
 
 from __future__ import annotations
@@ -11,50 +11,18 @@ import logging
 import random
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from pathlib import Path
 
 import pydicom
 
-from scp import compress, rules
-from scp.config import CompressSpec, Config, DicomDestination, DirectoryDestination
+from scp import rules
+from scp.config import Config, DicomDestination, DirectoryDestination
 from scp.forward import Forwarder, make_forwarder
 from scp.spool import Job, Spool
 from scp.status import Outcome
+from scp.workers import Encoder
 
 LOGGER = logging.getLogger(__name__)
-
-
-class Encoder:
-    """Runs compress.transcode_file in worker processes and survives a worker that dies."""
-
-    def __init__(self, processes: int) -> None:
-        self.processes = processes
-        self._lock = threading.Lock()
-        self._pool = ProcessPoolExecutor(processes)
-
-    def transcode(self, src: Path, dst: Path, spec: CompressSpec) -> compress.Result:
-        with self._lock:
-            pool = self._pool
-        try:
-            return pool.submit(compress.transcode_file, src, dst, spec).result()
-        except BrokenProcessPool:
-            self._replace_broken(pool)
-            size = src.stat().st_size
-            return compress.Result(False, "the encoder process crashed on this image", "", size, size, 0.0)
-
-    def _replace_broken(self, broken: ProcessPoolExecutor) -> None:
-        with self._lock:
-            if self._pool is broken:
-                LOGGER.error("an encoder process died; starting a new pool")
-                self._pool = ProcessPoolExecutor(self.processes)
-        broken.shutdown(wait=False, cancel_futures=True)
-
-    def close(self) -> None:
-        with self._lock:
-            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Processor:
