@@ -1,0 +1,98 @@
+"""Configuration: every shipped file is valid; bad files are rejected naming the key path and the value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scp import config
+from scp.cli import main
+from scp.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
+
+VALID: dict[str, object] = {
+    "destinations": {
+        "archive": {"type": "dicom", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": 4242},
+        "folder": {"type": "directory", "path": "./archive"},
+    },
+    "rules": [{"name": "ct", "match": {"modality": "CT"}, "compress": "JPEGLSLossless", "forward": ["archive"]}],
+}
+
+
+def _with(change: dict[str, object]) -> dict[str, object]:
+    data = yaml.safe_load(yaml.safe_dump(VALID))
+    data.update(change)
+    return data
+
+
+def test_shipped_configs_exist() -> None:
+    assert SHIPPED, f"no *.yaml in {CONFIG_DIR}"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_check_config_accepts_every_shipped_file(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(path)]) == 0
+    assert f"{path}: OK" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"node": {"port": "eleven"}}, "node.port: Input should be a valid integer"),
+        ({"node": {"port": 70000}}, "node.port"),
+        ({"node": {"ae_title": "A_TITLE_THAT_IS_TOO_LONG"}}, "node.ae_title: 'A_TITLE_THAT_IS_TOO_LONG'"),
+        ({"rules": [{"name": "r", "forward": ["nowhere"]}]}, "unknown destination 'nowhere' in rule 'r'"),
+        ({"rules": [{"name": "r", "compress": "JPEGLS", "forward": ["archive"]}]}, "rules.0.compress.syntax"),
+        ({"rules": [{"name": "r", "compress": "jpeglslossless", "forward": ["archive"]}]}, "'JPEGLSLossless'"),
+        ({"colour": "blue"}, "colour: unknown key"),
+        ({"node": {"ae_titel": "X"}}, "node.ae_titel: unknown key"),
+        ({"destinations": {"a": {"type": "ftp"}}}, "destinations.a"),
+        ({"rules": []}, "rules: List should have at least 1 item"),
+    ],
+)
+def test_check_config_rejects_with_the_key_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict[str, object], expected: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_with(change)))
+    assert main(["check-config", str(path)]) == 1
+    assert expected in capsys.readouterr().err
+
+
+def test_transfer_syntax_by_dotted_uid_and_keyword_are_the_same() -> None:
+    by_keyword = config.parse(VALID).rules[0].compress.syntax
+    dotted = _with({"rules": [{"name": "r", "compress": "1.2.840.10008.1.2.4.80", "forward": ["archive"]}]})
+    assert config.parse(dotted).rules[0].compress.syntax == by_keyword == "1.2.840.10008.1.2.4.80"
+
+
+def test_keep_means_no_target_syntax() -> None:
+    data = _with({"rules": [{"name": "r", "compress": "keep", "forward": ["archive"]}]})
+    assert config.parse(data).rules[0].compress.syntax is None
+
+
+def test_not_yaml_and_not_a_mapping_are_clear_errors(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("node: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        config.load(listing)
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.load(tmp_path / "missing.yaml")
+
+
+def test_built_in_default() -> None:
+    default = config.load(None)
+    assert default.node.port == 11112
+    assert default.spool.path == Path("./spool")
+    assert [d.type for d in default.destinations.values()] == ["directory"]
+    first, rest = default.rules
+    assert first.match == {"modality": ["CT", "MR", "CR", "DX"]}
+    assert first.compress.syntax is not None and first.compress.syntax.keyword == "JPEGLSLossless"
+    assert rest.match is None and rest.compress.syntax is None
