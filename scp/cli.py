@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import logging
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from scp import __version__, config
 from scp.errors import ScpError
@@ -44,6 +48,17 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate configuration files")
     check.add_argument("files", type=Path, nargs="+", metavar="FILE")
     check.set_defaults(handler=_check_config)
+
+    explain = commands.add_parser(
+        "explain", help="show which rule each file matches, why, and what would happen to it (changes nothing)"
+    )
+    explain.add_argument("--config", type=Path, help="YAML configuration (default: the built-in one)")
+    explain.add_argument("--json", action="store_true", help="one JSON object per file, one per line")
+    explain.add_argument("--calling-ae", default="EXPLAIN", help="calling AE title to assume (default: EXPLAIN)")
+    explain.add_argument("--called-ae", help="called AE title to assume (default: the node's)")
+    explain.add_argument("--peer", default="127.0.0.1", help="peer IP address to assume (default: 127.0.0.1)")
+    explain.add_argument("files", type=Path, nargs="+", metavar="DICOMFILE")
+    explain.set_defaults(handler=_explain)
     return parser
 
 
@@ -75,13 +90,108 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(loaded.logging.level)
     service = Service(loaded)
     stop = threading.Event()
+    hangup = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: hangup.set())
     service.start()
     try:
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(0.2):
+            if hangup.is_set():
+                hangup.clear()
+                _reload(service, args.config)
     finally:
         LOGGER.info("stopping")
         service.stop()
     return EXIT_OK
+
+
+def _reload(service: Any, path: Path | None) -> None:
+    """SIGHUP: re-read the configuration with check-config's validation; keep the old one if it is invalid."""
+    if path is None:
+        LOGGER.warning("SIGHUP: running on the built-in configuration, there is no file to re-read")
+        return
+    LOGGER.info("SIGHUP: re-reading %s", path)
+    try:
+        loaded = config.load(path)
+    except ScpError as exc:
+        LOGGER.error("reload rejected, the running configuration stays in force: %s", exc)
+        return
+    service.reload(loaded)
+    configure_logging(loaded.logging.level)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import pydicom
+
+    from scp import compress, pipeline, rules
+
+    loaded = config.load(args.config)
+    called_ae = args.called_ae or loaded.node.ae_title
+    failed = 0
+    for path in args.files:
+        try:
+            facts = pipeline.read_facts(path, args.calling_ae, called_ae, args.peer)
+        except (OSError, pydicom.errors.InvalidDicomError, ValueError, AttributeError, KeyError) as exc:
+            failed += 1
+            error = {"file": str(path), "error": f"cannot be read as DICOM: {exc}"}
+            print(json.dumps(error) if args.json else f"{path}: {error['error']}", file=sys.stdout)
+            continue
+        decision = rules.decide(loaded.rules, loaded.default_rule, facts)
+        with tempfile.TemporaryDirectory(prefix="explain-") as scratch:
+            names = (Path(scratch) / f"{n}.dcm" for n in itertools.count())
+            outputs, _ = pipeline.produce(
+                path, facts.transfer_syntax, decision, loaded.destinations, compress.transcode_file, names.__next__
+            )
+        report = _explanation(path, decision, outputs, loaded)
+        print(json.dumps(report) if args.json else _explanation_text(report))
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _syntax_name(uid: str | None) -> str:
+    from pydicom.uid import UID
+
+    return config.KEEP if uid is None else (UID(uid).keyword or str(uid))
+
+
+def _explanation(path: Path, decision: Any, outputs: Sequence[Any], loaded: config.Config) -> dict[str, Any]:
+    """What explain reports for one file; the keys file, rule, transfer_syntax, destinations, reason first."""
+
+    def deliverable(output: Any) -> bool:
+        accept = loaded.destinations[output.destination].accept
+        return accept is None or output.transfer_syntax in accept
+
+    return {
+        "file": str(path),
+        "rule": decision.rule,
+        "transfer_syntax": _syntax_name(decision.compress.syntax),
+        "destinations": list(decision.destinations),
+        "reason": decision.reason,
+        "action": decision.action,
+        "deliveries": [
+            {
+                "destination": output.destination,
+                "transfer_syntax": _syntax_name(output.transfer_syntax),
+                "pixels": "compressed" if output.compressed else "passed through",
+                "why": output.detail,
+                "deliverable": deliverable(output),
+            }
+            for output in outputs
+        ],
+        "skipped": [{"rule": name, "reason": why} for name, why in decision.skipped],
+    }
+
+
+def _explanation_text(report: dict[str, Any]) -> str:
+    lines = [
+        f"{report['file']}:",
+        f"  rule:      {report['rule']} ({report['action']})",
+        f"  because:   {report['reason']}",
+    ]
+    lines += [f"  skipped:   {s['rule']}: {s['reason']}" for s in report["skipped"]]
+    if report["action"] == "forward":
+        lines.append(f"  target:    {report['transfer_syntax']}")
+        for d in report["deliveries"]:
+            refused = "" if d["deliverable"] else "; NOT in its accept list: it will be quarantined"
+            lines.append(f"  -> {d['destination']}: {d['transfer_syntax']}, {d['pixels']} ({d['why']}){refused}")
+    return "\n".join(lines)

@@ -17,16 +17,19 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
 from pydicom.uid import UID
 
-from scp import syntaxes
+from scp import matching, syntaxes
 from scp.errors import ConfigError
 
 KEEP = "keep"
+QUARANTINE_BY_RULE = "by-rule"
+"""The spool's quarantine folder for instances a rule quarantines; no destination may take this name."""
 
 
 class _Model(BaseModel):
@@ -92,6 +95,8 @@ class DicomDestination(_Model):
     associations: int = Field(2, ge=1, le=32)
     batch_size: int = Field(64, ge=1)
     retry: RetryConfig = RetryConfig()
+    accept: list[TransferSyntax] | None = Field(None, min_length=1)
+    """The transfer syntaxes it takes, preferred first; None: any syntax it negotiates."""
 
 
 class DirectoryDestination(_Model):
@@ -102,6 +107,8 @@ class DirectoryDestination(_Model):
     associations: int = Field(1, ge=1, le=32)
     batch_size: int = Field(64, ge=1)
     retry: RetryConfig = RetryConfig()
+    accept: list[TransferSyntax] | None = Field(None, min_length=1)
+    """The transfer syntaxes its files may be in, preferred first; None: any."""
 
 
 Destination = Annotated[DicomDestination | DirectoryDestination, Field(discriminator="type")]
@@ -127,21 +134,75 @@ class CompressSpec(_Model):
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
-MatchValue = str | int | float | list[str | int | float]
+def _compress_shorthand(value: Any) -> Any:
+    return {"syntax": value} if value is None or isinstance(value, str) else value
+
+
+Compress = Annotated[CompressSpec, BeforeValidator(_compress_shorthand)]
+
+
+class Route(_Model):
+    """One destination of a rule, optionally with its own target syntax (e.g. lossy for teleradiology)."""
+
+    destination: str = Field(min_length=1)
+    compress: Compress | None = None
+    """None: the rule's `compress`."""
 
 
 class Rule(_Model):
-    """A routing rule: when `match` holds, re-encode as `compress` and deliver to `forward`."""
+    """A routing rule: when `match` holds, re-encode as `compress` and deliver to `forward`, or drop or
+    quarantine the instance. `match` is compiled once, here (see scp/matching.py for its shape)."""
 
     name: str = Field(min_length=1)
-    match: dict[str, MatchValue] | None = None
-    compress: CompressSpec = CompressSpec()
-    forward: list[str] = Field(min_length=1)
+    match: dict[str, Any] | None = None
+    compress: Compress = CompressSpec()
+    forward: list[Route] = []
+    drop: bool = False
+    quarantine: bool = False
+    _condition: matching.Condition = PrivateAttr()
 
-    @field_validator("compress", mode="before")
+    @field_validator("forward", mode="before")
     @classmethod
-    def _compress_shorthand(cls, value: Any) -> Any:
-        return {"syntax": value} if value is None or isinstance(value, str) else value
+    def _route_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        return [{"destination": r} if isinstance(r, str) else r for r in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _compile(self) -> Rule:
+        actions = [name for name in ("forward", "drop", "quarantine") if getattr(self, name)]
+        if len(actions) != 1:
+            raise ValueError(
+                f"rule '{self.name}': give exactly one action of forward: [destinations], drop: true, "
+                f"quarantine: true (got {', '.join(actions) or 'none'})"
+            )
+        try:
+            self._condition = matching.compile_match(self.match)
+        except ValueError as exc:
+            raise ValueError(f"rule '{self.name}': {exc}") from None
+        return self
+
+    @property
+    def condition(self) -> matching.Condition:
+        """The compiled `match`."""
+        return self._condition
+
+    @property
+    def action(self) -> Literal["forward", "drop", "quarantine"]:
+        return "drop" if self.drop else "quarantine" if self.quarantine else "forward"
+
+
+class DefaultRule(Rule):
+    """What happens to an instance no rule matched: a rule without `match`."""
+
+    name: str = Field("default", min_length=1)
+
+    @field_validator("match")
+    @classmethod
+    def _no_match(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError("the default rule applies when no rule matched: it takes no match")
+        return value
 
 
 class LoggingConfig(_Model):
@@ -158,19 +219,35 @@ class Config(_Model):
     workers: WorkersConfig = WorkersConfig()
     destinations: dict[str, Destination] = Field(min_length=1)
     rules: list[Rule] = Field(min_length=1)
+    default: DefaultRule | None = None
+    """None: the built-in default, keep the encoding and forward to every destination."""
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
     def _forward_names_exist(self) -> Config:
-        for index, rule in enumerate(self.rules):
-            for name in rule.forward:
+        if QUARANTINE_BY_RULE in self.destinations:
+            raise ValueError(f"destinations.{QUARANTINE_BY_RULE}: the name is reserved for the rules' quarantine")
+        named = [(f"rules.{index}", rule) for index, rule in enumerate(self.rules)]
+        for where, rule in [*named, *([("default", self.default)] if self.default else [])]:
+            names = [route.destination for route in rule.forward]
+            for name in names:
                 if name not in self.destinations:
                     known = ", ".join(sorted(self.destinations))
                     raise ValueError(
-                        f"rules.{index}.forward: unknown destination '{name}' in rule '{rule.name}'; "
+                        f"{where}.forward: unknown destination '{name}' in rule '{rule.name}'; "
                         f"defined destinations: {known}"
                     )
+            if len(set(names)) != len(names):
+                raise ValueError(f"{where}.forward: a destination is listed twice in rule '{rule.name}'")
         return self
+
+    @property
+    def default_rule(self) -> Rule:
+        """The configured default, or the built-in one: an unmatched instance is never dropped silently."""
+        if self.default is not None:
+            return self.default
+        routes = [Route(destination=name) for name in self.destinations]
+        return Rule(name="built-in default", compress=CompressSpec(), forward=routes)
 
 
 DEFAULT: dict[str, Any] = {

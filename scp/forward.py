@@ -58,12 +58,17 @@ class DirectoryForwarder:
 
     def __init__(self, destination: DirectoryDestination) -> None:
         self.path = Path(destination.path)
+        self.accept = destination.accept
 
     def deliver(self, jobs: Sequence[Job]) -> list[Delivery]:
         return [self._deliver_one(job) for job in jobs]
 
     def _deliver_one(self, job: Job) -> Delivery:
-        name = safe_file_name(str(job.info().get("sop_instance_uid", "")))
+        info = job.info()
+        name = safe_file_name(str(info.get("sop_instance_uid", "")))
+        if self.accept is not None and info["transfer_syntax"] not in self.accept:
+            syntax = UID(str(info["transfer_syntax"])).name
+            return Delivery(job, Outcome.PERMANENT, f"{syntax} is not in the destination's accept list")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             partial = self.path / f".{name}.{job.id}.partial"
@@ -86,7 +91,15 @@ class DicomForwarder:
         self.scratch = scratch
 
     def deliver(self, jobs: Sequence[Job]) -> list[Delivery]:
-        wanted = {job.id: _preferred_syntaxes(job) for job in jobs}
+        wanted = {job.id: _preferred_syntaxes(job, self.destination.accept) for job in jobs}
+        unsendable = [job for job in jobs if not wanted[job.id][1]]
+        if unsendable:
+            sendable = [job for job in jobs if wanted[job.id][1]]
+            refused = [
+                Delivery(job, Outcome.PERMANENT, "it cannot be sent in any syntax of the destination's accept list")
+                for job in unsendable
+            ]
+            return refused + (self.deliver(sendable) if sendable else [])
         contexts = sorted({(sop_class, ts) for sop_class, tss in wanted.values() for ts in tss})
         if len(contexts) > MAX_CONTEXTS:
             half = len(jobs) // 2
@@ -146,8 +159,8 @@ class DicomForwarder:
         return Delivery(job, classify_store_status(status), f"status 0x{status:04X} as {UID(choice).name}", status)
 
 
-def _preferred_syntaxes(job: Job) -> tuple[str, list[str]]:
-    """The SOP class and the syntaxes to propose for it, best first."""
+def _preferred_syntaxes(job: Job, accept: Sequence[str] | None = None) -> tuple[str, list[str]]:
+    """The SOP class and the syntaxes to propose for it, best first; only those in `accept` when given."""
     info = job.info()
     candidates = [
         str(info["transfer_syntax"]),
@@ -155,7 +168,8 @@ def _preferred_syntaxes(job: Job) -> tuple[str, list[str]]:
         ExplicitVRLittleEndian,
         ImplicitVRLittleEndian,
     ]
-    return str(info["sop_class_uid"]), list(dict.fromkeys(candidates))
+    allowed = [ts for ts in dict.fromkeys(candidates) if accept is None or ts in accept]
+    return str(info["sop_class_uid"]), allowed
 
 
 def _file_in_syntax(job: Job, syntax: UID, scratch: Path) -> tuple[Path, bool]:

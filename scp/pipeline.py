@@ -11,18 +11,115 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pydicom
+from pydicom.uid import UID
 
-from scp import rules
-from scp.config import Config, DicomDestination, DirectoryDestination
+from scp import compress, rules
+from scp.config import QUARANTINE_BY_RULE, CompressSpec, Config, DicomDestination, DirectoryDestination
 from scp.forward import Forwarder, make_forwarder
 from scp.spool import Job, Spool
 from scp.status import Outcome
 from scp.workers import Encoder
 
 LOGGER = logging.getLogger(__name__)
+
+
+DEFER_SIZE = 4096
+"""Values larger than this are read from the file only if a rule looks at them (never the pixel data)."""
+
+Encode = Callable[[Path, Path, CompressSpec], compress.Result]
+
+
+@dataclass(frozen=True)
+class Output:
+    """What one destination of a decision gets: a file in a transfer syntax, and how it came to be."""
+
+    destination: str
+    path: Path
+    transfer_syntax: str
+    compressed: bool
+    """True when re-encoded from the source; False when the source is sent as it is."""
+    detail: str
+
+
+def produce(
+    source: Path,
+    source_syntax: str,
+    decision: rules.Decision,
+    destinations: Mapping[str, DicomDestination | DirectoryDestination],
+    encode: Encode,
+    scratch: Callable[[], Path],
+) -> tuple[list[Output], list[Path]]:
+    """Make each destination's file: the rule's target, or the first syntax of its `accept` list we can make.
+
+    Each distinct target is encoded once, whatever the number of destinations wanting it. Returns the outputs
+    and the scratch files made (to delete once the outputs are linked into jobs).
+    """
+    made: dict[str, tuple[compress.Result, Path]] = {}
+    outputs = []
+    for delivery in decision.deliveries:
+        accept = destinations[delivery.destination].accept
+        tried: list[str] = []
+        output = None
+        for spec in rules.candidates(delivery.compress, source_syntax, accept):
+            if spec.syntax is None:
+                kept = "the rule keeps the original encoding" if delivery.compress.syntax is None else ""
+                detail = "; ".join([*tried, kept] if kept else [*tried, f"{UID(source_syntax).name} is accepted"])
+                output = Output(delivery.destination, source, source_syntax, False, detail)
+                break
+            key = spec.model_dump_json()
+            if key not in made:
+                path = scratch()
+                made[key] = (encode(source, path, spec), path)
+            result, path = made[key]
+            if not result.compressed and accept is not None and not spec.syntax.is_compressed:
+                result = _rewrite(source, path, spec.syntax, result)
+            if result.compressed:
+                name = UID(result.transfer_syntax).name
+                sizes = f"{result.bytes_in} -> {result.bytes_out} bytes"
+                detail = f"re-encoded as {name}: {sizes} (ratio {result.ratio:.2f})"
+                output = Output(delivery.destination, path, result.transfer_syntax, True, detail)
+                break
+            tried.append(result.reason if accept is None else f"not as {spec.syntax.name}: {result.reason}")
+        if output is None:
+            if accept is not None and not tried:
+                tried.append(f"none of its accepted syntaxes can be made from {UID(source_syntax).name}")
+            output = Output(delivery.destination, source, source_syntax, False, "; ".join(tried))
+        outputs.append(output)
+    return outputs, [path for _, path in made.values()]
+
+
+def _rewrite(source: Path, path: Path, syntax: UID, refused: compress.Result) -> compress.Result:
+    """Write the source in an uncompressed syntax the destination requires, when the encoder declined to.
+
+    The encoder declines what it should not *compress* (no pixel data, lossy source, float pixels); a destination
+    that takes only uncompressed data must still get those in its syntax.
+    """
+    try:
+        compress.decompress_file(source, path, syntax)
+    except Exception as exc:
+        path.unlink(missing_ok=True)
+        return replace(refused, reason=f"{refused.reason}; cannot be written as {syntax.name}: {exc}")
+    return replace(refused, compressed=True, transfer_syntax=str(syntax), bytes_out=path.stat().st_size)
+
+
+def read_facts(path: Path, calling_ae: str, called_ae: str, peer_address: str) -> rules.Facts:
+    """The facts rules see about a Part 10 file (its header; large values only when a rule reads them)."""
+    header = pydicom.dcmread(path, defer_size=DEFER_SIZE)
+    meta = header.file_meta
+    return rules.Facts(
+        calling_ae=calling_ae,
+        called_ae=called_ae,
+        peer_address=peer_address,
+        transfer_syntax=str(meta.TransferSyntaxUID),
+        sop_class_uid=str(meta.get("MediaStorageSOPClassUID") or header.get("SOPClassUID", "")),
+        dataset=header,
+    )
 
 
 class Processor:
@@ -32,55 +129,70 @@ class Processor:
         self.config = config
         self.spool = spool
         self.encoder = encoder
+        self.counts: Counter[str] = Counter()
+        """Instances by what the rules did with them: forwarded, dropped, quarantined."""
+        self._counts_lock = threading.Lock()
 
     def process(self, spool_id: str) -> list[Job]:
         """Turn one received instance into jobs; safe to run again after a crash at any point."""
         config = self.config  # one consistent snapshot, even if a reload swaps it meanwhile
         source = self.spool.received_path(spool_id)
         received = self.spool.received_info(spool_id)
-        header = pydicom.dcmread(source, stop_before_pixels=True)
-        facts = rules.Facts(
-            calling_ae=received.calling_ae,
-            called_ae=received.called_ae,
-            peer_address=received.peer_address,
-            transfer_syntax=received.transfer_syntax,
-            sop_class_uid=received.sop_class_uid,
-            dataset=header,
-        )
-        decision = rules.decide(config.rules, facts)
-        encoded = self.spool.new_tmp_path(".dcm")
-        result = self.encoder.transcode(source, encoded, decision.compress)
-        instance = encoded if result.compressed else source
-        if result.compressed:
-            LOGGER.info(
-                "compressed %s by rule %s to %s: ratio %.2f in %.3f s",
-                received.sop_instance_uid,
-                decision.rule,
-                result.transfer_syntax,
-                result.ratio,
-                result.seconds,
-            )
-        else:
-            LOGGER.info(
-                "passing %s through unchanged (rule %s): %s",
-                received.sop_instance_uid,
-                decision.rule,
-                result.reason,
-            )
+        facts = read_facts(source, received.calling_ae, received.called_ae, received.peer_address)
+        # The syntax it came in over the network decides, not the file's meta header.
+        facts = replace(facts, transfer_syntax=received.transfer_syntax, sop_class_uid=received.sop_class_uid)
+        decision = rules.decide(config.rules, config.default_rule, facts)
+        uid = received.sop_instance_uid
         info: dict[str, object] = {
-            "sop_instance_uid": received.sop_instance_uid,
+            "sop_instance_uid": uid,
             "sop_class_uid": received.sop_class_uid,
-            "transfer_syntax": result.transfer_syntax if result.compressed else received.transfer_syntax,
+            "transfer_syntax": received.transfer_syntax,
             "original_transfer_syntax": received.transfer_syntax,
             "calling_ae": received.calling_ae,
             "received_at": received.received_at,
             "rule": decision.rule,
-            "compression": result.reason,
         }
-        jobs = [self.spool.commit_job(spool_id, name, instance, source, info) for name in decision.destinations]
-        encoded.unlink(missing_ok=True)
+        jobs = []
+        if decision.action == "drop":
+            LOGGER.warning("dropped %s by rule %s (%s)", uid, decision.rule, decision.reason)
+        elif decision.action == "quarantine":
+            where = self._quarantine(spool_id, source, info, decision)
+            LOGGER.warning("quarantined %s by rule %s (%s): %s", uid, decision.rule, decision.reason, where)
+        else:
+            outputs, made = produce(
+                source,
+                received.transfer_syntax,
+                decision,
+                config.destinations,
+                self.encoder.transcode,
+                lambda: self.spool.new_tmp_path(".dcm"),
+            )
+            for output in outputs:
+                LOGGER.info(
+                    "%s for %s by rule %s: %s%s",
+                    "compressed" if output.compressed else "passing through unchanged",
+                    output.destination,
+                    decision.rule,
+                    uid,
+                    f": {output.detail}" if output.detail else "",
+                )
+                job_info = {**info, "transfer_syntax": output.transfer_syntax, "compression": output.detail}
+                jobs.append(self.spool.commit_job(spool_id, output.destination, output.path, source, job_info))
+            for path in made:
+                path.unlink(missing_ok=True)
+        with self._counts_lock:
+            self.counts[{"drop": "dropped", "quarantine": "quarantined"}.get(decision.action, "forwarded")] += 1
         self.spool.finish_received(spool_id)
         return jobs
+
+    def _quarantine(self, spool_id: str, source: Path, info: dict[str, object], decision: rules.Decision) -> Path:
+        """Keep the instance for an operator in quarantine/by-rule/<id>/ (idempotent after a crash)."""
+        target = self.spool.quarantine_dir / QUARANTINE_BY_RULE / spool_id
+        if not target.exists():
+            job = self.spool.commit_job(spool_id, QUARANTINE_BY_RULE, source, source, info)
+            reason = f"rule: {decision.rule}\nreason: quarantined by rule ({decision.reason})"
+            target = self.spool.quarantine(job, reason)
+        return target
 
 
 @dataclass

@@ -1,75 +1,80 @@
-"""The rules engine, pure: facts about one instance in, a Decision out. The first matching rule decides."""
+"""The rules engine, pure: facts about one instance in, a Decision out.
+
+Rules are tried top to bottom and the first whose `match` holds decides; when none does, the default rule does
+(never a silent drop). Which syntax each destination gets is decided here too (`candidates`), from the rule's
+target and the destination's `accept` list, so the processor and `explain` cannot disagree.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from scp.config import CompressSpec, MatchValue, Rule
+from scp import syntaxes
+from scp.config import CompressSpec, Rule
+from scp.matching import Facts
 
-# Match keys that are facts of the association or the file meta rather than dataset keywords.
-_FACT_KEYS = ("modality", "sop_class", "calling_ae", "called_ae", "transfer_syntax")
+__all__ = ["Decision", "Delivery", "Facts", "candidates", "decide"]
 
 
 @dataclass(frozen=True)
-class Facts:
-    """What rules may look at: the association, the file meta and the dataset header (no pixels)."""
+class Delivery:
+    """One destination of a decision and the target the rule gives it."""
 
-    calling_ae: str
-    called_ae: str
-    peer_address: str
-    transfer_syntax: str
-    sop_class_uid: str
-    dataset: Dataset = field(repr=False)
+    destination: str
+    compress: CompressSpec
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What to do with an instance, and the rule that said so."""
+    """What to do with an instance, the rule that said so and why."""
 
     rule: str
+    action: str
+    """forward, drop or quarantine."""
     compress: CompressSpec
-    destinations: tuple[str, ...]
+    deliveries: tuple[Delivery, ...]
     reason: str
+    skipped: tuple[tuple[str, str], ...] = ()
+    """The rules tried before it, each with why it did not match."""
+
+    @property
+    def destinations(self) -> tuple[str, ...]:
+        return tuple(delivery.destination for delivery in self.deliveries)
 
 
-def decide(rules: Sequence[Rule], facts: Facts) -> Decision:
-    """Apply the first rule whose `match` holds (a rule without `match` matches everything)."""
+def decide(rules: Sequence[Rule], default: Rule, facts: Facts) -> Decision:
+    """Apply the first rule whose `match` holds, else `default`."""
+    skipped: list[tuple[str, str]] = []
     for rule in rules:
-        held = _conditions_held(rule, facts)
-        if held is not None:
-            why = "; ".join(held) if held else "the rule has no match conditions"
-            return Decision(rule.name, rule.compress, tuple(rule.forward), why)
-    raise LookupError("no rule matches and no catch-all rule is configured")
+        held, why = rule.condition.evaluate(facts)
+        if held:
+            return _decision(rule, why, skipped)
+        skipped.append((rule.name, why))
+    return _decision(default, "no rule matched", skipped)
 
 
-def _conditions_held(rule: Rule, facts: Facts) -> list[str] | None:
-    """The conditions that held, or None if one failed."""
-    held: list[str] = []
-    for key, expected in (rule.match or {}).items():
-        actual = _fact(facts, key)
-        options = expected if isinstance(expected, list) else [expected]
-        if actual is None or not any(_equal(actual, option) for option in options):
-            return None
-        held.append(f"{key} {actual!r} in {options!r}")
-    return held
+def _decision(rule: Rule, why: str, skipped: list[tuple[str, str]]) -> Decision:
+    deliveries = tuple(Delivery(r.destination, r.compress or rule.compress) for r in rule.forward)
+    return Decision(rule.name, rule.action, rule.compress, deliveries, why, tuple(skipped))
 
 
-def _fact(facts: Facts, key: str) -> object | None:
-    if key in _FACT_KEYS:
-        if key == "modality":
-            return facts.dataset.get("Modality")
-        if key in ("sop_class", "transfer_syntax"):
-            return UID(facts.sop_class_uid if key == "sop_class" else facts.transfer_syntax)
-        return getattr(facts, key)
-    return facts.dataset.get(key)
+def candidates(spec: CompressSpec, source_syntax: str, accept: Sequence[str] | None) -> list[CompressSpec]:
+    """The targets to try for one destination, best first; `syntax=None` means: send the source as it is.
 
-
-def _equal(actual: object, option: MatchValue) -> bool:
-    if isinstance(option, int | float) and not isinstance(actual, str):
-        return actual == option
-    text = str(actual)
-    return text == str(option) or getattr(actual, "keyword", None) == option
+    The rule's target when the destination takes it (or declares nothing); else each syntax of its `accept` list
+    in order: the source's own syntax as it is, or a lossless syntax we encode. A lossy syntax is produced only
+    when a rule asks for it with its parameters, never chosen on a destination's behalf.
+    """
+    wanted = spec.syntax or UID(source_syntax)
+    if accept is None or wanted in accept:
+        return [spec]
+    found: list[CompressSpec] = []
+    for syntax in accept:
+        if syntax == source_syntax:
+            found.append(CompressSpec())
+        elif syntaxes.is_lossless(syntax):
+            found.append(CompressSpec(syntax=syntax, verify=spec.verify))
+    return found

@@ -17,6 +17,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from scp import receive
 from scp.config import Config
+from scp.forward import make_forwarder
 from scp.pipeline import Deliverer, Encoder, Processor
 from scp.spool import Spool
 
@@ -29,6 +30,10 @@ _STOP = ""
 class _Destination:
     deliverer: Deliverer
     wake: threading.Event = field(default_factory=threading.Event)
+    threads: set[int] = field(default_factory=set)
+    """Indexes of the delivery threads running for it."""
+    retired: bool = False
+    """Removed from the configuration by a reload: its threads drain its queue, then stop."""
 
 
 class Service:
@@ -41,6 +46,7 @@ class Service:
         self._work: queue.Queue[str] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._destinations: dict[str, _Destination] = {}
+        self._reload_lock = threading.RLock()
         self._encoder: Encoder | None = None
         self._processor: Processor | None = None
         self.server: ThreadedAssociationServer | None = None
@@ -63,6 +69,14 @@ class Service:
             self._spawn(f"processor-{index}", self._process_loop)
         for name, destination in self.config.destinations.items():
             self._add_destination(name, destination)
+        for name in set(self.spool.destinations_with_jobs()) - set(self.config.destinations):
+            if waiting := len(self.spool.jobs(name)):
+                LOGGER.warning(
+                    "%d job(s) wait in the spool for destination %s, which is not configured; they are kept "
+                    "and delivered once it is configured again",
+                    waiting,
+                    name,
+                )
         node = self.config.node
         ae = AE(ae_title=node.ae_title)
         ae.maximum_associations = node.max_associations
@@ -91,6 +105,38 @@ class Service:
             self._encoder.close()
         LOGGER.info("stopped")
 
+    def reload(self, new: Config) -> None:
+        """Apply a validated configuration to instances processed from now on; open associations stay.
+
+        Rules, default, destinations and logging take effect; node, spool and workers need a restart and keep
+        their running values. A changed destination's deliverers use the new settings from their next batch; a
+        new one gets deliverers; a removed one delivers what is already queued for it, then its threads stop.
+        """
+        with self._reload_lock:
+            old = self.config
+            restart = ("node", "spool", "workers")
+            fixed = {key: getattr(old, key) for key in restart if getattr(new, key) != getattr(old, key)}
+            if fixed:
+                LOGGER.warning("reload: %s changed; that needs a restart, keeping the running values", ", ".join(fixed))
+                new = new.model_copy(update=fixed)
+            for name, destination in new.destinations.items():
+                state = self._destinations.get(name)
+                if state is None:
+                    self._add_destination(name, destination)
+                    continue
+                if state.deliverer.destination != destination:
+                    state.deliverer.forwarder = make_forwarder(destination, new.node.ae_title, self.spool.tmp)
+                    state.deliverer.destination = destination
+                state.retired = False
+                self._spawn_deliverers(state)
+            for name in set(self._destinations) - set(new.destinations):
+                self._destinations[name].retired = True
+                self._destinations[name].wake.set()
+            self.config = new
+            if self._processor is not None:
+                self._processor.config = new
+        LOGGER.info("reloaded the configuration: %d rules, %d destinations", len(new.rules), len(new.destinations))
+
     def _received(self, spool_id: str) -> None:
         self._work.put(spool_id)
 
@@ -103,8 +149,16 @@ class Service:
         deliverer = Deliverer(name, destination, self.spool, self.config.node.ae_title)  # type: ignore[arg-type]
         state = _Destination(deliverer)
         self._destinations[name] = state
-        for index in range(deliverer.destination.associations):
-            self._spawn(f"deliver-{name}-{index}", self._deliver_loop, state)
+        self._spawn_deliverers(state)
+
+    def _spawn_deliverers(self, state: _Destination) -> None:
+        """Start the delivery threads the destination's `associations` asks for and that are not running."""
+        name = state.deliverer.name
+        with self._reload_lock:
+            missing = set(range(state.deliverer.destination.associations)) - state.threads
+            state.threads.update(missing)
+        for index in sorted(missing):
+            self._spawn(f"deliver-{name}-{index}", self._deliver_loop, state, index)
 
     def _process_loop(self) -> None:
         assert self._processor is not None
@@ -124,7 +178,7 @@ class Service:
                 if state is not None:
                     state.wake.set()
 
-    def _deliver_loop(self, state: _Destination) -> None:
+    def _deliver_loop(self, state: _Destination, index: int) -> None:
         while not self._stopping.is_set():
             try:
                 tried = state.deliverer.run_once()
@@ -132,6 +186,13 @@ class Service:
                 LOGGER.exception("delivery to %s failed unexpectedly; trying again", state.deliverer.name)
                 tried = 0
             if not tried:
+                with self._reload_lock:
+                    retire = state.retired and not self.spool.jobs(state.deliverer.name)
+                    if retire or index >= state.deliverer.destination.associations:
+                        state.threads.discard(index)
+                        if retire:
+                            LOGGER.info("destination %s: no longer configured, queue empty", state.deliverer.name)
+                        return
                 state.wake.wait(state.deliverer.next_wake())
                 state.wake.clear()
 

@@ -1,0 +1,370 @@
+"""Match conditions of routing rules, compiled once at load time into a tree of tests.
+
+A `match` is a mapping; every key must hold. A key is a fact of the association or file meta (`FACT_FIELDS`) or
+a DICOM keyword of the dataset, checked against pydicom's data dictionary. A value is a scalar (equals), a list
+(one of), or a mapping naming one operator of `OPERATORS` (`regex`, `glob`, `min`/`max`, `present`). `any:` takes
+a list of matches of which one must hold, `not:` a match that must not hold. What each key's values are and which
+operators apply to them is data (`Field.kind`, `Operator.kinds`), checked once here, never at run time.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import ipaddress
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydicom import datadict
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.uid import UID, UID_dictionary
+
+from scp import syntaxes
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What rules may look at: the association, the file meta and the dataset header."""
+
+    calling_ae: str
+    called_ae: str
+    peer_address: str
+    transfer_syntax: str
+    sop_class_uid: str
+    dataset: Dataset = field(repr=False)
+
+
+Values = tuple[Any, ...]
+"""The values a key has for one instance; () when it is absent or empty."""
+
+
+class Condition(Protocol):
+    def evaluate(self, facts: Facts) -> tuple[bool, str]:
+        """Whether the condition holds, and a sentence saying why (or why not)."""
+        ...
+
+
+# -- the keys -------------------------------------------------------------------------------------------------
+# Kinds of values: "text" and "number" compare values; "uid" also matches globs against the UID's keyword;
+# "address" is an IP address tested against networks; "presence" (sequences, binary data) can only be present.
+TEXT, NUMBER, UID_KIND, ADDRESS, PRESENCE = "text", "number", "uid", "address", "presence"
+_NUMERIC_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "IS", "DS", "UV", "SV", "US or SS"}
+_PRESENCE_VRS = {"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "OB or OW", "US or OW", "US or SS or OW"}
+
+
+@dataclass(frozen=True)
+class Field:
+    """How to read one match key from the facts, and what kind of values it has."""
+
+    read: Callable[[Facts], Values]
+    kind: str
+    normalise: Callable[[Any], Any]
+    """Turns a value written in the YAML into what `read` returns; raises ValueError for a bad one."""
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"{value!r} is not a text value (quote it in the YAML)")
+    return str(value)
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a number") from None
+
+
+_SOP_CLASSES = {info[4]: UID(uid) for uid, info in UID_dictionary.items() if info[4] and info[1] == "SOP Class"}
+
+
+def _sop_class(value: Any) -> UID:
+    text = _text(value)
+    if text in _SOP_CLASSES:
+        return _SOP_CLASSES[text]
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)+", text) and len(text) <= 64:
+        return UID(text)
+    close = difflib.get_close_matches(text, _SOP_CLASSES, n=1)
+    hint = f" - did you mean '{close[0]}'?" if close else ""
+    raise ValueError(f"'{text}' is not a SOP Class keyword pydicom knows nor a dotted UID{hint}")
+
+
+def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(_text(value), strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or network (CIDR such as 10.1.0.0/16)") from None
+
+
+def _dataset_values(keyword: str, kind: str) -> Callable[[Facts], Values]:
+    def read(facts: Facts) -> Values:
+        if keyword not in facts.dataset:
+            return ()
+        if kind == PRESENCE:  # never load the value: it may be deferred pixel data
+            return (True,)
+        value = facts.dataset[keyword].value
+        items = tuple(value) if isinstance(value, MultiValue | list) else (value,)
+        items = tuple(v for v in items if v is not None and v != "")
+        if kind == NUMBER:
+            return tuple(_number_or_text(v) for v in items)
+        return tuple(str(v) for v in items)
+
+    return read
+
+
+def _number_or_text(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+FACT_FIELDS: dict[str, Field] = {
+    "sop_class": Field(lambda f: (UID(f.sop_class_uid),), UID_KIND, _sop_class),
+    "transfer_syntax": Field(lambda f: (UID(f.transfer_syntax),), UID_KIND, lambda v: syntaxes.resolve(_text(v))),
+    "modality": Field(_dataset_values("Modality", TEXT), TEXT, _text),
+    "calling_ae": Field(lambda f: (f.calling_ae,), TEXT, _text),
+    "called_ae": Field(lambda f: (f.called_ae,), TEXT, _text),
+    "peer_address": Field(lambda f: (f.peer_address,), ADDRESS, _network),
+}
+
+
+def _field(key: str) -> Field:
+    if key in FACT_FIELDS:
+        return FACT_FIELDS[key]
+    tag = datadict.tag_for_keyword(key)
+    if tag is None:
+        close = difflib.get_close_matches(key, [*FACT_FIELDS, *datadict.keyword_dict], n=1)
+        hint = f" - did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"'{key}' is neither a match key ({', '.join(FACT_FIELDS)}) nor a DICOM keyword{hint}")
+    vr = datadict.dictionary_VR(tag)
+    kind = NUMBER if vr in _NUMERIC_VRS else PRESENCE if vr in _PRESENCE_VRS else TEXT
+    return Field(_dataset_values(key, kind), kind, _number if kind == NUMBER else _text)
+
+
+# -- the tests ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Test:
+    """One key against one operator: `holds` sees the key's values for the instance."""
+
+    key: str
+    read: Callable[[Facts], Values]
+    holds: Callable[[Values], bool]
+    yes: str
+    no: str
+
+    def evaluate(self, facts: Facts) -> tuple[bool, str]:
+        values = self.read(facts)
+        result = self.holds(values)
+        return result, f"{self.key} {_show(values)} {self.yes if result else self.no}"
+
+
+def _show(values: Values) -> str:
+    if not values:
+        return "(absent)"
+    shown = [_short(v) for v in values]
+    return shown[0] if len(shown) == 1 else f"[{', '.join(shown)}]"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, UID) and value.keyword:
+        return f"{value} ({value.keyword})"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _equals(key: str, spec: Field, wanted: Sequence[Any]) -> Test:
+    if spec.kind == PRESENCE:
+        raise ValueError(f"{key} holds a sequence or binary data: only {{present: true|false}} applies")
+    options = [spec.normalise(v) for v in wanted]
+    if not options:
+        raise ValueError(f"{key}: an empty list never matches")
+    listed = ", ".join(_short(o) for o in options)
+    phrase = ("is", "is not") if len(options) == 1 else ("is one of", "is none of")
+    if spec.kind == ADDRESS:
+
+        def holds(values: Values) -> bool:
+            return any(_in_network(v, net) for v in values for net in options)
+
+        phrase = ("is in", "is not in") if len(options) == 1 else ("is in one of", "is in none of")
+    else:
+
+        def holds(values: Values) -> bool:
+            return any(v == o for v in values for o in options)
+
+    return Test(key, spec.read, holds, f"{phrase[0]} {listed}", f"{phrase[1]} {listed}")
+
+
+def _in_network(address: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped and network.version == 4:
+        ip = ip.ipv4_mapped
+    return ip in network
+
+
+def _names(value: Any, kind: str) -> tuple[str, ...]:
+    """The strings a pattern is tried against: a UID also by its keyword."""
+    if kind == UID_KIND and isinstance(value, UID) and value.keyword:
+        return (str(value), value.keyword)
+    return (_short(value) if isinstance(value, float) else str(value),)
+
+
+def _regex(key: str, spec: Field, args: Mapping[str, Any]) -> Test:
+    pattern = _text(args["regex"])
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{key}: bad regular expression {pattern!r}: {exc}") from None
+
+    def holds(values: Values) -> bool:
+        return any(compiled.search(name) for v in values for name in _names(v, spec.kind))
+
+    return Test(key, spec.read, holds, f"matches /{pattern}/", f"does not match /{pattern}/")
+
+
+def _glob(key: str, spec: Field, args: Mapping[str, Any]) -> Test:
+    pattern = _text(args["glob"])
+
+    def holds(values: Values) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for v in values for name in _names(v, spec.kind))
+
+    return Test(key, spec.read, holds, f"matches glob {pattern!r}", f"does not match glob {pattern!r}")
+
+
+def _range(key: str, spec: Field, args: Mapping[str, Any]) -> Test:
+    low = _number(args.get("min", -math.inf))
+    high = _number(args.get("max", math.inf))
+    if low > high:
+        raise ValueError(f"{key}: min {low:g} is greater than max {high:g}")
+    shown = f"[{_short(low)}, {_short(high)}]".replace("-inf", "-∞").replace("inf", "∞")
+
+    def holds(values: Values) -> bool:
+        return any(isinstance(v, float) and low <= v <= high for v in values)
+
+    return Test(key, spec.read, holds, f"is within {shown}", f"is not within {shown}")
+
+
+def _present(key: str, spec: Field, args: Mapping[str, Any]) -> Test:
+    wanted = args["present"]
+    if not isinstance(wanted, bool):
+        raise ValueError(f"{key}: present takes true or false, got {wanted!r}")
+
+    def holds(values: Values) -> bool:
+        return bool(values) == wanted
+
+    yes, no = ("is present", "is absent") if wanted else ("is absent as required", "is present")
+    return Test(key, spec.read, holds, yes, no)
+
+
+@dataclass(frozen=True)
+class Operator:
+    """A mapping value's operator: its keys, the kinds of values it applies to, and how to build its test."""
+
+    keys: frozenset[str]
+    kinds: frozenset[str]
+    build: Callable[[str, Field, Mapping[str, Any]], Test]
+
+
+_COMPARABLE = frozenset({TEXT, NUMBER, UID_KIND})
+OPERATORS: tuple[Operator, ...] = (
+    Operator(frozenset({"regex"}), _COMPARABLE, _regex),
+    Operator(frozenset({"glob"}), _COMPARABLE, _glob),
+    Operator(frozenset({"min", "max"}), frozenset({NUMBER}), _range),
+    Operator(frozenset({"present"}), frozenset({TEXT, NUMBER, UID_KIND, PRESENCE}), _present),
+)
+
+
+def _test(key: str, value: Any) -> Test:
+    spec = _field(key)
+    if isinstance(value, Mapping):
+        given = set(value)
+        for operator in OPERATORS:
+            if given and given <= operator.keys:
+                if spec.kind not in operator.kinds:
+                    raise ValueError(f"{key}: {'/'.join(sorted(given))} does not apply to {spec.kind} values")
+                return operator.build(key, spec, value)
+        known = ", ".join("/".join(sorted(op.keys)) for op in OPERATORS)
+        raise ValueError(f"{key}: unknown operator {', '.join(sorted(map(str, given))) or '{}'}; known: {known}")
+    return _equals(key, spec, value if isinstance(value, list) else [value])
+
+
+# -- combining ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class All:
+    """Every part must hold (the keys of one `match` mapping)."""
+
+    parts: tuple[Condition, ...]
+
+    def evaluate(self, facts: Facts) -> tuple[bool, str]:
+        said = []
+        for part in self.parts:
+            result, why = part.evaluate(facts)
+            if not result:
+                return False, why
+            said.append(why)
+        return True, "; ".join(said) if said else "the rule has no match conditions"
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    """At least one part must hold (`any:`)."""
+
+    parts: tuple[Condition, ...]
+
+    def evaluate(self, facts: Facts) -> tuple[bool, str]:
+        failed = []
+        for part in self.parts:
+            result, why = part.evaluate(facts)
+            if result:
+                return True, f"any: {why}"
+            failed.append(why)
+        return False, f"none of any: {' | '.join(failed)}"
+
+
+@dataclass(frozen=True)
+class Not:
+    """The part must not hold (`not:`)."""
+
+    part: Condition
+
+    def evaluate(self, facts: Facts) -> tuple[bool, str]:
+        result, why = self.part.evaluate(facts)
+        return (not result), (f"{why} (excluded by not:)" if result else why)
+
+
+def compile_match(match: Mapping[str, Any] | None, where: str = "match") -> Condition:
+    """Compile a `match` mapping; raise ValueError naming the key path of the first problem."""
+    if match is None:
+        return All(())
+    if not isinstance(match, Mapping):
+        raise ValueError(f"{where}: must be a mapping of keys to conditions, got {match!r}")
+    parts: list[Condition] = []
+    for key, value in match.items():
+        path = f"{where}.{key}"
+        if key == "any":
+            if not isinstance(value, list) or not value:
+                raise ValueError(f"{path}: must be a non-empty list of matches")
+            parts.append(AnyOf(tuple(compile_match(m, f"{path}.{i}") for i, m in enumerate(value))))
+        elif key == "not":
+            parts.append(Not(compile_match(value, path)))
+        else:
+            try:
+                parts.append(_test(str(key), value))
+            except ValueError as exc:
+                message = str(exc)
+                raise ValueError(
+                    message.replace(f"{key}: ", f"{path}: ", 1)
+                    if message.startswith(f"{key}: ")
+                    else f"{path}: {message}"
+                ) from None
+    return All(tuple(parts))
