@@ -107,7 +107,7 @@ def _dataset_values(keyword: str, kind: str) -> Callable[[Facts], Values]:
         if keyword not in facts.dataset:
             return ()
         if kind == PRESENCE:  # never load the value: it may be deferred pixel data
-            return (True,)
+            return ("(a value)",)
         value = facts.dataset[keyword].value
         items = tuple(value) if isinstance(value, MultiValue | list) else (value,)
         items = tuple(v for v in items if v is not None and v != "")
@@ -173,6 +173,8 @@ def _show(values: Values) -> str:
 
 
 def _short(value: Any) -> str:
+    if value == "(a value)":
+        return value
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     if isinstance(value, UID) and value.keyword:

@@ -85,7 +85,8 @@ def produce(
                 detail = f"re-encoded as {name}: {sizes} (ratio {result.ratio:.2f})"
                 output = Output(delivery.destination, path, result.transfer_syntax, True, detail)
                 break
-            tried.append(result.reason if accept is None else f"not as {spec.syntax.name}: {result.reason}")
+            own = spec == delivery.compress
+            tried.append(result.reason if own else f"not as {spec.syntax.name}: {result.reason}")
         if output is None:
             if accept is not None and not tried:
                 tried.append(f"none of its accepted syntaxes can be made from {UID(source_syntax).name}")

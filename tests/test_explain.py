@@ -1,0 +1,116 @@
+"""`compressing-scp explain`: the rule each file matches and what would happen to it, on the shipped hospital.yaml."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+
+from scp.cli import main
+from tests.peers import TEST_FILES, copy_test_file
+
+HOSPITAL = Path(__file__).resolve().parents[1] / "config" / "hospital.yaml"
+BOTH = ["archive", "teleradiology"]
+
+# file → (rule, rule's target syntax, destinations): a mixed set over every rule of hospital.yaml.
+EXPECTED: dict[str, tuple[str, str, list[str]]] = {
+    "CT_small.dcm": ("ct-mr-cr-dx-nm-pt", "JPEGLSLossless", BOTH),
+    "MR_small_implicit.dcm": ("ct-mr-cr-dx-nm-pt", "JPEGLSLossless", BOTH),
+    "JPEG2000.dcm": ("ct-mr-cr-dx-nm-pt", "JPEGLSLossless", BOTH),
+    "examples_ybr_color.dcm": ("us-xa-rf-multiframe-colour", "JPEG2000Lossless", ["archive"]),
+    "examples_palette.dcm": ("us-xa-rf-multiframe-colour", "JPEG2000Lossless", ["archive"]),
+    "SC_rgb_rle_2frame.dcm": ("us-xa-rf-multiframe-colour", "JPEG2000Lossless", ["archive"]),
+    "SC_rgb_small_odd.dcm": ("us-xa-rf-multiframe-colour", "JPEG2000Lossless", ["archive"]),
+    "rtdose.dcm": ("non-image-and-rt", "keep", ["archive"]),
+    "rtplan.dcm": ("non-image-and-rt", "keep", ["archive"]),
+    "test-SR.dcm": ("non-image-and-rt", "keep", ["archive"]),
+    "liver_1frame.dcm": ("non-image-and-rt", "keep", ["archive"]),
+    "waveform_ecg.dcm": ("non-image-and-rt", "keep", ["archive"]),
+    "image_dfl.dcm": ("default", "keep", ["archive"]),
+}
+
+
+def _explain(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[dict[str, Any]]]:
+    status = main(["explain", "--config", str(HOSPITAL), "--json", *args])
+    lines = capsys.readouterr().out.splitlines()
+    return status, [json.loads(line) for line in lines]
+
+
+def test_explain_json_gives_the_right_rule_for_a_mixed_set(capsys: pytest.CaptureFixture[str]) -> None:
+    files = [str(TEST_FILES / name) for name in EXPECTED]
+    status, reports = _explain(capsys, *files)
+    assert status == 0
+    assert [r["file"] for r in reports] == files, "one object per file, in order"
+    for report in reports:
+        name = Path(report["file"]).name
+        assert list(report)[:5] == ["file", "rule", "transfer_syntax", "destinations", "reason"]
+        assert (report["rule"], report["transfer_syntax"], report["destinations"]) == EXPECTED[name], name
+        assert report["reason"], name
+    by_name = {Path(r["file"]).name: r for r in reports}
+    assert by_name["image_dfl.dcm"]["reason"] == "no rule matched"
+    assert by_name["waveform_ecg.dcm"]["reason"] == "any: PixelData (absent) is absent as required"
+
+
+def test_explain_says_what_happens_to_the_pixels(capsys: pytest.CaptureFixture[str]) -> None:
+    names = ["CT_small.dcm", "examples_ybr_color.dcm", "test-SR.dcm", "JPEG2000.dcm"]
+    _, reports = _explain(capsys, *(str(TEST_FILES / name) for name in names))
+    ct, us, sr, nm = ({d["destination"]: d for d in r["deliveries"]} for r in reports)
+    assert ct["archive"]["pixels"] == "compressed" and ct["archive"]["transfer_syntax"] == "JPEGLSLossless"
+    assert ct["teleradiology"]["transfer_syntax"] == "JPEG2000", "teleradiology gets lossy JPEG 2000"
+    assert us["archive"]["pixels"] == "passed through"
+    assert "the source is lossy" in us["archive"]["why"]
+    assert sr["archive"] == {
+        "destination": "archive",
+        "transfer_syntax": "ExplicitVRLittleEndian",
+        "pixels": "passed through",
+        "why": "the rule keeps the original encoding",
+        "deliverable": True,
+    }
+    assert nm["archive"]["pixels"] == "passed through" and "lossy" in nm["archive"]["why"]
+    assert nm["teleradiology"]["why"] == "already encoded as JPEG 2000 Image Compression"
+
+
+def test_research_destination_gets_only_uncompressed(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The research PACS accepts only uncompressed: a JPEG-LS source is decompressed for it alone."""
+    path = copy_test_file("MR_small_jpeg_ls_lossless.dcm", tmp_path)
+    ds = pydicom.dcmread(path)
+    ds.StudyDescription = "RESEARCH brain protocol"
+    ds.save_as(path)
+    _, (report,) = _explain(capsys, str(path))
+    assert (report["rule"], report["destinations"]) == ("research-protocols", ["archive", "research"])
+    deliveries = {d["destination"]: d for d in report["deliveries"]}
+    assert deliveries["archive"]["transfer_syntax"] == "JPEGLSLossless"
+    assert "already encoded" in deliveries["archive"]["why"]
+    assert deliveries["research"]["transfer_syntax"] == ExplicitVRLittleEndian.keyword
+    assert deliveries["research"]["pixels"] == "compressed", "re-encoded (decompressed) for research"
+
+
+@pytest.mark.parametrize(
+    ("option", "rule", "action"),
+    [
+        (["--calling-ae", "SERVICE_CT2"], "service-test-images", "drop"),
+        (["--peer", "203.0.113.7"], "outside-the-hospital-networks", "quarantine"),
+        (["--peer", "10.20.30.40"], "ct-mr-cr-dx-nm-pt", "forward"),
+    ],
+)
+def test_explain_uses_the_association_facts(
+    capsys: pytest.CaptureFixture[str], option: list[str], rule: str, action: str
+) -> None:
+    _, (report,) = _explain(capsys, *option, str(TEST_FILES / "CT_small.dcm"))
+    assert (report["rule"], report["action"]) == (rule, action)
+    assert report["deliveries"] == [] if action != "forward" else report["deliveries"]
+
+
+def test_explain_text_and_an_unreadable_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom at all")
+    status = main(["explain", "--config", str(HOSPITAL), str(TEST_FILES / "CT_small.dcm"), str(junk)])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "rule:      ct-mr-cr-dx-nm-pt (forward)" in out
+    assert "-> teleradiology: JPEG2000, compressed" in out
+    assert f"{junk}: cannot be read as DICOM" in out

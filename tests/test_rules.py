@@ -1,0 +1,250 @@
+"""The rules engine: every kind of condition on pydicom's bundled files, load-time validation, decisions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
+
+from scp import config, rules
+from scp.errors import ConfigError
+from scp.pipeline import read_facts
+from tests.peers import TEST_FILES
+
+DESTINATIONS = {
+    "archive": {"type": "directory", "path": "./archive"},
+    "research": {"type": "directory", "path": "./research", "accept": ["ExplicitVRLittleEndian"]},
+}
+
+
+def _facts(name: str, calling: str = "MODALITY1", called: str = "COMPRESS_SCP", peer: str = "10.1.2.3") -> rules.Facts:
+    return read_facts(TEST_FILES / name, calling, called, peer)
+
+
+def _config(rule_list: list[dict[str, Any]], **extra: Any) -> config.Config:
+    return config.parse({"destinations": DESTINATIONS, "rules": rule_list, **extra})
+
+
+def _holds(match: dict[str, Any], facts: rules.Facts) -> bool:
+    rule = _config([{"name": "r", "match": match, "forward": ["archive"]}]).rules[0]
+    held, why = rule.condition.evaluate(facts)
+    assert why, "every evaluation says why"
+    return held
+
+
+# (match, file, association facts, expected): each kind of condition, holding and failing.
+CASES: list[tuple[str, dict[str, Any], str, dict[str, str], bool]] = [
+    ("sop-class-keyword", {"sop_class": "CTImageStorage"}, "CT_small.dcm", {}, True),
+    ("sop-class-keyword-other", {"sop_class": "MRImageStorage"}, "CT_small.dcm", {}, False),
+    ("sop-class-dotted", {"sop_class": "1.2.840.10008.5.1.4.1.1.4"}, "MR_small.dcm", {}, True),
+    ("sop-class-list", {"sop_class": ["RTDoseStorage", "RTPlanStorage"]}, "rtplan.dcm", {}, True),
+    ("sop-class-glob-uid", {"sop_class": {"glob": "1.2.840.10008.5.1.4.1.1.88.*"}}, "test-SR.dcm", {}, True),
+    ("sop-class-glob-keyword", {"sop_class": {"glob": "*SRStorage"}}, "test-SR.dcm", {}, True),
+    ("sop-class-glob-miss", {"sop_class": {"glob": "*SRStorage"}}, "CT_small.dcm", {}, False),
+    ("sop-class-regex", {"sop_class": {"regex": "^Ultrasound(MultiFrame)?Image"}}, "examples_ybr_color.dcm", {}, True),
+    ("modality", {"modality": "CT"}, "CT_small.dcm", {}, True),
+    ("modality-miss", {"modality": "CT"}, "MR_small.dcm", {}, False),
+    ("modality-list", {"modality": ["CT", "MR", "NM"]}, "JPEG2000.dcm", {}, True),
+    ("keyword-absent-never-equals", {"StudyDescription": "e+1"}, "MR_small.dcm", {}, False),
+    ("calling-ae", {"calling_ae": "CT_SCANNER"}, "CT_small.dcm", {"calling": "CT_SCANNER"}, True),
+    ("calling-ae-miss", {"calling_ae": "CT_SCANNER"}, "CT_small.dcm", {"calling": "MR_SCANNER"}, False),
+    ("calling-ae-glob", {"calling_ae": {"glob": "US_*"}}, "examples_palette.dcm", {"calling": "US_ROOM3"}, True),
+    ("calling-ae-regex", {"calling_ae": {"regex": "^(CT|MR)_"}}, "MR_small.dcm", {"calling": "MR_3T"}, True),
+    ("called-ae", {"called_ae": "TELERAD_IN"}, "CT_small.dcm", {"called": "TELERAD_IN"}, True),
+    ("called-ae-miss", {"called_ae": "TELERAD_IN"}, "CT_small.dcm", {}, False),
+    ("syntax-keyword", {"transfer_syntax": "JPEGLSLossless"}, "MR_small_jpeg_ls_lossless.dcm", {}, True),
+    ("syntax-uid", {"transfer_syntax": "1.2.840.10008.1.2"}, "MR_small_implicit.dcm", {}, True),
+    ("syntax-miss", {"transfer_syntax": "ImplicitVRLittleEndian"}, "MR_small.dcm", {}, False),
+    ("syntax-glob", {"transfer_syntax": {"glob": "JPEG2000*"}}, "JPEG2000.dcm", {}, True),
+    ("peer-cidr", {"peer_address": "10.1.0.0/16"}, "CT_small.dcm", {}, True),
+    ("peer-cidr-miss", {"peer_address": "10.2.0.0/16"}, "CT_small.dcm", {}, False),
+    ("peer-cidr-list", {"peer_address": ["192.168.0.0/16", "10.1.2.3"]}, "CT_small.dcm", {}, True),
+    ("peer-ipv6", {"peer_address": "fd00::/8"}, "CT_small.dcm", {"peer": "fd00::5"}, True),
+    ("peer-v4-mapped", {"peer_address": "127.0.0.0/8"}, "CT_small.dcm", {"peer": "::ffff:127.0.0.1"}, True),
+    ("keyword-equals", {"PhotometricInterpretation": "RGB"}, "SC_rgb_rle_2frame.dcm", {}, True),
+    ("keyword-equals-miss", {"PhotometricInterpretation": "RGB"}, "CT_small.dcm", {}, False),
+    ("keyword-list", {"Manufacturer": ["TOSHIBA_MEC", "GE MEDICAL SYSTEMS"]}, "CT_small.dcm", {}, True),
+    ("keyword-number", {"SamplesPerPixel": 3}, "examples_ybr_color.dcm", {}, True),
+    ("keyword-number-text", {"SamplesPerPixel": "3"}, "examples_ybr_color.dcm", {}, True),
+    ("keyword-regex", {"InstitutionName": {"regex": "(?i)imaging"}}, "CT_small.dcm", {}, True),
+    ("keyword-regex-miss", {"InstitutionName": {"regex": "(?i)imaging"}}, "MR_small.dcm", {}, False),
+    ("keyword-glob", {"StudyDescription": {"glob": "Whole Body*"}}, "JPEG2000.dcm", {}, True),
+    ("multi-valued-any-value", {"ImageType": "DERIVED"}, "MR_small.dcm", {}, True),
+    ("multi-valued-miss", {"ImageType": "DERIVED"}, "CT_small.dcm", {}, False),
+    ("range-min", {"BitsStored": {"min": 9}}, "CT_small.dcm", {}, True),
+    ("range-min-miss", {"BitsStored": {"min": 9}}, "examples_palette.dcm", {}, False),
+    ("range-both", {"NumberOfFrames": {"min": 2, "max": 40}}, "examples_ybr_color.dcm", {}, True),
+    ("range-max-miss", {"NumberOfFrames": {"max": 1}}, "rtdose.dcm", {}, False),
+    ("range-absent", {"NumberOfFrames": {"min": 2}}, "CT_small.dcm", {}, False),
+    ("present", {"PixelData": {"present": True}}, "CT_small.dcm", {}, True),
+    ("present-miss", {"PixelData": {"present": True}}, "test-SR.dcm", {}, False),
+    ("absent", {"PixelData": {"present": False}}, "rtplan.dcm", {}, True),
+    ("absent-miss", {"PixelData": {"present": False}}, "MR_small.dcm", {}, False),
+    ("absent-text", {"StudyDescription": {"present": False}}, "MR_small.dcm", {}, True),
+    ("present-sequence", {"ContentSequence": {"present": True}}, "test-SR.dcm", {}, True),
+    ("all-keys-hold", {"modality": "CT", "BitsStored": {"min": 12}, "calling_ae": "MODALITY1"}, "CT_small.dcm", {},
+     True),
+    ("all-keys-one-fails", {"modality": "CT", "BitsStored": {"max": 8}}, "CT_small.dcm", {}, False),
+    ("any", {"any": [{"modality": "US"}, {"SamplesPerPixel": 3}]}, "SC_rgb_rle_2frame.dcm", {}, True),
+    ("any-miss", {"any": [{"modality": "US"}, {"SamplesPerPixel": 3}]}, "CT_small.dcm", {}, False),
+    ("not", {"not": {"ImageType": "DERIVED"}}, "CT_small.dcm", {}, True),
+    ("not-miss", {"not": {"ImageType": "DERIVED"}}, "MR_small.dcm", {}, False),
+    ("nested", {"modality": "MR", "not": {"any": [{"calling_ae": "X"}, {"peer_address": "10.0.0.0/8"}]}},
+     "MR_small.dcm", {}, False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("match", "name", "facts", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_condition(match: dict[str, Any], name: str, facts: dict[str, str], expected: bool) -> None:
+    assert _holds(match, _facts(name, **facts)) is expected
+
+
+def test_every_operator_is_covered_by_the_table() -> None:
+    from scp.matching import FACT_FIELDS, OPERATORS
+
+    written = repr([c[1] for c in CASES])
+    for key in [*FACT_FIELDS, "any", "not"]:
+        assert f"'{key}'" in written, key
+    for operator in OPERATORS:
+        assert any(f"'{k}'" in written for k in operator.keys), operator.keys
+
+
+def test_pixel_data_is_not_loaded_to_evaluate_a_rule() -> None:
+    facts = _facts("CT_small.dcm")
+    assert _holds({"PixelData": {"present": True}}, facts)
+    element = facts.dataset.get_item("PixelData", keep_deferred=True)
+    assert element is not None and element.value is None, "a present test must not read the pixel data"
+
+
+BAD: list[tuple[dict[str, Any], str]] = [
+    ({"Modalty": "CT"}, "rule 'bad': match.Modalty: 'Modalty' is neither a match key"),
+    ({"Modalty": "CT"}, "did you mean 'Modality'"),
+    ({"InstitutionName": {"regex": "(unclosed"}}, "rule 'bad': match.InstitutionName: bad regular expression"),
+    ({"PatientName": {"min": 3}}, "rule 'bad': match.PatientName: min does not apply to text values"),
+    ({"BitsStored": {"min": 12, "max": 8}}, "min 12 is greater than max 8"),
+    ({"BitsStored": "twelve"}, "match.BitsStored: 'twelve' is not a number"),
+    ({"PixelData": "yes"}, "match.PixelData: PixelData holds a sequence or binary data"),
+    ({"PixelData": {"present": "yes"}}, "present takes true or false"),
+    ({"Modality": {"startswith": "C"}}, "match.Modality: unknown operator startswith"),
+    ({"sop_class": "CTImageStorag"}, "did you mean 'CTImageStorage'"),
+    ({"transfer_syntax": "JPEGLS"}, "match.transfer_syntax: 'JPEGLS' is not a transfer syntax"),
+    ({"peer_address": "10.0.0.0/33"}, "match.peer_address: '10.0.0.0/33' is not an IP address"),
+    ({"peer_address": {"glob": "10.*"}}, "glob does not apply to address values"),
+    ({"modality": True}, "True is not a text value (quote it"),
+    ({"modality": []}, "an empty list never matches"),
+    ({"any": {"modality": "CT"}}, "match.any: must be a non-empty list"),
+    ({"not": {"any": [{"Modalty": "CT"}]}}, "match.not.any.0.Modalty"),
+]
+
+
+@pytest.mark.parametrize(("match", "expected"), BAD, ids=[str(b[0]) for b in BAD])
+def test_bad_match_is_a_config_error_naming_the_rule(match: dict[str, Any], expected: str) -> None:
+    good = {"name": "good", "match": {"modality": "CT"}, "forward": ["archive"]}
+    with pytest.raises(ConfigError) as raised:
+        _config([good, {"name": "bad", "match": match, "forward": ["archive"]}])
+    assert "rules.1" in str(raised.value)
+    assert expected in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        ({"name": "r"}, "give exactly one action"),
+        ({"name": "r", "forward": ["archive"], "drop": True}, "(got forward, drop)"),
+        ({"name": "r", "forward": ["archive", "archive"]}, "a destination is listed twice"),
+        ({"name": "r", "forward": [{"destination": "nowhere"}]}, "unknown destination 'nowhere' in rule 'r'"),
+    ],
+)
+def test_actions_are_validated(rule: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        _config([rule])
+
+
+def test_default_takes_no_match_and_reserved_name() -> None:
+    with pytest.raises(ConfigError, match="it takes no match"):
+        _config([{"name": "r", "forward": ["archive"]}], default={"match": {"modality": "CT"}, "drop": True})
+    with pytest.raises(ConfigError, match="by-rule: the name is reserved"):
+        config.parse(
+            {
+                "destinations": {"by-rule": {"type": "directory", "path": "x"}},
+                "rules": [{"name": "r", "forward": ["by-rule"]}],
+            }
+        )
+
+
+def test_first_matching_rule_decides_and_says_why_the_others_did_not() -> None:
+    loaded = _config(
+        [
+            {"name": "sr", "match": {"modality": "SR"}, "compress": "keep", "forward": ["archive"]},
+            {"name": "mr", "match": {"modality": "MR"}, "compress": "JPEGLSLossless", "forward": ["archive"]},
+            {"name": "also-mr", "match": {"sop_class": "MRImageStorage"}, "drop": True},
+        ]
+    )
+    decision = rules.decide(loaded.rules, loaded.default_rule, _facts("MR_small.dcm"))
+    assert (decision.rule, decision.action, decision.destinations) == ("mr", "forward", ("archive",))
+    assert decision.compress.syntax == JPEGLSLossless
+    assert decision.reason == "modality 'MR' is 'MR'"
+    assert decision.skipped == (("sr", "modality 'MR' is not 'SR'"),)
+
+
+def test_unmatched_goes_to_the_built_in_default_keep_and_forward_everywhere() -> None:
+    loaded = _config([{"name": "ct", "match": {"modality": "CT"}, "drop": True}])
+    decision = rules.decide(loaded.rules, loaded.default_rule, _facts("MR_small.dcm"))
+    assert decision.rule == "built-in default" and decision.action == "forward"
+    assert decision.destinations == ("archive", "research")
+    assert decision.compress.syntax is None
+    assert decision.reason == "no rule matched"
+
+
+def test_configured_default_and_actions() -> None:
+    loaded = _config(
+        [
+            {"name": "drop-sr", "match": {"modality": "SR"}, "drop": True},
+            {"name": "hold-rt", "match": {"modality": {"glob": "RT*"}}, "quarantine": True},
+        ],
+        default={"compress": "JPEG2000Lossless", "forward": ["archive"]},
+    )
+    decide = lambda name: rules.decide(loaded.rules, loaded.default_rule, _facts(name))  # noqa: E731
+    assert (decide("test-SR.dcm").action, decide("test-SR.dcm").destinations) == ("drop", ())
+    assert decide("rtplan.dcm").action == "quarantine"
+    fallback = decide("CT_small.dcm")
+    assert (fallback.rule, fallback.compress.syntax) == ("default", JPEG2000Lossless)
+    assert fallback.destinations == ("archive",)
+
+
+def test_per_destination_target_overrides_the_rule() -> None:
+    loaded = _config(
+        [
+            {
+                "name": "ct",
+                "compress": "JPEGLSLossless",
+                "forward": ["archive", {"destination": "research", "compress": {"syntax": "JPEG2000", "j2k_cr": [20]}}],
+            }
+        ]
+    )
+    decision = rules.decide(loaded.rules, loaded.default_rule, _facts("CT_small.dcm"))
+    targets = {d.destination: (d.compress.syntax.keyword, d.compress.j2k_cr) for d in decision.deliveries}
+    assert targets == {"archive": ("JPEGLSLossless", None), "research": ("JPEG2000", [20.0])}
+
+
+@pytest.mark.parametrize(
+    ("target", "source", "accept", "expected"),
+    [
+        ("JPEGLSLossless", ExplicitVRLittleEndian, None, ["JPEGLSLossless"]),
+        ("JPEGLSLossless", ExplicitVRLittleEndian, ["JPEGLSLossless", "ExplicitVRLittleEndian"], ["JPEGLSLossless"]),
+        ("JPEGLSLossless", ExplicitVRLittleEndian, ["ImplicitVRLittleEndian", "ExplicitVRLittleEndian"],
+         ["ImplicitVRLittleEndian", "keep"]),
+        ("keep", ImplicitVRLittleEndian, ["ExplicitVRLittleEndian"], ["ExplicitVRLittleEndian"]),
+        ("keep", JPEGLSLossless, ["JPEG2000Lossless", "JPEGLSLossless"], ["keep"]),
+        ("JPEGLSLossless", ExplicitVRLittleEndian, ["JPEG2000", "JPEG2000Lossless"], ["JPEG2000Lossless"]),
+        ("JPEGLSLossless", ExplicitVRLittleEndian, ["JPEGBaseline8Bit"], []),
+    ],
+)  # fmt: skip
+def test_candidates_follow_the_accept_list_and_never_choose_lossy(
+    target: str, source: str, accept: list[str] | None, expected: list[str]
+) -> None:
+    spec = config.CompressSpec.model_validate({"syntax": target})
+    uids = None if accept is None else [config.syntaxes.resolve(a) for a in accept]
+    found = rules.candidates(spec, source, uids)
+    assert [c.syntax.keyword if c.syntax else "keep" for c in found] == expected
