@@ -169,14 +169,11 @@ class Processor:
                 lambda: self.spool.new_tmp_path(".dcm"),
             )
             for output in outputs:
-                LOGGER.info(
-                    "%s for %s by rule %s: %s%s",
-                    "compressed" if output.compressed else "passing through unchanged",
-                    output.destination,
-                    decision.rule,
-                    uid,
-                    f": {output.detail}" if output.detail else "",
-                )
+                if output.compressed:
+                    LOGGER.info("%s for %s (rule %s): %s", uid, output.destination, decision.rule, output.detail)
+                else:
+                    why = output.detail
+                    LOGGER.info("%s for %s (rule %s): unchanged, %s", uid, output.destination, decision.rule, why)
                 job_info = {**info, "transfer_syntax": output.transfer_syntax, "compression": output.detail}
                 jobs.append(self.spool.commit_job(spool_id, output.destination, output.path, source, job_info))
             for path in made:

@@ -67,13 +67,15 @@ def listening(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def storescp(folder: Path, ae_title: str = "ARCHIVE", accept: str = "+xa", extra: Sequence[str] = ()) -> Iterator[int]:
-    """DCMTK storescp as an archive writing into `folder`; yields its port.
+def storescp(
+    folder: Path, ae_title: str = "ARCHIVE", accept: str = "+xa", extra: Sequence[str] = (), port: int | None = None
+) -> Iterator[int]:
+    """DCMTK storescp as an archive writing into `folder`; yields its port (a free one unless `port` is given).
 
     `accept` is storescp's transfer-syntax option: `+xa` accepts every syntax DCMTK knows, "" only uncompressed.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     args = [tool("storescp"), "-aet", ae_title, "-od", str(folder), *([accept] if accept else []), *extra, str(port)]
     with _process(args, folder.parent / f"storescp-{port}.log") as proc:
         wait_for(lambda: listening(port) or proc.poll() is not None, 10, f"storescp on port {port}")
@@ -186,3 +188,20 @@ class NodeProcess:
 def copy_test_file(name: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     return Path(shutil.copy(TEST_FILES / name, folder / name))
+
+
+def complete_files(folder: Path, pixels: bool = False) -> dict[str, pydicom.Dataset]:
+    """SOP Instance UID → dataset of the files a peer has finished writing into `folder` (a file still being
+    written, or a hidden partial one, is left out until it reads in full)."""
+    found: dict[str, pydicom.Dataset] = {}
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
+            if pixels and "PixelData" in ds:
+                ds.pixel_array  # noqa: B018 - a truncated file fails here
+        except Exception:
+            continue
+        found[str(ds.SOPInstanceUID)] = ds
+    return found

@@ -1,0 +1,134 @@
+"""SIGHUP on a running node (a real process): a valid config applies to new instances over an association that
+stays open; an invalid one is refused, logged, and the old rules stay in force."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import yaml
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
+from pynetdicom import AE
+from pynetdicom.association import Association
+
+from tests.peers import TEST_FILES, complete_files, free_port, node_config, node_process, storescu, wait_for
+
+pytestmark = [pytest.mark.peers, pytest.mark.slow]
+
+
+def _syntaxes(folder: Path) -> dict[str, str]:
+    """SOP Instance UID → transfer syntax of the files delivered into `folder`."""
+    return {uid: str(ds.file_meta.TransferSyntaxUID) for uid, ds in complete_files(folder).items()}
+
+
+def _uid(name: str) -> str:
+    return str(pydicom.dcmread(TEST_FILES / name, stop_before_pixels=True).SOPInstanceUID)
+
+
+def _open_association(port: int) -> Association:
+    ae = AE(ae_title="MODALITY")
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        ae.add_requested_context(pydicom.dcmread(TEST_FILES / name).SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="COMPRESS_SCP")
+    assert assoc.is_established
+    return assoc
+
+
+def _store(assoc: Association, name: str) -> int:
+    return int(assoc.send_c_store(pydicom.dcmread(TEST_FILES / name)).Status)
+
+
+def test_sighup_applies_a_valid_config_and_refuses_an_invalid_one(tmp_path: Path) -> None:
+    folder_a, folder_b = tmp_path / "a", tmp_path / "b"
+    destination_a = {"type": "directory", "path": str(folder_a)}
+    first = node_config(
+        tmp_path,
+        {"a": destination_a},
+        [{"name": "keep-all", "compress": "keep", "forward": ["a"]}],
+        node={"port": free_port()},
+    )
+    second: dict[str, Any] = {
+        **first,
+        "destinations": {"a": destination_a, "b": {"type": "directory", "path": str(folder_b)}},
+        "rules": [
+            {"name": "mr-to-b", "match": {"modality": "MR"}, "compress": "JPEGLSLossless", "forward": ["b"]},
+            {"name": "rest-to-a", "compress": "keep", "forward": ["a"]},
+        ],
+    }
+    invalid = {**second, "rules": [{"name": "typo", "match": {"Modalty": "MR"}, "forward": ["a"]}]}
+    config_file = tmp_path / "node.yaml"
+
+    with node_process(tmp_path, first) as node:
+        assert node.proc is not None
+        log = node.log.read_text
+        assoc = _open_association(node.port)
+        try:
+            assert _store(assoc, "CT_small.dcm") == 0
+            wait_for(lambda: _uid("CT_small.dcm") in _syntaxes(folder_a), 30, "CT in folder a under the first rules")
+
+            config_file.write_text(yaml.safe_dump(second))
+            node.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: "reloaded the configuration: 2 rules, 2 destinations" in log(), 20, "the reload")
+            # The association opened before the reload still works, and its next instance follows the new rules.
+            assert assoc.is_established
+            assert _store(assoc, "MR_small.dcm") == 0
+            wait_for(lambda: _uid("MR_small.dcm") in _syntaxes(folder_b), 30, "MR in the new destination b")
+        finally:
+            assoc.release()
+        assert _syntaxes(folder_b)[_uid("MR_small.dcm")] == JPEGLSLossless
+        assert _uid("MR_small.dcm") not in _syntaxes(folder_a)
+
+        config_file.write_text(yaml.safe_dump(invalid))
+        node.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload rejected" in log(), 20, "the invalid config to be refused")
+        assert node.proc.poll() is None, "the node keeps running"
+        rejected = next(line for line in log().splitlines() if "reload rejected" in line)
+        assert "ERROR" in rejected and "the running configuration stays in force" in rejected
+        assert "rule 'typo'" in log() and "did you mean 'Modality'" in log()
+
+        # Still the second rules: another MR goes to b as JPEG-LS (the invalid file would have sent it to a).
+        output = storescu(node.port, [TEST_FILES / "examples_overlay.dcm"])
+        assert "Received Store Response (Success)" in output, output
+        wait_for(lambda: _uid("examples_overlay.dcm") in _syntaxes(folder_b), 30, "the next MR in b")
+        assert _syntaxes(folder_b)[_uid("examples_overlay.dcm")] == JPEGLSLossless
+        assert node.proc.poll() is None
+
+
+def test_reload_drains_a_removed_destination_and_keeps_restart_only_settings(tmp_path: Path) -> None:
+    """Jobs queued for a destination that a reload removes are still delivered (nothing acknowledged is lost);
+    node, spool and workers keep their running values until a restart."""
+    from tests.peers import running_node, storescp
+
+    down_port = free_port()
+    folder = {"type": "directory", "path": str(tmp_path / "a")}
+    removed = {
+        "type": "dicom",
+        "ae_title": "OLD",
+        "host": "127.0.0.1",
+        "port": down_port,
+        "timeout": 2,
+        "retry": {"initial_delay": 0.2, "max_delay": 0.5},
+    }
+    first = node_config(tmp_path, {"a": folder, "old": removed}, [{"name": "r", "forward": ["a", "old"]}])
+    second = {**first, "destinations": {"a": folder}, "rules": [{"name": "r", "forward": ["a"]}]}
+    second["node"] = {**first["node"], "ae_title": "RENAMED"}
+    with running_node(first) as node:
+        output = storescu(node.port, [TEST_FILES / "CT_small.dcm"])
+        assert "Received Store Response (Success)" in output, output
+        wait_for(lambda: len(node.spool.jobs("old")) == 1, 20, "a job queued for the unreachable destination")
+        from scp import config
+
+        node.reload(config.parse(second))
+        assert node.config.node.ae_title == "COMPRESS_SCP", "node settings need a restart"
+        assert [r.name for r in node.config.rules] == ["r"] and list(node.config.destinations) == ["a"]
+        assert len(node.spool.jobs("old")) == 1, "the removed destination's queue is kept"
+        with storescp(tmp_path / "old", ae_title="OLD", port=down_port):
+            wait_for(lambda: not node.spool.jobs("old"), 30, "the removed destination's queue to drain")
+            wait_for(lambda: not node._destinations["old"].threads, 10, "its delivery threads to stop")
+        assert _uid("CT_small.dcm") in _syntaxes(tmp_path / "old")
+        output = storescu(node.port, [TEST_FILES / "MR_small.dcm"])
+        wait_for(lambda: _uid("MR_small.dcm") in _syntaxes(tmp_path / "a"), 20, "MR in a")
+        assert not node.spool.jobs("old"), "new instances are no longer routed to a removed destination"
