@@ -145,7 +145,10 @@ class DicomForwarder:
             return Delivery(
                 job, Outcome.PERMANENT, f"no presentation context accepted for {sop_class} (offered {offered})"
             )
-        path, scratch = _file_in_syntax(job, UID(choice), self.scratch)
+        try:
+            path, scratch = _file_in_syntax(job, UID(choice), self.scratch)
+        except Exception as exc:  # an undecodable source: retrying will not fix it
+            return Delivery(job, Outcome.PERMANENT, f"cannot be converted to {UID(choice).name}: {exc}")
         try:
             response = assoc.send_c_store(path)
         except (OSError, RuntimeError, ValueError) as exc:

@@ -116,3 +116,26 @@ def test_forwarder_proposes_only_what_the_destination_accepts() -> None:
     only_uncompressed = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
     assert _preferred_syntaxes(job, only_uncompressed)[1] == [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
     assert _preferred_syntaxes(job, [JPEG2000])[1] == [JPEG2000]
+
+
+def test_an_instance_no_accepted_syntax_can_be_made_for_is_quarantined_not_sent(tmp_path: Path) -> None:
+    """A 12-bit lossy JPEG nothing here can decode, for an uncompressed-only archive: quarantined with the reason."""
+    with storescp(tmp_path / "research", ae_title="RESEARCH", accept="+xa") as port:
+        destinations = {
+            "research": {
+                "type": "dicom",
+                "ae_title": "RESEARCH",
+                "host": "127.0.0.1",
+                "port": port,
+                "accept": ["ExplicitVRLittleEndian"],
+                "retry": FAST_RETRY,
+            }
+        }
+        rules = [{"name": "all", "compress": "keep", "forward": ["research"]}]
+        with running_node(node_config(tmp_path, destinations, rules)) as node:
+            assert _send_as_is(node.port, TEST_FILES / "JPEG-lossy.dcm") == 0
+            wait_for(lambda: list(node.spool.quarantined()), 30, "the instance to be quarantined")
+            (held,) = node.spool.quarantined()
+        assert not complete_files(tmp_path / "research"), "nothing was sent in a syntax the archive did not list"
+    assert held.destination == "research"
+    assert "cannot be converted to Explicit VR Little Endian" in (held.path / "reason.txt").read_text()
