@@ -77,8 +77,10 @@ def produce(
                 path = scratch()
                 made[key] = (encode(source, path, spec), path)
             result, path = made[key]
-            if not result.compressed and accept is not None and not spec.syntax.is_compressed:
-                result = _rewrite(source, path, spec.syntax, result)
+            target = UID(spec.syntax)
+            if not result.compressed and accept is not None and not target.is_compressed and target != source_syntax:
+                result = _rewrite(source, path, target, result)
+                made[key] = (result, path)
             if result.compressed:
                 name = UID(result.transfer_syntax).name
                 sizes = f"{result.bytes_in} -> {result.bytes_out} bytes"
@@ -86,7 +88,7 @@ def produce(
                 output = Output(delivery.destination, path, result.transfer_syntax, True, detail)
                 break
             own = spec == delivery.compress
-            tried.append(result.reason if own else f"not as {spec.syntax.name}: {result.reason}")
+            tried.append(result.reason if own else f"not as {target.name}: {result.reason}")
         if output is None:
             if accept is not None and not tried:
                 tried.append(f"none of its accepted syntaxes can be made from {UID(source_syntax).name}")

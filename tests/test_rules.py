@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 
@@ -248,3 +250,43 @@ def test_candidates_follow_the_accept_list_and_never_choose_lossy(
     uids = None if accept is None else [config.syntaxes.resolve(a) for a in accept]
     found = rules.candidates(spec, source, uids)
     assert [c.syntax.keyword if c.syntax else "keep" for c in found] == expected
+
+
+def test_each_distinct_target_is_encoded_once_and_shared(tmp_path: Path) -> None:
+    from scp import compress
+    from scp.pipeline import produce
+
+    loaded = config.parse(
+        {
+            "destinations": {
+                "plain": {"type": "directory", "path": "p"},
+                "jls-or-explicit": {
+                    "type": "directory",
+                    "path": "j",
+                    "accept": ["JPEGLSLossless", "ExplicitVRLittleEndian"],
+                },
+                "explicit-only": {"type": "directory", "path": "e", "accept": ["ExplicitVRLittleEndian"]},
+            },
+            "rules": [
+                {"name": "all", "compress": "JPEGLSLossless", "forward": ["plain", "jls-or-explicit", "explicit-only"]}
+            ],
+        }
+    )
+    calls: list[str] = []
+
+    def encode(src: Path, dst: Path, spec: config.CompressSpec) -> compress.Result:
+        calls.append(str(spec.syntax))
+        return compress.transcode_file(src, dst, spec)
+
+    source = TEST_FILES / "MR_small_implicit.dcm"
+    decision = rules.decide(loaded.rules, loaded.default_rule, _facts("MR_small_implicit.dcm"))
+    names = iter(range(10))
+    outputs, made = produce(
+        source, ImplicitVRLittleEndian, decision, loaded.destinations, encode, lambda: tmp_path / f"{next(names)}.dcm"
+    )
+    assert calls == [JPEGLSLossless, ExplicitVRLittleEndian], "one encode per distinct target"
+    by_name = {o.destination: o for o in outputs}
+    assert by_name["plain"].path == by_name["jls-or-explicit"].path and by_name["plain"].compressed
+    assert by_name["explicit-only"].transfer_syntax == ExplicitVRLittleEndian
+    assert pydicom.dcmread(by_name["explicit-only"].path).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert sorted(made) == sorted({o.path for o in outputs})
