@@ -41,6 +41,11 @@ class Facts:
 Values = tuple[Any, ...]
 """The values a key has for one instance; () when it is absent or empty."""
 
+PRESENT = "(a value)"
+"""What a presence-only element (sequence, binary data) reads as: its value is never loaded."""
+UNREADABLE = "(unreadable)"
+"""What an element whose value pydicom cannot decode reads as: present, equal to nothing."""
+
 
 class Condition(Protocol):
     def evaluate(self, facts: Facts) -> tuple[bool, str]:
@@ -107,8 +112,11 @@ def _dataset_values(keyword: str, kind: str) -> Callable[[Facts], Values]:
         if keyword not in facts.dataset:
             return ()
         if kind == PRESENCE:  # never load the value: it may be deferred pixel data
-            return ("(a value)",)
-        value = facts.dataset[keyword].value
+            return (PRESENT,)
+        try:
+            value = facts.dataset[keyword].value
+        except Exception:  # a malformed value must not stop the instance (STYLE rule 6)
+            return (UNREADABLE,)
         items = tuple(value) if isinstance(value, MultiValue | list) else (value,)
         items = tuple(v for v in items if v is not None and v != "")
         if kind == NUMBER:
@@ -173,8 +181,8 @@ def _show(values: Values) -> str:
 
 
 def _short(value: Any) -> str:
-    if value == "(a value)":
-        return value
+    if value in (PRESENT, UNREADABLE):
+        return str(value)
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     if isinstance(value, UID) and value.keyword:
