@@ -147,18 +147,16 @@ def _pydicom_plugin(syntax: UID) -> Plugin:
     return Plugin(f"pydicom ({', '.join(encoder._available) or 'none'})", encode, (), lambda: encoder.is_available)
 
 
-def _stored_bits(frame: np.ndarray, info: FrameInfo) -> np.ndarray:
-    """Two's complement samples as the unsigned Bits Stored-wide values CharLS takes (PS3.5 A.4.3)."""
-    if frame.dtype.kind != "i":
-        return frame
-    return frame.view(frame.dtype.str.replace("i", "u")) & ((1 << info.bits_stored) - 1)
+def _unsigned_view(frame: np.ndarray) -> np.ndarray:
+    """CharLS takes two's complement samples as unsigned words of the same width; decoders sign them again."""
+    return frame.view(frame.dtype.str.replace("i", "u")) if frame.dtype.kind == "i" else frame
 
 
 def _imagecodecs_jpegls(frame: np.ndarray, info: FrameInfo, options: Mapping[str, Any]) -> bytes:
     import imagecodecs
 
     near = options.get("jls_error", 0) or None
-    return bytes(imagecodecs.jpegls_encode(np.ascontiguousarray(_stored_bits(frame, info)), level=near))
+    return bytes(imagecodecs.jpegls_encode(np.ascontiguousarray(_unsigned_view(frame)), level=near))
 
 
 def _imagecodecs_jpeg2k(frame: np.ndarray, info: FrameInfo, options: Mapping[str, Any]) -> bytes:

@@ -141,7 +141,26 @@ def decompress_file(src: Path, dst: Path, syntax: UID = ExplicitVRLittleEndian) 
 
 
 def _read_header(src: Path) -> Dataset:
-    return pydicom.dcmread(src, defer_size=_DEFER)
+    header = pydicom.dcmread(src, defer_size=_DEFER)
+    if not header.file_meta.TransferSyntaxUID.is_little_endian:
+        _swap_words(header)
+    return header
+
+
+_WORD_SIZES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def _swap_words(ds: Dataset) -> None:
+    """Byte-swap the other-word values of a big endian dataset, which pydicom writes as read (PS3.5 7.3)."""
+    for tag in list(ds.keys()):
+        if tag == _PIXEL_DATA:  # read frame by frame later; never load it here
+            continue
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _swap_words(item)
+        elif (size := _WORD_SIZES.get(str(elem.VR))) and isinstance(elem.value, bytes) and len(elem.value) % size == 0:
+            elem.value = np.frombuffer(elem.value, f">u{size}").astype(f"<u{size}").tobytes()
 
 
 def _check_eligible(ds: Dataset, spec: CompressSpec) -> None:
@@ -172,16 +191,17 @@ def _check_eligible(ds: Dataset, spec: CompressSpec) -> None:
 def _source_frames(src: Path, header: Dataset) -> tuple[str, Iterator[np.ndarray]]:
     """The photometric interpretation of the decoded frames, and the frames in native byte order.
 
-    Frames are decoded raw (no colour conversion), one at a time from the file; a deflated source has to be
-    inflated whole first.
+    Frames are decoded raw (no colour conversion) and native values are kept as stored, even where they lie
+    outside Bits Stored: what the codec loses there, verification catches. One frame at a time from the file; a
+    deflated source has to be inflated whole first.
     """
     if header.file_meta.TransferSyntaxUID.is_deflated:
-        frames = iter_pixels(pydicom.dcmread(src), raw=True)
+        frames = iter_pixels(pydicom.dcmread(src), raw=True, correct_unused_bits=False)
         decoded = Dataset()
         decoded.PhotometricInterpretation = header.PhotometricInterpretation
     else:
         decoded = Dataset()
-        frames = iter_pixels(src, ds_out=decoded, raw=True)
+        frames = iter_pixels(src, ds_out=decoded, raw=True, correct_unused_bits=False)
     first = next(frames)  # ds_out is filled in once decoding starts
     photometric = str(decoded.get("PhotometricInterpretation", header.PhotometricInterpretation))
     photometric = _DECODED_PHOTOMETRIC.get(photometric, photometric)
@@ -240,6 +260,8 @@ def _encode_file(src: Path, header: Dataset, dst: Path, spec: CompressSpec) -> _
                 peak = float(2**info.bits_stored - 1)
                 mse = squared_error / max(samples, 1)
                 psnr = math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+                if psnr < spec.min_psnr:
+                    raise PassThrough(f"the lossy result's PSNR {psnr:.1f} dB is below min_psnr {spec.min_psnr:g} dB")
             fragments.seek(0)
             _write_encapsulated(dst, header, fragments, lengths)
     finally:

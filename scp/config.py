@@ -123,6 +123,8 @@ class CompressSpec(_Model):
     """JPEG2000: peak signal-to-noise ratios (dB) of the quality layers."""
     htj2k_qstep: float | None = Field(None, gt=0, lt=1)
     """HTJ2K: quantisation step, as a fraction of the range Bits Stored allows (default 0.005)."""
+    min_psnr: float = Field(30.0, ge=0)
+    """Lossy only: forward the original instead when the decoded result's PSNR (dB) is lower (0: no floor)."""
     verify: bool = True
     """Decode every lossless frame and compare it with the source before forwarding the result."""
     keep_sop_instance_uid: bool = False
