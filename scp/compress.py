@@ -25,7 +25,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.filewriter import write_dataset
-from pydicom.pixels import get_decoder, iter_pixels
+from pydicom.pixels import convert_color_space, get_decoder, iter_pixels
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
@@ -225,11 +225,16 @@ def _encode_file(src: Path, header: Dataset, dst: Path, spec: CompressSpec) -> _
     assert spec.syntax is not None
     target = spec.syntax
     codec = codecs.get(target)
+    lossless = syntaxes.is_lossless(target)
     decoded_photometric, frames = _source_frames(src, header)
+    if not lossless and decoded_photometric == "YBR_FULL":
+        # Lossy output loses more than the rounding of the conversion anyway; RGB is the form every lossy
+        # profile and IOD accepts, and JPEG 2000 gives it the irreversible component transform (YBR_ICT).
+        frames = (convert_color_space(frame, "YBR_FULL", "RGB") for frame in frames)
+        decoded_photometric = "RGB"
     info = _frame_info(header, codecs.encoded_photometric(target, decoded_photometric))
     if problem := codec.check(info):
         raise PassThrough(problem)
-    lossless = syntaxes.is_lossless(target)
     options = spec.encoder_options()
     decoder = get_decoder(target)
     squared_error = 0.0
