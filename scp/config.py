@@ -151,11 +151,27 @@ class CompressSpec(_Model):
             raise ValueError("JPEG2000 (lossy) needs exactly one of j2k_cr or j2k_psnr, e.g. j2k_psnr: [50]")
         if self.syntax == _JPEGLS_NEAR and not used:
             raise ValueError("JPEGLSNearLossless needs jls_error (1-255), e.g. jls_error: 2")
+        if self.syntax is not None:
+            _check_encodable(UID(self.syntax))
         return self
 
     def encoder_options(self) -> dict[str, Any]:
         """The codec parameters to pass to the encoder."""
         return {name: getattr(self, name) for name in _CODEC_OPTIONS if getattr(self, name) is not None}
+
+
+def _check_encodable(syntax: UID) -> None:
+    """A rule may only target a syntax this node can write (STYLE rule 2: name what is missing)."""
+    from scp import codecs  # the pixel stack, imported only when a rule names a target
+
+    if syntax in syntaxes.NATIVE_TARGETS:
+        return
+    if syntax not in codecs.REGISTRY:
+        targets = ", ".join([*(u.keyword for u in codecs.REGISTRY), *(u.keyword for u in syntaxes.NATIVE_TARGETS)])
+        raise ValueError(f"the node cannot encode {syntax.keyword or syntax}; targets: {targets}, or keep")
+    codec = codecs.REGISTRY[syntax]
+    if not codec.available:
+        raise ValueError(codec.unavailable_reason())
 
 
 _CODEC_OPTIONS = ("jls_error", "j2k_cr", "j2k_psnr", "htj2k_qstep")

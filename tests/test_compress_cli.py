@@ -85,6 +85,8 @@ def test_parse_spec(syntax: str, options: list[str], expected: dict[str, object]
         ({"syntax": "JPEGLSNearLossless"}, "needs jls_error"),
         ({"syntax": "HTJ2KLossless", "htj2k_qstep": 0.01}, "htj2k_qstep cannot be used with HTJ2KLossless"),
         ({"syntax": "RLELossless", "nearness": 2}, "unknown key"),
+        ({"syntax": "JPEGBaseline8Bit"}, "cannot encode JPEGBaseline8Bit; targets: RLELossless"),
+        ({"syntax": "DeflatedExplicitVRLittleEndian"}, "cannot encode Deflated"),
     ],
 )
 def test_rule_options_are_checked_at_load(compress: dict[str, object], message: str) -> None:
@@ -93,6 +95,19 @@ def test_rule_options_are_checked_at_load(compress: dict[str, object], message: 
         "rules": [{"name": "r", "compress": compress, "forward": ["a"]}],
     }
     with pytest.raises(ConfigError, match=message):
+        config.parse(data)
+
+
+def test_a_target_without_its_package_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scp import codecs
+
+    absent = codecs.Codec(pydicom.uid.HTJ2K, [], plugins=[codecs.Plugin("x", lambda *_: b"", ("not_installed_pkg",))])
+    monkeypatch.setitem(codecs.REGISTRY, pydicom.uid.HTJ2K, absent)
+    data = {
+        "destinations": {"a": {"type": "directory", "path": "/tmp/a"}},
+        "rules": [{"name": "r", "compress": "HTJ2K", "forward": ["a"]}],
+    }
+    with pytest.raises(ConfigError, match="not_installed_pkg"):
         config.parse(data)
 
 
