@@ -240,7 +240,7 @@ def _encode_file(src: Path, header: Dataset, dst: Path, spec: CompressSpec) -> _
     squared_error = 0.0
     samples = 0
     lengths: list[int] = []
-    spool = dst.with_name(f".{dst.name}.frames")
+    spool = frames_spool(dst)
     try:
         with spool.open("w+b") as fragments:
             for index, frame in enumerate(frames):
@@ -281,6 +281,11 @@ def _decode(decoder: Any, encoded: bytes, info: codecs.FrameInfo, index: int) ->
     except Exception as exc:
         raise CompressionError(f"frame {index} cannot be decoded back from {decoder.UID.name}: {exc}") from exc
     return decoded
+
+
+def frames_spool(dst: Path) -> Path:
+    """Where the encoded frames of `dst` wait for the header to be written (removed when done)."""
+    return dst.with_name(f".{dst.name}.frames")
 
 
 def _prepare_header(header: Dataset, target: UID, info: codecs.FrameInfo, nframes: int) -> None:
