@@ -78,12 +78,14 @@ class Plugin:
     encode: EncodeFunction
     modules: tuple[str, ...] = ()
     available_check: Callable[[], bool] | None = None
+    requires: tuple[str, ...] = ()
+    """What to install when `available_check` fails (pydicom's own list of missing dependencies)."""
 
     def missing(self) -> list[str]:
         """The modules this plugin needs that are not installed (empty when it can run)."""
         missing = [m for m in self.modules if importlib.util.find_spec(m) is None]
         if not missing and self.available_check is not None and not self.available_check():
-            missing = list(self.modules) or [self.name]
+            missing = list(self.requires or self.modules) or [self.name]
         return missing
 
 
@@ -137,14 +139,19 @@ class Codec:
         raise CompressionError(f"{self.syntax.name} encoding failed: " + " | ".join(failures))
 
 
-def _pydicom_plugin(syntax: UID) -> Plugin:
-    """pydicom's own encoder for `syntax`, with all of its plugins (gdcm, pylibjpeg, pyjpegls, native)."""
+def _pydicom_plugins(syntax: UID, order: tuple[str, ...] = ()) -> list[Plugin]:
+    """pydicom's encoder for `syntax`, one Plugin per pydicom plugin, those named in `order` first."""
     encoder = get_encoder(syntax)
+    names = [*order, *(n for n in [*encoder._available, *encoder._unavailable] if n not in order)]
 
-    def encode(frame: np.ndarray, info: FrameInfo, options: Mapping[str, Any]) -> bytes:
-        return encoder.encode(frame, **info.pixel_keywords(), **options)
+    def plugin(name: str) -> Plugin:
+        def encode(frame: np.ndarray, info: FrameInfo, options: Mapping[str, Any]) -> bytes:
+            return encoder.encode(frame, encoding_plugin=name, **info.pixel_keywords(), **options)
 
-    return Plugin(f"pydicom ({', '.join(encoder._available) or 'none'})", encode, (), lambda: encoder.is_available)
+        requires = tuple(encoder._unavailable.get(name, ()))
+        return Plugin(f"pydicom/{name}", encode, (), lambda: name in encoder._available, requires)
+
+    return [plugin(name) for name in names]
 
 
 def _unsigned_view(frame: np.ndarray) -> np.ndarray:
@@ -229,12 +236,15 @@ _HTJ2K_LOSSLESS_PROFILES = ENCODING_PROFILES[JPEG2000Lossless]
 _HTJ2K_LOSSY_PROFILES = ENCODING_PROFILES[JPEG2000]
 
 REGISTRY: dict[UID, Codec] = {
-    RLELossless: Codec(RLELossless, ENCODING_PROFILES[RLELossless], plugins=[_pydicom_plugin(RLELossless)]),
+    # GDCM's RLE encoder calls terminate() on some odd-sized RGB images: it is tried last.
+    RLELossless: Codec(
+        RLELossless, ENCODING_PROFILES[RLELossless], plugins=_pydicom_plugins(RLELossless, ("pylibjpeg", "pydicom"))
+    ),
     JPEGLSLossless: Codec(
         JPEGLSLossless,
         ENCODING_PROFILES[JPEGLSLossless],
         plugins=[
-            _pydicom_plugin(JPEGLSLossless),
+            *_pydicom_plugins(JPEGLSLossless),
             Plugin("imagecodecs (CharLS)", _imagecodecs_jpegls, ("imagecodecs",), _imagecodecs_ready("JPEGLS")),
         ],
     ),
@@ -243,7 +253,7 @@ REGISTRY: dict[UID, Codec] = {
         ENCODING_PROFILES[JPEGLSNearLossless],
         frozenset({"jls_error"}),
         [
-            _pydicom_plugin(JPEGLSNearLossless),
+            *_pydicom_plugins(JPEGLSNearLossless),
             Plugin("imagecodecs (CharLS)", _imagecodecs_jpegls, ("imagecodecs",), _imagecodecs_ready("JPEGLS")),
         ],
     ),
@@ -251,7 +261,7 @@ REGISTRY: dict[UID, Codec] = {
         JPEG2000Lossless,
         ENCODING_PROFILES[JPEG2000Lossless],
         plugins=[
-            _pydicom_plugin(JPEG2000Lossless),
+            *_pydicom_plugins(JPEG2000Lossless),
             _openjpeg(),
         ],
     ),
@@ -259,7 +269,7 @@ REGISTRY: dict[UID, Codec] = {
         JPEG2000,
         ENCODING_PROFILES[JPEG2000],
         frozenset({"j2k_cr", "j2k_psnr"}),
-        [_pydicom_plugin(JPEG2000), _openjpeg()],
+        [*_pydicom_plugins(JPEG2000), _openjpeg()],
     ),
     HTJ2KLossless: Codec(
         HTJ2KLossless,
