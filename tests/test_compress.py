@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -390,3 +392,46 @@ def test_a_crashing_codec_takes_down_only_its_instance(tmp_path: Path) -> None:
     assert not (tmp_path / "out0.dcm").exists() and not compress.frames_spool(tmp_path / "out0.dcm").exists()
     assert all(results[i].compressed for i in (1, 2, 3)), [results[i].reason for i in (1, 2, 3)]
     assert encoder.crashes == 1
+
+
+# Memory stays flat in the instance size: frames are read, encoded and written one at a time.
+
+_PEAK_RSS = """
+import resource, sys
+from pathlib import Path
+from scp import compress
+from scp.config import CompressSpec
+result = compress.transcode_file(Path(sys.argv[1]), Path(sys.argv[2]), CompressSpec(syntax=sys.argv[3]))
+assert result.compressed, result.reason
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["HTJ2KLossless", "ExplicitVRLittleEndian"])
+def test_peak_memory_is_flat_in_the_instance_size(target: str, tmp_path: Path) -> None:
+    """A 256 MiB multi-frame instance is transcoded in far less memory than its size."""
+    frame = (np.indices((1024, 1024)).sum(axis=0) % 4096).astype("<u2")
+    src = write_image(tmp_path / "big.dcm", frame[np.newaxis], 12, syntax=ImplicitVRLittleEndian)
+    ds = pydicom.dcmread(src)
+    ds.NumberOfFrames = 128
+    ds.PixelData = b""
+    ds.save_as(src, enforce_file_format=True)  # the header; 128 frames of pixel data are appended below
+    raw = src.read_bytes()
+    with src.open("wb") as out:
+        out.write(raw[:-8])  # everything but the empty Pixel Data element (tag + length, implicit VR)
+        out.write(struct.pack("<HHI", 0x7FE0, 0x0010, 128 * frame.nbytes))
+        for index in range(128):
+            out.write((frame + index).tobytes())
+    assert src.stat().st_size > 256 * 2**20
+    run = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, str(src), str(tmp_path / "out.dcm"), target],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert run.returncode == 0, run.stderr
+    peak_mib = int(run.stdout.split()[-1])
+    assert peak_mib < 200, f"peak RSS {peak_mib} MiB for a 256 MiB instance"
+    assert np.array_equal(pixel_array(tmp_path / "out.dcm", index=127), frame + 127)
