@@ -151,8 +151,6 @@ class CompressSpec(_Model):
             raise ValueError("JPEG2000 (lossy) needs exactly one of j2k_cr or j2k_psnr, e.g. j2k_psnr: [50]")
         if self.syntax == _JPEGLS_NEAR and not used:
             raise ValueError("JPEGLSNearLossless needs jls_error (1-255), e.g. jls_error: 2")
-        if self.syntax is not None:
-            _check_encodable(UID(self.syntax))
         return self
 
     def encoder_options(self) -> dict[str, Any]:
@@ -160,18 +158,24 @@ class CompressSpec(_Model):
         return {name: getattr(self, name) for name in _CODEC_OPTIONS if getattr(self, name) is not None}
 
 
-def _check_encodable(syntax: UID) -> None:
-    """A rule may only target a syntax this node can write (STYLE rule 2: name what is missing)."""
+def check_encodable(spec: CompressSpec) -> CompressSpec:
+    """A rule may only target a syntax this node can write (STYLE rule 2: name what is missing).
+
+    Applied where a rule's `compress:` is read, not in CompressSpec itself: the pipeline builds specs for a
+    destination's accepted syntaxes, and an unencodable one must be a pass-through there, not an exception.
+    """
     from scp import codecs  # the pixel stack, imported only when a rule names a target
 
-    if syntax in syntaxes.NATIVE_TARGETS:
-        return
+    if spec.syntax is None or spec.syntax in syntaxes.NATIVE_TARGETS:
+        return spec
+    syntax = UID(spec.syntax)
     if syntax not in codecs.REGISTRY:
         targets = ", ".join([*(u.keyword for u in codecs.REGISTRY), *(u.keyword for u in syntaxes.NATIVE_TARGETS)])
         raise ValueError(f"the node cannot encode {syntax.keyword or syntax}; targets: {targets}, or keep")
     codec = codecs.REGISTRY[syntax]
     if not codec.available:
         raise ValueError(codec.unavailable_reason())
+    return spec
 
 
 _CODEC_OPTIONS = ("jls_error", "j2k_cr", "j2k_psnr", "htj2k_qstep")
@@ -199,6 +203,11 @@ class Rule(_Model):
     @classmethod
     def _compress_shorthand(cls, value: Any) -> Any:
         return {"syntax": value} if value is None or isinstance(value, str) else value
+
+    @field_validator("compress", mode="after")
+    @classmethod
+    def _compress_encodable(cls, value: CompressSpec) -> CompressSpec:
+        return check_encodable(value)
 
 
 class LoggingConfig(_Model):

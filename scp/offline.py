@@ -17,7 +17,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from scp.compress import Result
-from scp.config import CompressSpec
+from scp.config import CompressSpec, check_encodable
 from scp.errors import ConfigError, ScpError
 from scp.workers import Encoder
 
@@ -34,13 +34,17 @@ def parse_spec(syntax: str, options: Sequence[str]) -> CompressSpec:
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {option!r}: the value is not valid YAML: {exc}") from exc
     try:
-        return CompressSpec.model_validate(data)
+        spec = CompressSpec.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'compress'}: {e['msg'].removeprefix('Value error, ')}"
             for e in exc.errors()
         )
         raise ConfigError(f"invalid compress options: {problems}") from exc
+    try:
+        return check_encodable(spec)
+    except ValueError as exc:
+        raise ConfigError(f"--to {syntax}: {exc}") from exc
 
 
 @dataclass

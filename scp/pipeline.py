@@ -68,8 +68,7 @@ class Processor:
                 result.reason,
             )
         info: dict[str, object] = {
-            # lossy output gets a new SOP Instance UID (PS3.3 C.7.6.1.1.5): the archive receives that one
-            "sop_instance_uid": (result.compressed and result.sop_instance_uid) or received.sop_instance_uid,
+            "sop_instance_uid": received.sop_instance_uid,
             "sop_class_uid": received.sop_class_uid,
             "transfer_syntax": result.transfer_syntax if result.compressed else received.transfer_syntax,
             "original_transfer_syntax": received.transfer_syntax,

@@ -55,6 +55,12 @@ def test_bad_options_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "jls_error cannot be used with JPEGLSLossless" in capsys.readouterr().err
 
 
+def test_a_target_nobody_encodes_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["compress", "--to", "JPEGBaseline8Bit", "--output", str(tmp_path / "o"), str(tmp_path)]
+    assert cli.main(argv) == cli.EXIT_FAILURE
+    assert "cannot encode JPEGBaseline8Bit" in capsys.readouterr().err
+
+
 def test_missing_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["compress", "--to", "RLELossless", "--output", str(tmp_path / "o"), str(tmp_path / "nope")]
     assert cli.main(argv) == cli.EXIT_FAILURE
