@@ -6,6 +6,7 @@ import argparse
 import itertools
 import json
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -59,6 +60,21 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--peer", default="127.0.0.1", help="peer IP address to assume (default: 127.0.0.1)")
     explain.add_argument("files", type=Path, nargs="+", metavar="DICOMFILE")
     explain.set_defaults(handler=_explain)
+
+    offline = commands.add_parser("compress", help="re-encode files offline, as a rule's compress: would")
+    offline.add_argument("--to", required=True, metavar="SYNTAX", help="target: UID keyword, dotted UID or keep")
+    offline.add_argument(
+        "--set",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a compress: option, VALUE in YAML (jls_error=2, j2k_psnr=[50], verify=false)",
+    )
+    offline.add_argument("--output", required=True, type=Path, metavar="DIR", help="folder for the results")
+    offline.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="encoder processes")
+    offline.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="files or folders (recursive)")
+    offline.set_defaults(handler=_compress)
     return parser
 
 
@@ -73,6 +89,16 @@ def _check_config(args: argparse.Namespace) -> int:
             continue
         print(f"{path}: OK ({len(loaded.rules)} rules, {len(loaded.destinations)} destinations)")
     return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from scp import offline  # imported here: the other commands need no pixel stack
+
+    configure_logging("WARNING")
+    spec = offline.parse_spec(args.to, args.options)
+    report = offline.compress_tree(args.inputs, args.output, spec, jobs=args.jobs, progress=sys.stderr.isatty())
+    offline.print_summary(report)
+    return EXIT_OK
 
 
 def configure_logging(level: str) -> None:

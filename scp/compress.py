@@ -1,31 +1,51 @@
 """The compression core: a Part 10 file in, a re-encoded Part 10 file out, or a reason to pass it through.
 
-Transcoding is a match on (source encapsulated?, target encapsulated?) (STYLE rule 3): encapsulated sources
-are decoded first; native targets only rewrite the encoding. Lossless output keeps the SOP Instance UID
-(PS3.2 N.5.2.5.1.1) and is decoded and compared with the source before it is accepted.
+Memory stays flat in the instance size: frames are read one at a time from the source file, encoded, verified
+and spooled next to the output; the output is then written as a stream (header, encapsulated Pixel Data with a
+Basic or Extended Offset Table, fragments, delimiter; PS3.5 A.4). Lossless output keeps the SOP Instance UID
+(PS3.2 N.5.2.5.1.1) and every frame is decoded and compared with the source before it is accepted; lossy output
+is marked as PS3.3 C.7.6.1.1.5 says.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import shutil
+import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import JPEG2000, UID, ExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.encaps import encapsulate
+from pydicom.filewriter import write_dataset
+from pydicom.pixels import convert_color_space, get_decoder, iter_pixels
+from pydicom.sequence import Sequence
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from scp import syntaxes
+from scp import codecs, syntaxes
 from scp.config import CompressSpec
 from scp.errors import CompressionError
 
 LOGGER = logging.getLogger(__name__)
 
 _FLOAT_PIXELS = ("FloatPixelData", "DoubleFloatPixelData")
-_JPEG2000_FAMILY = (JPEG2000, JPEG2000Lossless)
+_PIXEL_DATA = 0x7FE00010
+_OFFSET_TABLES = (0x7FE00001, 0x7FE00002)  # Extended Offset Table and its Lengths (PS3.3 C.7.6.3.1.8)
+_BOT_LIMIT = 2**32 - 1
+"""Basic Offset Table offsets are 32-bit: past this, an Extended Offset Table is written instead (PS3.5 A.4)."""
+_DEFER = 4096
+"""Values larger than this (in bytes) are read from the source file only when written, not held in memory."""
+_DECODED_PHOTOMETRIC = {"YBR_FULL_422": "YBR_FULL", "YBR_ICT": "RGB", "YBR_RCT": "RGB"}
+"""What a raw decode yields: subsampling removed, JPEG 2000 component transforms undone by the decoder."""
+_UNCOMPRESSED_PREDECESSOR = ("121320", "DCM", "Uncompressed predecessor")
+_LOSSY_COMPRESSION = ("113040", "DCM", "Lossy Compression")
 
 
 @dataclass(frozen=True)
@@ -38,104 +58,375 @@ class Result:
     bytes_in: int
     bytes_out: int
     seconds: float
+    sop_instance_uid: str = ""
+    """SOP Instance UID of the output (new for lossy output unless the rule keeps it)."""
+    psnr: float | None = None
+    """Lossy only: peak signal-to-noise ratio (dB) of the decoded output against the source, all frames."""
+    verify_failed: bool = False
+    """True when a lossless result decoded differently from the source and was thrown away."""
 
     @property
     def ratio(self) -> float:
         return self.bytes_in / self.bytes_out if self.bytes_out else 1.0
 
 
+class PassThrough(Exception):
+    """The instance is forwarded unchanged; the message says why."""
+
+
+class VerificationError(CompressionError):
+    """Decoded lossless output differs from the source pixels."""
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    sop_instance_uid: str
+    psnr: float | None
+
+
 def transcode_file(src: Path, dst: Path, spec: CompressSpec) -> Result:
     """Re-encode `src` as `spec` says and write it to `dst`; never raises for a bad image.
 
-    When the result says `compressed=False`, nothing was written and the reason says why.
+    When the result says `compressed=False`, nothing is left at `dst` and the reason says why.
     """
     start = time.perf_counter()
-    size_in = src.stat().st_size
+    size_in = 0
+    source_syntax = ""
+    verify_failed = False
     try:
-        ds = pydicom.dcmread(src)
-        source_syntax = str(ds.file_meta.TransferSyntaxUID)
-        reason = _reason_to_pass(ds, spec)
-        if reason is None:
-            assert spec.syntax is not None
-            out = transcode(ds, spec)
-            out.save_as(dst, enforce_file_format=True)
-            size_out = dst.stat().st_size
-            if size_out >= size_in and syntaxes.is_lossless(spec.syntax) and spec.syntax.is_compressed:
-                dst.unlink()
-                reason = f"the encoded result ({size_out} bytes) is not smaller than the source ({size_in})"
+        size_in = src.stat().st_size
+        header = _read_header(src)
+        source_syntax = str(header.file_meta.TransferSyntaxUID)
+        sop_instance_uid = str(header.get("SOPInstanceUID", ""))
+        _check_eligible(header, spec)
+        assert spec.syntax is not None
+        if spec.syntax.is_compressed:
+            encoded = _encode_file(src, header, dst, spec)
+        else:
+            _write_native(src, header, dst, spec.syntax)
+            encoded = _Encoded(sop_instance_uid, None)
+        size_out = dst.stat().st_size
+        if size_out >= size_in and spec.syntax.is_compressed and not spec.force:
+            raise PassThrough(f"the encoded result ({size_out} bytes) is not smaller than the source ({size_in})")
+    except PassThrough as exc:
+        reason = str(exc)
+    except VerificationError as exc:
+        verify_failed = True
+        reason = str(exc)
+        LOGGER.error("%s: %s; forwarding the original", src.name, reason)
     except Exception as exc:  # a bad image must never stop the node: it is forwarded unchanged
-        dst.unlink(missing_ok=True)
         reason = f"{type(exc).__name__}: {exc}"
-        source_syntax = ""
-    seconds = time.perf_counter() - start
-    if reason is not None:
-        return Result(False, reason, source_syntax, size_in, size_in, seconds)
-    assert spec.syntax is not None
-    return Result(True, "compressed", str(spec.syntax), size_in, dst.stat().st_size, seconds)
-
-
-def _reason_to_pass(ds: Dataset, spec: CompressSpec) -> str | None:
-    """Why this instance should be forwarded unchanged, or None if it should be re-encoded."""
-    source = UID(ds.file_meta.TransferSyntaxUID)
-    if spec.syntax is None:
-        return "the rule keeps the original encoding"
-    if "PixelData" not in ds:
-        if any(keyword in ds for keyword in _FLOAT_PIXELS):
-            return "float pixel data cannot be compressed by any codec in DICOM"
-        return "no pixel data"
-    if source == spec.syntax:
-        return f"already encoded as {spec.syntax.name}"
-    if not syntaxes.is_lossless(source) and syntaxes.is_lossless(spec.syntax):
-        return f"the source is lossy ({source.name}); a lossless re-encode would only grow it"
-    if ds.BitsAllocated == 1:
-        return "1-bit pixel data is not compressed"
-    return None
-
-
-def transcode(ds: Dataset, spec: CompressSpec) -> Dataset:
-    """Return `ds` re-encoded as `spec.syntax`; raises CompressionError when the codec fails or lies."""
-    assert spec.syntax is not None
-    target = spec.syntax
-    arr = ds.pixel_array
-    _normalise_native(ds)
-    if not target.is_compressed:
-        ds.decompress(generate_instance_uid=False)
-        ds.file_meta.TransferSyntaxUID = target
-        return ds
-    try:
-        ds.compress(target, arr, generate_instance_uid=False, **_codec_options(ds, spec))
-    except Exception as exc:
-        raise CompressionError(f"{target.name} encoder failed: {exc}") from exc
-    if spec.verify and syntaxes.is_lossless(target):
-        _verify(ds, arr)
-    return ds
-
-
-def _normalise_native(ds: Dataset) -> None:
-    """Little endian, interleaved: what the encoders expect, whatever the source was."""
-    if "PlanarConfiguration" in ds:
-        ds.PlanarConfiguration = 0
-
-
-def _codec_options(ds: Dataset, spec: CompressSpec) -> dict[str, Any]:
-    options = spec.encoder_options()
-    if spec.syntax in _JPEG2000_FAMILY and ds.SamplesPerPixel == 3:
-        options["use_mct"] = False  # keeps Photometric Interpretation RGB, which every J2K syntax allows
-    return options
-
-
-def _verify(ds: Dataset, expected: np.ndarray) -> None:
-    """Decode what was just encoded and compare it with the source pixels (lossless only)."""
-    decoded = pydicom.pixels.pixel_array(ds)
-    if decoded.shape != expected.shape or not np.array_equal(decoded, expected):
-        raise CompressionError(
-            f"lossless verification failed for {ds.file_meta.TransferSyntaxUID.name}: "
-            "decoded pixels differ from the source"
+        LOGGER.warning("%s: cannot re-encode: %s; forwarding the original", src.name, reason)
+    else:
+        seconds = time.perf_counter() - start
+        return Result(
+            True, "compressed", str(spec.syntax), size_in, size_out, seconds, encoded.sop_instance_uid, encoded.psnr
         )
+    dst.unlink(missing_ok=True)
+    seconds = time.perf_counter() - start
+    return Result(False, reason, source_syntax, size_in, size_in, seconds, verify_failed=verify_failed)
 
 
 def decompress_file(src: Path, dst: Path, syntax: UID = ExplicitVRLittleEndian) -> None:
-    """Write `src` with native (uncompressed) pixel data in `syntax`, keeping the SOP Instance UID."""
+    """Write `src` with native pixel data in `syntax` (a little endian one), keeping the SOP Instance UID."""
+    header = _read_header(src)
+    if header.file_meta.TransferSyntaxUID == syntax:
+        shutil.copyfile(src, dst)
+        return
+    try:
+        _write_native(src, header, dst, UID(syntax))
+    except Exception:
+        dst.unlink(missing_ok=True)
+        raise
+
+
+def _read_header(src: Path) -> Dataset:
+    header = pydicom.dcmread(src, defer_size=_DEFER)
+    if not header.file_meta.TransferSyntaxUID.is_little_endian:
+        _swap_words(header)
+    return header
+
+
+_WORD_SIZES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def _swap_words(ds: Dataset) -> None:
+    """Byte-swap the other-word values of a big endian dataset, which pydicom writes as read (PS3.5 7.3)."""
+    for tag in list(ds.keys()):
+        if tag == _PIXEL_DATA:  # read frame by frame later; never load it here
+            continue
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _swap_words(item)
+        elif (size := _WORD_SIZES.get(str(elem.VR))) and isinstance(elem.value, bytes) and len(elem.value) % size == 0:
+            elem.value = np.frombuffer(elem.value, f">u{size}").astype(f"<u{size}").tobytes()
+
+
+def _check_eligible(ds: Dataset, spec: CompressSpec) -> None:
+    """Raise PassThrough when this instance is to be forwarded unchanged."""
+    source = UID(ds.file_meta.TransferSyntaxUID)
+    target = spec.syntax
+    if target is None:
+        raise PassThrough("the rule keeps the original encoding")
+    if "PixelData" not in ds:
+        if any(keyword in ds for keyword in _FLOAT_PIXELS):
+            raise PassThrough("float pixel data cannot be compressed by any codec in DICOM")
+        raise PassThrough("no pixel data")
+    if source == target:
+        raise PassThrough(f"already encoded as {target.name}")
+    if source not in syntaxes.BY_UID:
+        raise PassThrough(f"the source syntax {source.name} is not one the node re-encodes")
+    source_lossy = not syntaxes.is_lossless(source) or ds.get("LossyImageCompression") == "01"
+    if source_lossy and syntaxes.is_lossless(target) and target.is_compressed and not spec.allow_lossy_to_lossless:
+        raise PassThrough("the source was lossy compressed; a lossless re-encode would only grow it")
+    if ds.get("BitsAllocated") == 1:
+        raise PassThrough("1-bit pixel data is not compressed")
+    if target.is_compressed:
+        codec = codecs.get(target)
+        if not codec.available:
+            raise PassThrough(codec.unavailable_reason())
+
+
+def _source_frames(src: Path, header: Dataset) -> tuple[str, Iterator[np.ndarray]]:
+    """The photometric interpretation of the decoded frames, and the frames in native byte order.
+
+    Frames are decoded raw (no colour conversion) and native values are kept as stored, even where they lie
+    outside Bits Stored: what the codec loses there, verification catches. One frame at a time from the file; a
+    deflated source has to be inflated whole first.
+    """
+    if header.file_meta.TransferSyntaxUID.is_deflated:
+        frames = iter_pixels(pydicom.dcmread(src), raw=True, correct_unused_bits=False)
+        decoded = Dataset()
+        decoded.PhotometricInterpretation = header.PhotometricInterpretation
+    else:
+        decoded = Dataset()
+        frames = iter_pixels(src, ds_out=decoded, raw=True, correct_unused_bits=False)
+    first = next(frames)  # ds_out is filled in once decoding starts
+    photometric = str(decoded.get("PhotometricInterpretation", header.PhotometricInterpretation))
+    photometric = _DECODED_PHOTOMETRIC.get(photometric, photometric)
+    return photometric, (f.astype(f.dtype.newbyteorder("="), copy=False) for f in chain([first], frames))
+
+
+def _frame_info(header: Dataset, photometric: str) -> codecs.FrameInfo:
+    return codecs.FrameInfo(
+        rows=int(header.Rows),
+        columns=int(header.Columns),
+        samples_per_pixel=int(header.SamplesPerPixel),
+        bits_allocated=int(header.BitsAllocated),
+        bits_stored=int(header.BitsStored),
+        pixel_representation=int(header.PixelRepresentation),
+        photometric_interpretation=photometric,
+    )
+
+
+def _encode_file(src: Path, header: Dataset, dst: Path, spec: CompressSpec) -> _Encoded:
+    """Encode every frame into a spool next to `dst`, verifying as it goes, then assemble `dst`."""
+    assert spec.syntax is not None
+    target = spec.syntax
+    codec = codecs.get(target)
+    lossless = syntaxes.is_lossless(target)
+    decoded_photometric, frames = _source_frames(src, header)
+    if not lossless and decoded_photometric == "YBR_FULL":
+        # Lossy output loses more than the rounding of the conversion anyway; RGB is the form every lossy
+        # profile and IOD accepts, and JPEG 2000 gives it the irreversible component transform (YBR_ICT).
+        frames = (convert_color_space(frame, "YBR_FULL", "RGB") for frame in frames)
+        decoded_photometric = "RGB"
+    info = _frame_info(header, codecs.encoded_photometric(target, decoded_photometric))
+    if problem := codec.check(info):
+        raise PassThrough(problem)
+    options = spec.encoder_options()
+    decoder = get_decoder(target)
+    squared_error = 0.0
+    samples = 0
+    lengths: list[int] = []
+    spool = frames_spool(dst)
+    try:
+        with spool.open("w+b") as fragments:
+            for index, frame in enumerate(frames):
+                encoded = codec.encode(frame, info, options)
+                if not lossless or spec.verify:
+                    decoded = _decode(decoder, encoded, info, index)
+                    if lossless and not np.array_equal(decoded, frame):
+                        raise VerificationError(
+                            f"lossless verification failed: frame {index} decoded from {target.name} differs "
+                            "from the source pixels"
+                        )
+                    if not lossless:
+                        squared_error += float(np.sum((decoded.astype(np.float64) - frame) ** 2))
+                        samples += frame.size
+                fragments.write(encoded + b"\0" * (len(encoded) % 2))  # fragments have even length (PS3.5 A.4)
+                lengths.append(len(encoded) + len(encoded) % 2)
+            _prepare_header(header, target, info, nframes=len(lengths))
+            psnr = None
+            if not lossless:
+                native = len(lengths) * info.rows * info.columns * info.samples_per_pixel * info.bits_allocated // 8
+                _mark_lossy(header, target, native / sum(lengths), spec.keep_sop_instance_uid)
+                peak = float(2**info.bits_stored - 1)
+                mse = squared_error / max(samples, 1)
+                psnr = math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+                if psnr < spec.min_psnr:
+                    raise PassThrough(f"the lossy result's PSNR {psnr:.1f} dB is below min_psnr {spec.min_psnr:g} dB")
+            fragments.seek(0)
+            _write_encapsulated(dst, header, fragments, lengths)
+    finally:
+        spool.unlink(missing_ok=True)
+    return _Encoded(str(header.SOPInstanceUID), psnr)
+
+
+def _decode(decoder: Any, encoded: bytes, info: codecs.FrameInfo, index: int) -> np.ndarray:
+    """Decode one frame just encoded, as an archive would (pydicom's decoders, no colour conversion)."""
+    try:
+        decoded, _ = decoder.as_array(encapsulate([encoded]), as_rgb=False, **info.pixel_keywords())
+    except Exception as exc:
+        raise CompressionError(f"frame {index} cannot be decoded back from {decoder.UID.name}: {exc}") from exc
+    return decoded
+
+
+def frames_spool(dst: Path) -> Path:
+    """Where the encoded frames of `dst` wait for the header to be written (removed when done)."""
+    return dst.with_name(f".{dst.name}.frames")
+
+
+def _prepare_header(header: Dataset, target: UID, info: codecs.FrameInfo, nframes: int) -> None:
+    """Set what the target syntax dictates (PS3.5 8.2) and nothing else."""
+    header.file_meta.TransferSyntaxUID = target
+    header.PhotometricInterpretation = info.photometric_interpretation
+    if info.samples_per_pixel > 1:
+        header.PlanarConfiguration = 0
+    for tag in _OFFSET_TABLES:
+        if tag in header:
+            del header[tag]
+
+
+def _mark_lossy(header: Dataset, target: UID, ratio: float, keep_uid: bool) -> None:
+    """Lossy Image Compression, Ratio and Method, Image Type DERIVED, a new UID (PS3.3 C.7.6.1.1.5)."""
+    method = syntaxes.BY_UID[target].lossy_method
+    assert method is not None
+    header.LossyImageCompression = "01"
+    header.LossyImageCompressionRatio = [*_values(header, "LossyImageCompressionRatio"), f"{ratio:.4g}"]
+    header.LossyImageCompressionMethod = [*_values(header, "LossyImageCompressionMethod"), method]
+    if "ImageType" in header:
+        header.ImageType = ["DERIVED", *_values(header, "ImageType")[1:]]
+    description = f"Lossy compression {method} ratio {ratio:.4g}:1"
+    previous = str(header.get("DerivationDescription", ""))
+    header.DerivationDescription = (f"{previous}; {description}" if previous else description)[:1024]
+    header.DerivationCodeSequence = [_code(*_LOSSY_COMPRESSION)]
+    if keep_uid:
+        return
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = header.SOPClassUID
+    reference.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    reference.PurposeOfReferenceCodeSequence = [_code(*_UNCOMPRESSED_PREDECESSOR)]
+    header.SourceImageSequence = Sequence([*header.get("SourceImageSequence", []), reference])
+    header.SOPInstanceUID = generate_uid()
+    header.file_meta.MediaStorageSOPInstanceUID = header.SOPInstanceUID
+
+
+def _values(ds: Dataset, keyword: str) -> list[Any]:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, list | pydicom.multival.MultiValue) else [value]
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def _split_trailing(header: Dataset) -> Dataset:
+    """Remove and return the elements after Pixel Data (padding, signatures), written after it again."""
+    trailing = Dataset()
+    tags = list(header.keys())
+    for tag in [t for t in tags if t >= _PIXEL_DATA]:
+        if tag > _PIXEL_DATA:
+            trailing[tag] = header[tag]
+        del header[tag]
+    return trailing
+
+
+def _write_encapsulated(dst: Path, header: Dataset, fragments: BinaryIO, lengths: list[int]) -> None:
+    """Header, then encapsulated Pixel Data: offset table item, one fragment per frame, delimiter (PS3.5 A.4)."""
+    trailing = _split_trailing(header)
+    offsets = [sum(8 + n for n in lengths[:i]) for i in range(len(lengths))]
+    extended = offsets[-1] + 8 + lengths[-1] > _BOT_LIMIT
+    if extended:  # PS3.3 C.7.6.3.1.8: the Basic Offset Table is then empty
+        header.ExtendedOffsetTable = struct.pack(f"<{len(offsets)}Q", *offsets)
+        header.ExtendedOffsetTableLengths = struct.pack(f"<{len(lengths)}Q", *lengths)
+        table = b""
+    else:
+        table = struct.pack(f"<{len(offsets)}I", *offsets)
+    with dst.open("wb") as out:
+        pydicom.dcmwrite(out, header, enforce_file_format=True)
+        out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF))
+        out.write(struct.pack("<HHI", 0xFFFE, 0xE000, len(table)) + table)
+        for length in lengths:
+            out.write(struct.pack("<HHI", 0xFFFE, 0xE000, length))
+            _copy(fragments, out, length)
+        out.write(struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+        _write_trailing(out, trailing, implicit=False)
+
+
+def _copy(src: BinaryIO, dst: BinaryIO, length: int, chunk: int = 1 << 20) -> None:
+    while length:
+        data = src.read(min(chunk, length))
+        if not data:
+            raise CompressionError("the frame spool ended early")
+        dst.write(data)
+        length -= len(data)
+
+
+def _write_trailing(out: BinaryIO, trailing: Dataset, implicit: bool) -> None:
+    if len(trailing):
+        fp = pydicom.filebase.DicomFileLike(out)
+        fp.is_little_endian = True
+        fp.is_implicit_VR = implicit
+        write_dataset(fp, trailing)
+
+
+def _write_native(src: Path, header: Dataset, dst: Path, syntax: UID) -> None:
+    """Write every frame uncompressed, little endian, interleaved (PS3.5 8.1.1, A.1, A.2)."""
+    if syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        raise CompressionError(f"cannot write native pixel data as {syntax.name}; use a little endian syntax")
+    if header.get("BitsAllocated") == 1 or "PixelData" not in header:
+        _write_native_whole(src, dst, syntax)
+        return
+    photometric, frames = _source_frames(src, header)
+    info = _frame_info(header, photometric)
+    nframes = int(header.get("NumberOfFrames") or 1)
+    frame_bytes = info.rows * info.columns * info.samples_per_pixel * info.bits_allocated // 8
+    length = nframes * frame_bytes
+    _prepare_header(header, syntax, info, nframes)
+    trailing = _split_trailing(header)
+    implicit = syntax == ImplicitVRLittleEndian
+    with dst.open("wb") as out:
+        pydicom.dcmwrite(out, header, enforce_file_format=True)
+        if implicit:
+            out.write(struct.pack("<HHI", 0x7FE0, 0x0010, length + length % 2))
+        else:
+            vr = b"OW" if info.bits_allocated > 8 else b"OB"
+            out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, vr, 0, length + length % 2))
+        written = 0
+        for frame in frames:
+            data = frame.astype(frame.dtype.newbyteorder("<"), copy=False).tobytes()
+            if len(data) != frame_bytes:
+                raise CompressionError(f"a decoded frame has {len(data)} bytes, expected {frame_bytes}")
+            out.write(data)
+            written += len(data)
+        if written != length:
+            raise CompressionError(f"decoded {written // frame_bytes} frames, Number of Frames says {nframes}")
+        out.write(b"\0" * (length % 2))
+        _write_trailing(out, trailing, implicit)
+
+
+def _write_native_whole(src: Path, dst: Path, syntax: UID) -> None:
+    """Rewrite with pydicom as a whole: bit-packed (1-bit) data, which is small, and datasets without encapsulable
+    Pixel Data (none at all, or Float/Double Float Pixel Data, which are never compressed), which only change
+    their encoding."""
     ds = pydicom.dcmread(src)
     if ds.file_meta.TransferSyntaxUID.is_compressed:
         ds.decompress(generate_instance_uid=False)

@@ -115,30 +115,92 @@ Destination = Annotated[DicomDestination | DirectoryDestination, Field(discrimin
 
 
 class CompressSpec(_Model):
-    """What a rule does to pixel data: a target syntax (None keeps the original) and codec options."""
+    """What a rule does to pixel data: a target syntax (None keeps the original), codec options and policy.
+
+    Codec options sit beside the syntax: `compress: {syntax: JPEG2000, j2k_psnr: [50]}`; each is accepted only
+    with the syntax that uses it.
+    """
 
     syntax: TransferSyntax | None = None
-    jls_error: int | None = Field(None, ge=0, le=255)
-    j2k_cr: list[float] | None = None
-    j2k_psnr: list[float] | None = None
+    jls_error: int | None = Field(None, ge=1, le=255)
+    """JPEGLSNearLossless: the largest difference allowed per sample (NEAR, ISO 14495-1)."""
+    j2k_cr: list[float] | None = Field(None, min_length=1)
+    """JPEG2000: compression ratios of the quality layers, as pydicom's compress() takes them."""
+    j2k_psnr: list[float] | None = Field(None, min_length=1)
+    """JPEG2000: peak signal-to-noise ratios (dB) of the quality layers."""
+    htj2k_qstep: float | None = Field(None, gt=0, lt=1)
+    """HTJ2K: quantisation step, as a fraction of the range Bits Stored allows (default 0.005)."""
+    min_psnr: float = Field(30.0, ge=0)
+    """Lossy only: forward the original instead when the decoded result's PSNR (dB) is lower (0: no floor)."""
     verify: bool = True
+    """Decode every lossless frame and compare it with the source before forwarding the result."""
+    keep_sop_instance_uid: bool = False
+    """Lossy only: keep the SOP Instance UID instead of making a new one (PS3.3 C.7.6.1.1.5 wants a new one)."""
+    force: bool = False
+    """Forward the encoded result even when it is larger than the source."""
+    allow_lossy_to_lossless: bool = False
+    """Re-encode an already lossy source into a lossless syntax (it only grows; off by default)."""
 
     @field_validator("syntax", mode="before")
     @classmethod
     def _keep_is_none(cls, value: Any) -> Any:
         return None if value == KEEP else value
 
+    @model_validator(mode="after")
+    def _options_fit_syntax(self) -> CompressSpec:
+        used = {name for name in _CODEC_OPTIONS if getattr(self, name) is not None}
+        wanted = _CODEC_OPTIONS_BY_SYNTAX.get(str(self.syntax), frozenset()) if self.syntax else frozenset()
+        name = UID(self.syntax).keyword if self.syntax else KEEP
+        if stray := sorted(used - wanted):
+            takes = ", ".join(sorted(wanted)) or "no codec options"
+            raise ValueError(f"{', '.join(stray)} cannot be used with {name}, which takes {takes}")
+        if self.syntax == _JPEG2000 and len(used) != 1:
+            raise ValueError("JPEG2000 (lossy) needs exactly one of j2k_cr or j2k_psnr, e.g. j2k_psnr: [50]")
+        if self.syntax == _JPEGLS_NEAR and not used:
+            raise ValueError("JPEGLSNearLossless needs jls_error (1-255), e.g. jls_error: 2")
+        return self
+
     def encoder_options(self) -> dict[str, Any]:
-        """The codec parameters to pass to pydicom's encoders."""
-        names = ("jls_error", "j2k_cr", "j2k_psnr")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        """The codec parameters to pass to the encoder."""
+        return {name: getattr(self, name) for name in _CODEC_OPTIONS if getattr(self, name) is not None}
+
+
+def check_encodable(spec: CompressSpec) -> CompressSpec:
+    """A rule may only target a syntax this node can write (STYLE rule 2: name what is missing).
+
+    Applied where a rule's `compress:` is read, not in CompressSpec itself: the pipeline builds specs for a
+    destination's accepted syntaxes, and an unencodable one must be a pass-through there, not an exception.
+    """
+    from scp import codecs  # the pixel stack, imported only when a rule names a target
+
+    if spec.syntax is None or spec.syntax in syntaxes.NATIVE_TARGETS:
+        return spec
+    syntax = UID(spec.syntax)
+    if syntax not in codecs.REGISTRY:
+        targets = ", ".join([*(u.keyword for u in codecs.REGISTRY), *(u.keyword for u in syntaxes.NATIVE_TARGETS)])
+        raise ValueError(f"the node cannot encode {syntax.keyword or syntax}; targets: {targets}, or keep")
+    codec = codecs.REGISTRY[syntax]
+    if not codec.available:
+        raise ValueError(codec.unavailable_reason())
+    return spec
+
+
+_CODEC_OPTIONS = ("jls_error", "j2k_cr", "j2k_psnr", "htj2k_qstep")
+_JPEG2000 = "1.2.840.10008.1.2.4.91"
+_JPEGLS_NEAR = "1.2.840.10008.1.2.4.81"
+_CODEC_OPTIONS_BY_SYNTAX: dict[str, frozenset[str]] = {
+    _JPEGLS_NEAR: frozenset({"jls_error"}),
+    _JPEG2000: frozenset({"j2k_cr", "j2k_psnr"}),
+    "1.2.840.10008.1.2.4.203": frozenset({"htj2k_qstep"}),
+}
 
 
 def _compress_shorthand(value: Any) -> Any:
     return {"syntax": value} if value is None or isinstance(value, str) else value
 
 
-Compress = Annotated[CompressSpec, BeforeValidator(_compress_shorthand)]
+Compress = Annotated[CompressSpec, BeforeValidator(_compress_shorthand), AfterValidator(check_encodable)]
+"""A rule's `compress:`: a syntax, `keep`, or a mapping of CompressSpec; refused when nothing here can encode it."""
 
 
 class Route(_Model):

@@ -45,6 +45,8 @@ class Output:
     compressed: bool
     """True when re-encoded from the source; False when the source is sent as it is."""
     detail: str
+    sop_instance_uid: str = ""
+    """The output's SOP Instance UID when it differs from the source's (lossy output gets a new one)."""
 
 
 def produce(
@@ -85,7 +87,9 @@ def produce(
                 name = UID(result.transfer_syntax).name
                 sizes = f"{result.bytes_in} -> {result.bytes_out} bytes"
                 detail = f"re-encoded as {name}: {sizes} (ratio {result.ratio:.2f})"
-                output = Output(delivery.destination, path, result.transfer_syntax, True, detail)
+                output = Output(
+                    delivery.destination, path, result.transfer_syntax, True, detail, result.sop_instance_uid
+                )
                 break
             own = spec == delivery.compress
             tried.append(result.reason if own else f"not as {target.name}: {result.reason}")
@@ -177,6 +181,8 @@ class Processor:
                     why = output.detail
                     LOGGER.info("%s for %s (rule %s): unchanged, %s", uid, output.destination, decision.rule, why)
                 job_info = {**info, "transfer_syntax": output.transfer_syntax, "compression": output.detail}
+                if output.sop_instance_uid and output.sop_instance_uid != uid:
+                    job_info |= {"sop_instance_uid": output.sop_instance_uid, "source_sop_instance_uid": uid}
                 jobs.append(self.spool.commit_job(spool_id, output.destination, output.path, source, job_info))
             for path in made:
                 path.unlink(missing_ok=True)

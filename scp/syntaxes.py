@@ -57,6 +57,10 @@ UNCOMPRESSED: tuple[UID, ...] = tuple(
 )
 
 
+NATIVE_TARGETS: tuple[UID, ...] = (UID(pydicom.uid.ExplicitVRLittleEndian), UID(pydicom.uid.ImplicitVRLittleEndian))
+"""The uncompressed syntaxes a rule may target (decompression writes little endian only)."""
+
+
 def is_lossless(uid: str) -> bool:
     """True for syntaxes that keep every pixel value; unknown syntaxes count as lossy."""
     syntax = BY_UID.get(uid)

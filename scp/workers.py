@@ -1,9 +1,17 @@
-"""The encoder processes: pixel work runs here, where a crashing native codec cannot take the node down."""
+"""The encoder processes: pixel work runs here, where a crashing native codec cannot take the node down.
+
+Native codecs can abort the whole process (GDCM's RLE encoder calls terminate() on some odd-sized RGB images),
+and pyjpegls / openjpeg hold the GIL and are not thread-safe, so encoding runs in worker processes. When a worker
+dies, every task in flight in that pool fails with it; each of those is retried once, alone, in a process of its
+own, so only the instance that really crashes the codec falls back to its original.
+"""
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import threading
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -13,30 +21,58 @@ from scp.config import CompressSpec
 
 LOGGER = logging.getLogger(__name__)
 
+# forkserver: workers are not forked from the multi-threaded node (a fork can inherit a held lock).
+_CONTEXT = multiprocessing.get_context("forkserver")
+
 
 class Encoder:
-    """Runs compress.transcode_file in worker processes and survives a worker that dies."""
+    """Runs compress.transcode_file in worker processes and survives a worker that dies.
 
-    def __init__(self, processes: int) -> None:
+    `initializer` runs once in every worker process (e.g. to set up logging or register a codec).
+    """
+
+    def __init__(self, processes: int, initializer: Callable[[], None] | None = None) -> None:
         self.processes = processes
+        self.initializer = initializer
+        self.crashes = 0
+        """Instances whose encoding crashed a worker process even when run alone."""
         self._lock = threading.Lock()
-        self._pool = ProcessPoolExecutor(processes)
+        self._pool = self._new_pool(processes)
+
+    def _new_pool(self, processes: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(processes, mp_context=_CONTEXT, initializer=self.initializer)
 
     def transcode(self, src: Path, dst: Path, spec: CompressSpec) -> compress.Result:
+        """Transcode in the shared pool; never raises, even when the codec kills its process."""
         with self._lock:
             pool = self._pool
         try:
             return pool.submit(compress.transcode_file, src, dst, spec).result()
         except BrokenProcessPool:
             self._replace_broken(pool)
+        return self._transcode_alone(src, dst, spec)
+
+    def _transcode_alone(self, src: Path, dst: Path, spec: CompressSpec) -> compress.Result:
+        """Retry in a process of its own, so a crash there can only be this instance's."""
+        alone = self._new_pool(1)
+        try:
+            return alone.submit(compress.transcode_file, src, dst, spec).result()
+        except BrokenProcessPool:
+            with self._lock:
+                self.crashes += 1
+            LOGGER.error("the encoder process crashed on %s; forwarding the original", src.name)
+            dst.unlink(missing_ok=True)
+            compress.frames_spool(dst).unlink(missing_ok=True)  # a dead process leaves its scratch behind
             size = src.stat().st_size
             return compress.Result(False, "the encoder process crashed on this image", "", size, size, 0.0)
+        finally:
+            alone.shutdown(wait=True)
 
     def _replace_broken(self, broken: ProcessPoolExecutor) -> None:
         with self._lock:
             if self._pool is broken:
-                LOGGER.error("an encoder process died; starting a new pool")
-                self._pool = ProcessPoolExecutor(self.processes)
+                LOGGER.error("an encoder process died; starting a new pool and retrying its instances alone")
+                self._pool = self._new_pool(self.processes)
         broken.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:

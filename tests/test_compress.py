@@ -1,0 +1,437 @@
+"""The compression core against pydicom's bundled files, random arrays, and each known trap."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.pixels import pixel_array
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+)
+
+from scp import codecs, compress, syntaxes
+from scp.config import CompressSpec
+from scp.workers import Encoder
+from tests.images import bundled_files, write_image
+
+LOSSLESS = ["RLELossless", "JPEGLSLossless", "JPEG2000Lossless", "HTJ2KLossless", "HTJ2KLosslessRPCL"]
+LOSSY: list[dict[str, Any]] = [
+    {"syntax": "JPEGLSNearLossless", "jls_error": 2},
+    {"syntax": "JPEG2000", "j2k_psnr": [50]},
+    {"syntax": "JPEG2000", "j2k_cr": [10]},
+    {"syntax": "HTJ2K"},
+]
+SYNTAX_DICTATES = {"PhotometricInterpretation", "PlanarConfiguration", "ExtendedOffsetTable"}
+LOSSY_ADDS = {
+    "LossyImageCompression",
+    "LossyImageCompressionRatio",
+    "LossyImageCompressionMethod",
+    "ImageType",
+    "DerivationDescription",
+    "DerivationCodeSequence",
+    "SourceImageSequence",
+    "SOPInstanceUID",
+}
+
+
+def _pixels(path: Path) -> np.ndarray:
+    """All frames as stored (no colour conversion); read whole, as a deflated file must be."""
+    return pixel_array(pydicom.dcmread(path), raw=True)
+
+
+def _header(path: Path) -> pydicom.Dataset:
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def _values(ds: pydicom.Dataset, keyword: str) -> list[Any]:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, pydicom.multival.MultiValue) else [value]
+
+
+def _pixel_ratio(path: Path) -> float:
+    """Uncompressed size of the pixels over the size of the encoded frames."""
+    ds = pydicom.dcmread(path)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    native = frames * ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
+    return native / sum(len(f) for f in pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=frames))
+
+
+def _eligible(path: Path) -> bool:
+    """8/16-bit, 1 or 3 samples, lossless source: what every lossless target should take."""
+    try:
+        ds = _header(path)
+        _pixels(path)
+    except Exception:
+        return False
+    return (
+        "BitsAllocated" in ds
+        and ds.BitsAllocated in (8, 16)
+        and ds.SamplesPerPixel in (1, 3)
+        and syntaxes.is_lossless(ds.file_meta.TransferSyntaxUID)
+        and ds.get("LossyImageCompression") != "01"
+    )
+
+
+def _assert_attributes_kept(src: Path, dst: Path, allowed: set[str]) -> None:
+    before, after = _header(src), _header(dst)
+    for elem in before:
+        if elem.keyword in allowed or elem.tag.group == 0x0002 or elem.tag.element == 0:
+            continue  # group lengths are retired (PS3.5 7.2) and pydicom drops them
+        assert elem.tag in after, f"{elem.keyword or elem.tag} was lost"
+        assert after[elem.tag].value == elem.value, f"{elem.keyword or elem.tag} changed"
+
+
+@pytest.mark.parametrize("target", LOSSLESS)
+def test_bundled_files_lossless(target: str, tmp_path: Path) -> None:
+    """Every bundled file: nothing lost, decoded output equals the source, attributes and UID kept."""
+    spec = CompressSpec(syntax=target)
+    forced = CompressSpec(syntax=target, force=True)
+    eligible = compressed = 0
+    for src in bundled_files():
+        dst = tmp_path / src.name
+        result = compress.transcode_file(src, dst, spec)
+        if not result.compressed:
+            assert result.reason and not dst.exists(), src.name
+            result = compress.transcode_file(src, dst, forced)
+        if _eligible(src) and _header(src).file_meta.TransferSyntaxUID != UID(spec.syntax):
+            eligible += 1
+            compressed += result.compressed
+        if not result.compressed:
+            continue
+        assert _header(dst).file_meta.TransferSyntaxUID == UID(spec.syntax)
+        assert np.array_equal(_pixels(dst), _pixels(src)), src.name
+        assert result.sop_instance_uid == _header(src).SOPInstanceUID
+        _assert_attributes_kept(src, dst, SYNTAX_DICTATES)
+    assert eligible >= 20
+    assert compressed >= 0.95 * eligible, f"{compressed} of {eligible} eligible files compressed"
+
+
+@pytest.mark.parametrize("options", LOSSY, ids=lambda o: "-".join(f"{v}" for v in o.values()))
+def test_bundled_files_lossy(options: dict[str, Any], tmp_path: Path) -> None:
+    """Lossy output: marked as PS3.3 C.7.6.1.1.5 says, new UID referencing the original, PSNR measured."""
+    spec = CompressSpec(**options)
+    method = syntaxes.BY_UID[UID(spec.syntax)].lossy_method
+    done = 0
+    for src in bundled_files():
+        dst = tmp_path / src.name
+        result = compress.transcode_file(src, dst, spec)
+        if not result.compressed:
+            assert result.reason and not dst.exists()
+            continue
+        done += 1
+        before, after = _header(src), _header(dst)
+        assert after.LossyImageCompression == "01"
+        methods, ratios = _values(after, "LossyImageCompressionMethod"), _values(after, "LossyImageCompressionRatio")
+        assert methods == [*_values(before, "LossyImageCompressionMethod"), method]  # appended (C.7.6.1.1.5)
+        assert len(ratios) == len(_values(before, "LossyImageCompressionRatio")) + 1
+        assert float(ratios[-1]) == pytest.approx(_pixel_ratio(dst), rel=0.02)
+        assert after.SOPInstanceUID != before.SOPInstanceUID
+        assert after.file_meta.MediaStorageSOPInstanceUID == after.SOPInstanceUID == result.sop_instance_uid
+        assert after.SourceImageSequence[-1].ReferencedSOPInstanceUID == before.SOPInstanceUID
+        if "ImageType" in before:
+            assert after.ImageType[0] == "DERIVED"
+        assert result.psnr is not None and result.psnr > 20
+        assert after.PhotometricInterpretation != "YBR_FULL_422"
+        assert _pixels(dst).shape == _pixels(src).shape
+        _assert_attributes_kept(src, dst, SYNTAX_DICTATES | LOSSY_ADDS)
+    assert done >= 10
+
+
+def test_lossy_can_keep_the_uid(tmp_path: Path) -> None:
+    src = write_image(tmp_path / "in.dcm", _smooth((1, 64, 64), np.uint16, 12), 12)
+    spec = CompressSpec(syntax="JPEG2000", j2k_psnr=[40], keep_sop_instance_uid=True)
+    result = compress.transcode_file(src, tmp_path / "out.dcm", spec)
+    assert result.compressed, result.reason
+    out = _header(tmp_path / "out.dcm")
+    assert out.SOPInstanceUID == _header(src).SOPInstanceUID == result.sop_instance_uid
+    assert out.LossyImageCompression == "01" and "SourceImageSequence" not in out
+
+
+def _smooth(shape: tuple[int, ...], dtype: type, bits: int, seed: int = 0) -> np.ndarray:
+    """A compressible image: a gradient with a little noise, within Bits Stored."""
+    rng = np.random.default_rng(seed)
+    ramp = np.indices(shape).sum(axis=0) % (1 << (bits - 2))
+    return (ramp + rng.integers(0, 4, shape)).astype(dtype)
+
+
+@st.composite
+def images(draw: st.DrawFn) -> tuple[np.ndarray, int]:
+    """(frames, Bits Stored): signed or unsigned, 2..16 bits, 1 or 3 samples, 1..3 frames, odd and tiny sizes."""
+    bits = draw(st.integers(2, 16))
+    signed = draw(st.booleans())
+    samples = draw(st.sampled_from([1, 3]))
+    if samples == 3:
+        signed = False  # PS3.5 8.2: colour is unsigned in every profile
+    dtype = np.dtype(("i" if signed else "u") + ("1" if bits <= 8 else "2"))
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 33)), draw(st.integers(1, 33)))
+    if samples == 3:
+        shape = (*shape, 3)
+    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    seed = draw(st.integers(0, 2**32 - 1))
+    return np.random.default_rng(seed).integers(low, high, shape, endpoint=True).astype(dtype), bits
+
+
+@pytest.mark.parametrize("target", LOSSLESS)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(image=images())
+def test_random_arrays_round_trip(target: str, image: tuple[np.ndarray, int], tmp_path: Path) -> None:
+    """Lossless means bit-exact, or the source is forwarded: never a silently changed pixel."""
+    frames, bits = image
+    src = write_image(tmp_path / "in.dcm", frames, bits)
+    dst = tmp_path / "out.dcm"
+    result = compress.transcode_file(src, dst, CompressSpec(syntax=target, force=True))
+    syntax = UID(CompressSpec(syntax=target).syntax)
+    info = codecs.FrameInfo(
+        frames.shape[1],
+        frames.shape[2],
+        3 if frames.ndim == 4 else 1,
+        frames.dtype.itemsize * 8,
+        bits,
+        int(frames.dtype.kind == "i"),
+        codecs.encoded_photometric(
+            UID(CompressSpec(syntax=target).syntax), "RGB" if frames.ndim == 4 else "MONOCHROME2"
+        ),
+    )
+    if codecs.get(syntax).check(info) is not None:
+        assert not result.compressed  # the profile excludes it: forwarded unchanged, with the reason
+        return
+    assert result.compressed, result.reason
+    decoded = pixel_array(dst, raw=True)
+    assert np.array_equal(decoded.reshape(frames.shape), frames)
+
+
+@pytest.mark.parametrize("target", ["RLELossless", "JPEGLSLossless", "JPEG2000Lossless", "HTJ2KLossless"])
+def test_big_endian_source_is_not_byte_swapped(target: str, tmp_path: Path) -> None:
+    frames = _smooth((2, 31, 17), np.int16, 12) - 1000
+    src = write_image(tmp_path / "be.dcm", frames, 12, syntax=ExplicitVRBigEndian)
+    result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax=target, force=True))
+    assert result.compressed, result.reason
+    assert np.array_equal(pixel_array(tmp_path / "out.dcm"), frames)
+
+
+def test_ybr_full_422_uncompressed_source(tmp_path: Path) -> None:
+    src = next(p for p in bundled_files() if p.name == "SC_ybr_full_422_uncompressed.dcm")
+    spec = CompressSpec(syntax="JPEGLSLossless", allow_lossy_to_lossless=True)
+    result = compress.transcode_file(src, tmp_path / "out.dcm", spec)
+    assert result.compressed, result.reason
+    out = _header(tmp_path / "out.dcm")
+    assert out.PhotometricInterpretation == "YBR_FULL" and out.PlanarConfiguration == 0
+    assert np.array_equal(_pixels(tmp_path / "out.dcm"), _pixels(src))
+
+
+@pytest.mark.parametrize("target", ["RLELossless", "JPEGLSLossless", "JPEG2000Lossless", "HTJ2KLossless"])
+def test_rgb_planar_configuration_1(target: str, tmp_path: Path) -> None:
+    frames = _smooth((2, 21, 13, 3), np.uint8, 8)
+    src = write_image(tmp_path / "in.dcm", frames, 8)
+    ds = pydicom.dcmread(src)
+    ds.PlanarConfiguration = 1
+    ds.PixelData = np.ascontiguousarray(frames.transpose(0, 3, 1, 2)).tobytes()
+    ds.save_as(src)
+    result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax=target, force=True))
+    assert result.compressed, result.reason
+    out = pydicom.dcmread(tmp_path / "out.dcm")
+    assert out.PlanarConfiguration == 0
+    assert out.PhotometricInterpretation == codecs.encoded_photometric(UID(out.file_meta.TransferSyntaxUID), "RGB")
+    assert np.array_equal(pixel_array(tmp_path / "out.dcm"), frames)
+
+
+def test_values_outside_bits_stored_are_caught_by_verification(tmp_path: Path) -> None:
+    """JPEG 2000 lossless silently changes values Bits Stored cannot hold: verification must catch it."""
+    frames = _smooth((1, 32, 32), np.int16, 12)
+    frames[0, 5, 5] = 3000  # outside the signed 12-bit range [-2048, 2047]
+    src = write_image(tmp_path / "in.dcm", frames, 12)
+    result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax="JPEG2000Lossless"))
+    assert not result.compressed and result.verify_failed, result.reason
+    assert "verification failed" in result.reason
+    assert not (tmp_path / "out.dcm").exists()
+
+
+def test_verification_can_be_switched_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(compress, "_decode", lambda *args: calls.append(args))
+    src = write_image(tmp_path / "in.dcm", _smooth((1, 32, 32), np.uint16, 12), 12)
+    result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax="RLELossless", verify=False))
+    assert result.compressed and not calls
+
+
+def test_lossy_source_is_not_made_lossless(tmp_path: Path) -> None:
+    src = next(p for p in bundled_files() if p.name == "SC_rgb_jpeg_dcmtk.dcm")
+    result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax="JPEGLSLossless"))
+    assert not result.compressed and "lossy" in result.reason
+    allowed = CompressSpec(syntax="JPEGLSLossless", allow_lossy_to_lossless=True, force=True)
+    assert compress.transcode_file(src, tmp_path / "out.dcm", allowed).compressed
+
+
+@pytest.mark.parametrize("name, why", [("liver_1frame.dcm", "1-bit"), ("rtplan.dcm", "no pixel data")])
+def test_what_no_codec_takes_passes_through(name: str, why: str, tmp_path: Path) -> None:
+    src = next(p for p in bundled_files() if p.name == name)
+    result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax="JPEGLSLossless"))
+    assert not result.compressed and why in result.reason
+
+
+def test_float_pixel_data_passes_through(tmp_path: Path) -> None:
+    src = write_image(tmp_path / "in.dcm", _smooth((1, 8, 8), np.uint16, 12), 12)
+    ds = pydicom.dcmread(src)
+    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+    ds.BitsAllocated = 32
+    ds.FloatPixelData = np.zeros((8, 8), np.float32).tobytes()
+    ds.save_as(src)
+    result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax="JPEG2000Lossless"))
+    assert not result.compressed and "float" in result.reason
+
+
+def test_larger_result_passes_through_unless_forced(tmp_path: Path) -> None:
+    noise = np.random.default_rng(1).integers(0, 256, (1, 16, 16), endpoint=False).astype(np.uint8)
+    src = write_image(tmp_path / "in.dcm", noise, 8)
+    result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax="RLELossless"))
+    assert not result.compressed and "not smaller" in result.reason
+    forced = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax="RLELossless", force=True))
+    assert forced.compressed and forced.bytes_out >= forced.bytes_in
+
+
+def test_a_broken_file_passes_through(tmp_path: Path) -> None:
+    src = tmp_path / "junk.dcm"
+    src.write_bytes(b"\0" * 200)
+    result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax="RLELossless"))
+    assert not result.compressed and result.reason
+
+
+def test_extended_offset_table_when_needed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past 2^32 bytes the Basic Offset Table cannot point at frames: PS3.5 A.4, the table is extended."""
+    frames = _smooth((3, 40, 30), np.uint16, 12)
+    src = write_image(tmp_path / "in.dcm", frames, 12)
+    result = compress.transcode_file(src, tmp_path / "basic.dcm", CompressSpec(syntax="JPEGLSLossless"))
+    assert result.compressed
+    assert "ExtendedOffsetTable" not in _header(tmp_path / "basic.dcm")
+    monkeypatch.setattr(compress, "_BOT_LIMIT", 100)
+    result = compress.transcode_file(src, tmp_path / "extended.dcm", CompressSpec(syntax="JPEGLSLossless"))
+    assert result.compressed
+    out = pydicom.dcmread(tmp_path / "extended.dcm")
+    offsets = struct.unpack("<3Q", out.ExtendedOffsetTable)
+    lengths = struct.unpack("<3Q", out.ExtendedOffsetTableLengths)
+    assert offsets[0] == 0 and offsets[1] == lengths[0] + 8 and offsets[2] == offsets[1] + lengths[1] + 8
+    assert np.array_equal(out.pixel_array, frames)
+
+
+def test_native_targets_keep_the_uid(tmp_path: Path) -> None:
+    src = next(p for p in bundled_files() if p.name == "MR_small_jpeg_ls_lossless.dcm")
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        dst = tmp_path / f"{syntax.name}.dcm"
+        compress.decompress_file(src, dst, syntax)
+        out = pydicom.dcmread(dst)
+        assert out.file_meta.TransferSyntaxUID == syntax
+        assert out.SOPInstanceUID == _header(src).SOPInstanceUID
+        assert np.array_equal(out.pixel_array, pixel_array(src))
+
+
+def test_elements_after_pixel_data_are_kept(tmp_path: Path) -> None:
+    src = write_image(tmp_path / "in.dcm", _smooth((1, 16, 16), np.uint16, 12), 12)
+    ds = pydicom.dcmread(src)
+    ds.DataSetTrailingPadding = b"\0" * 6
+    ds.save_as(src)
+    assert compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax="RLELossless")).compressed
+    assert pydicom.dcmread(tmp_path / "out.dcm").DataSetTrailingPadding == b"\0" * 6
+
+
+# A crash of the native codec: only the instance that crashes it falls back to its original.
+
+CRASH_ROWS = 13
+
+
+def _aborting_rle(frame: np.ndarray, info: codecs.FrameInfo, options: Any) -> bytes:
+    if info.rows == CRASH_ROWS:
+        os.abort()  # what GDCM's terminate() does: the whole process dies
+    raise ValueError("declined: the next plugin encodes it")
+
+
+def install_aborting_codec() -> None:
+    """Worker initializer: an RLE codec that kills its process on images with CRASH_ROWS rows."""
+    real = codecs.REGISTRY[RLELossless]
+    codecs.register(
+        codecs.Codec(RLELossless, real.profiles, plugins=[codecs.Plugin("abort", _aborting_rle), *real.plugins])
+    )
+
+
+def test_a_crashing_codec_takes_down_only_its_instance(tmp_path: Path) -> None:
+    sources = [
+        write_image(tmp_path / f"in{i}.dcm", _smooth((1, rows, 32), np.uint16, 12), 12)
+        for i, rows in enumerate([CRASH_ROWS, 40, 41, 42])
+    ]
+    encoder = Encoder(2, initializer=install_aborting_codec)
+    results: dict[int, compress.Result] = {}
+
+    def run(i: int) -> None:
+        results[i] = encoder.transcode(sources[i], tmp_path / f"out{i}.dcm", CompressSpec(syntax="RLELossless"))
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sources))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        encoder.close()
+    assert not results[0].compressed and "crashed" in results[0].reason
+    assert not (tmp_path / "out0.dcm").exists() and not compress.frames_spool(tmp_path / "out0.dcm").exists()
+    assert all(results[i].compressed for i in (1, 2, 3)), [results[i].reason for i in (1, 2, 3)]
+    assert encoder.crashes == 1
+
+
+# Memory stays flat in the instance size: frames are read, encoded and written one at a time.
+
+_PEAK_RSS = """
+import resource, sys
+from pathlib import Path
+from scp import compress
+from scp.config import CompressSpec
+result = compress.transcode_file(Path(sys.argv[1]), Path(sys.argv[2]), CompressSpec(syntax=sys.argv[3]))
+assert result.compressed, result.reason
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["HTJ2KLossless", "ExplicitVRLittleEndian"])
+def test_peak_memory_is_flat_in_the_instance_size(target: str, tmp_path: Path) -> None:
+    """A 256 MiB multi-frame instance is transcoded in far less memory than its size."""
+    frame = (np.indices((1024, 1024)).sum(axis=0) % 4096).astype("<u2")
+    src = write_image(tmp_path / "big.dcm", frame[np.newaxis], 12, syntax=ImplicitVRLittleEndian)
+    ds = pydicom.dcmread(src)
+    ds.NumberOfFrames = 128
+    ds.PixelData = b""
+    ds.save_as(src, enforce_file_format=True)  # the header; 128 frames of pixel data are appended below
+    raw = src.read_bytes()
+    with src.open("wb") as out:
+        out.write(raw[:-8])  # everything but the empty Pixel Data element (tag + length, implicit VR)
+        out.write(struct.pack("<HHI", 0x7FE0, 0x0010, 128 * frame.nbytes))
+        for index in range(128):
+            out.write((frame + index).tobytes())
+    assert src.stat().st_size > 256 * 2**20
+    run = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, str(src), str(tmp_path / "out.dcm"), target],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert run.returncode == 0, run.stderr
+    peak_mib = int(run.stdout.split()[-1])
+    assert peak_mib < 200, f"peak RSS {peak_mib} MiB for a 256 MiB instance"
+    assert np.array_equal(pixel_array(tmp_path / "out.dcm", index=127), frame + 127)
