@@ -9,7 +9,8 @@ import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -104,24 +105,41 @@ def _codec_frames(paths: Sequence[Path], limit: int) -> tuple[list[np.ndarray], 
     return frames, bits
 
 
-def _run_throughput(args: argparse.Namespace, workdir: Path, files: list[Path], syntaxes: Sequence[str]) -> list:
-    scenarios: list[Scenario] = []
+def _node_scenario(args: argparse.Namespace, workdir: Path, files: list[Path], keyword: str | None) -> Scenario:
+    if keyword is None:
+        return throughput.run_node("keep", "node, forward only", files, None, workdir, args.runs, args.processes)
+    uid = str(pydicom.uid.UID(getattr(pydicom.uid, keyword)))
+    name = SCENARIO_NAMES.get(keyword, keyword.lower())
+    return throughput.run_node(name, f"node -> {keyword}", files, uid, workdir, args.runs, args.processes)
+
+
+def _run_throughput(
+    args: argparse.Namespace, workdir: Path, files: list[Path], syntaxes: Sequence[str]
+) -> list[Scenario]:
+    """Every scenario in turn; one that fails is reported as not run (with why) and the others still run."""
     baselines = not getattr(args, "no_baselines", False)
+    steps: list[tuple[str, str, Callable[[], Scenario]]] = []
     if baselines:
-        _progress("pass-through pynetdicom receiver")
-        scenarios.append(throughput.run_passthrough(files, workdir, args.runs))
-    _progress("node, forward only")
-    scenarios.append(throughput.run_node("keep", "node, forward only", files, None, workdir, args.runs, args.processes))
+        for durable, name, label in (
+            (False, "passthrough", "pass-through pynetdicom receiver"),
+            (True, "passthrough-durable", "pass-through receiver + fsync"),
+        ):
+            steps.append((name, label, partial(throughput.run_passthrough, files, workdir, args.runs, durable)))
+    steps.append(("keep", "node, forward only", partial(_node_scenario, args, workdir, files, None)))
     for keyword in syntaxes:
-        uid = str(pydicom.uid.UID(getattr(pydicom.uid, keyword)))
         name = SCENARIO_NAMES.get(keyword, keyword.lower())
-        _progress(f"node -> {keyword}")
-        scenarios.append(
-            throughput.run_node(name, f"node -> {keyword}", files, uid, workdir, args.runs, args.processes)
-        )
+        steps.append((name, f"node -> {keyword}", partial(_node_scenario, args, workdir, files, keyword)))
     if baselines and "JPEGLSLossless" in syntaxes:
-        _progress("DCMTK compressing route")
-        scenarios.append(throughput.run_dcmtk_route(files, workdir, args.runs))
+        label = "DCMTK route: storescp -xcr dcmcjpls + storescu"
+        steps.append(("dcmtk-route", label, partial(throughput.run_dcmtk_route, files, workdir, args.runs)))
+    scenarios = []
+    for name, label, step in steps:
+        _progress(label)
+        try:
+            scenarios.append(step())
+        except (TimeoutError, RuntimeError) as exc:
+            print(f"    {label} failed: {exc}", file=sys.stderr)
+            scenarios.append(Scenario(name, label, None, note=f"failed: {exc}"))
     return scenarios
 
 
@@ -138,7 +156,8 @@ def _codecs(args: argparse.Namespace, workdir: Path) -> int:
     frames, bits = _codec_frames(files, args.frames)
     results = codecs.measure(frames, bits, args.runs)
     print(f"{len(frames)} frames from {description}, {args.runs} runs, medians\n")
-    print(report.codec_table(results))
+    print(report.codec_table(results), "\n")
+    print(report.decoder_table(codecs.measure_decoders(frames, bits, args.runs)))
     return 0
 
 
@@ -160,6 +179,7 @@ def _all(args: argparse.Namespace, workdir: Path) -> int:
     _progress("codecs")
     frames, bits = _codec_frames(files, args.frames)
     codec_results = codecs.measure(frames, bits, args.runs)
+    decoder_results = codecs.measure_decoders(frames, bits, args.runs)
     scenarios = _run_throughput(args, workdir, files, list(SCENARIO_NAMES))
     _progress("memory")
     uid = str(pydicom.uid.JPEGLSLossless)
@@ -171,12 +191,14 @@ def _all(args: argparse.Namespace, workdir: Path) -> int:
         cores=os.cpu_count() or 1,
         scenarios=scenarios,
         codecs=codec_results,
+        decoders=decoder_results,
         memory=memory_result,
         environment=environment,
     )
     path = report.write(results, args.docs)
     print(report.scenario_table(scenarios), "\n")
     print(report.codec_table(codec_results), "\n")
+    print(report.decoder_table(decoder_results), "\n")
     for target in results.targets():
         print(f"{target.name}: {target.measured} (required {target.required}): {'met' if target.met else 'NOT met'}")
     print(f"\nwritten: {path}, {path.with_suffix('.png')}, {path.with_suffix('.json')}")

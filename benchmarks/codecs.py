@@ -19,7 +19,7 @@ import imagecodecs
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.pixels import get_encoder
+from pydicom.pixels import get_encoder, pixel_array
 from pydicom.uid import UID, HTJ2KLossless, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from benchmarks.stats import median
@@ -95,6 +95,15 @@ class CodecResult:
 
 def decodes_exactly(syntax: UID, encoded: bytes, frame: np.ndarray, bits_stored: int) -> bool:
     """Decode one encoded frame with pydicom, as a receiving application would, and compare with `frame`."""
+    try:
+        decoded = pixel_array(_dataset(syntax, encoded, frame, bits_stored))
+    except Exception:
+        return False
+    return decoded.shape == frame.shape and bool(np.array_equal(decoded, frame))
+
+
+def _dataset(syntax: UID, encoded: bytes, frame: np.ndarray, bits_stored: int) -> Dataset:
+    """A minimal dataset holding one encoded frame like `frame`."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = syntax
@@ -107,11 +116,7 @@ def decodes_exactly(syntax: UID, encoded: bytes, frame: np.ndarray, bits_stored:
     ds.NumberOfFrames = 1
     ds.PixelData = encapsulate([encoded])
     ds["PixelData"].VR = "OB"
-    try:
-        decoded = ds.pixel_array
-    except Exception:
-        return False
-    return decoded.shape == frame.shape and bool(np.array_equal(decoded, frame))
+    return ds
 
 
 # Frames for the worker processes: set before the pool forks, so they are not pickled per call.
@@ -182,6 +187,68 @@ def measure(
                     reference=binding.reference,
                 )
             )
+    return results
+
+
+def _pydicom_decoder(syntax: UID, plugin: str = "") -> Callable[[bytes, np.ndarray, int], np.ndarray]:
+    """pydicom's own decoding path: its default plugin order (as `ds.pixel_array` runs it), or one plugin."""
+
+    def decode(encoded: bytes, frame: np.ndarray, bits_stored: int) -> np.ndarray:
+        return pixel_array(_dataset(syntax, encoded, frame, bits_stored), decoding_plugin=plugin)
+
+    return decode
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """One way to decode one transfer syntax (what lossless verification costs)."""
+
+    syntax: UID
+    name: str
+    decode: Callable[[bytes, np.ndarray, int], np.ndarray]
+
+
+DECODERS: tuple[Decoder, ...] = (
+    Decoder(JPEGLSLossless, "pydicom default (ds.pixel_array)", _pydicom_decoder(JPEGLSLossless)),
+    Decoder(JPEGLSLossless, "pydicom, decoding_plugin='pyjpegls'", _pydicom_decoder(JPEGLSLossless, "pyjpegls")),
+    Decoder(JPEGLSLossless, "CharLS via imagecodecs", lambda e, *_: imagecodecs.jpegls_decode(e)),
+    Decoder(JPEG2000Lossless, "pydicom default (ds.pixel_array)", _pydicom_decoder(JPEG2000Lossless)),
+    Decoder(JPEG2000Lossless, "OpenJPEG via imagecodecs", lambda e, *_: imagecodecs.jpeg2k_decode(e)),
+    Decoder(HTJ2KLossless, "pydicom default (ds.pixel_array)", _pydicom_decoder(HTJ2KLossless)),
+    Decoder(HTJ2KLossless, "OpenJPH via imagecodecs", lambda e, *_: imagecodecs.htj2k_decode(e)),
+    Decoder(RLELossless, "pydicom default (ds.pixel_array)", _pydicom_decoder(RLELossless)),
+)
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    """Median single-core decode rate of one decoder on the reference encoder's output."""
+
+    syntax: str
+    decoder: str
+    one_core_mb_s: float
+    exact: bool
+
+
+def measure_decoders(frames: Sequence[np.ndarray], bits_stored: int, runs: int = 3) -> list[DecodeResult]:
+    """Decode every frame as encoded by each syntax's reference binding (or the first that works here) with
+    every decoder, on one core."""
+    megabytes = sum(f.nbytes for f in frames) / 1e6
+    results = []
+    for decoder in DECODERS:
+        candidates = sorted((b for b in BINDINGS if b.syntax == decoder.syntax), key=lambda b: not b.reference)
+        encoder = next(b for b in candidates if not _probe(b, frames[0], bits_stored))
+        encoded = [encoder.encode(f, bits_stored) for f in frames]
+        exact = all(
+            np.array_equal(decoder.decode(e, f, bits_stored), f) for e, f in zip(encoded[:4], frames, strict=False)
+        )
+        rates = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            for e, f in zip(encoded, frames, strict=True):
+                decoder.decode(e, f, bits_stored)
+            rates.append(megabytes / (time.perf_counter() - start))
+        results.append(DecodeResult(decoder.syntax.keyword, decoder.name, median(rates), exact))
     return results
 
 

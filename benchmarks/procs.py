@@ -114,10 +114,10 @@ def node(folder: Path, data: dict[str, Any]) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def passthrough(folder: Path, port: int, ae_title: str, max_pdu: int) -> Iterator[int]:
+def passthrough(folder: Path, port: int, ae_title: str, max_pdu: int, durable: bool = False) -> Iterator[int]:
     """The baseline receiver (benchmarks/passthrough.py) as a process; yields its pid."""
     args = [sys.executable, "-m", "benchmarks.passthrough", str(folder / "received"), str(port), ae_title]
-    args += ["--max-pdu", str(max_pdu)]
+    args += ["--max-pdu", str(max_pdu), *(["--fsync"] if durable else [])]
     with server(args, port, folder / "passthrough.log", env=python_env()) as pid:
         yield pid
 

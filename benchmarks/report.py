@@ -13,7 +13,7 @@ from typing import Any
 
 from pydicom.uid import UID
 
-from benchmarks.codecs import CodecResult, fastest_exact
+from benchmarks.codecs import CodecResult, DecodeResult, fastest_exact
 from benchmarks.memory import MIB, MemoryResult
 from benchmarks.stats import Ceiling, ratio
 from benchmarks.throughput import Scenario
@@ -43,6 +43,7 @@ class Results:
     cores: int
     scenarios: list[Scenario]
     codecs: list[CodecResult]
+    decoders: list[DecodeResult]
     memory: MemoryResult | None
     environment: dict[str, str]
 
@@ -174,6 +175,14 @@ def codec_table(results: Sequence[CodecResult]) -> str:
     return "\n".join(rows)
 
 
+def decoder_table(results: Sequence[DecodeResult]) -> str:
+    rows = ["| syntax | decoder | 1 core MB/s | pixel-exact |", "|---|---|---|---|"]
+    rows += [
+        f"| {r.syntax} | {r.decoder} | {r.one_core_mb_s:.1f} | {'yes' if r.exact else '**no**'} |" for r in results
+    ]
+    return "\n".join(rows)
+
+
 def chart(results: Results, path: Path) -> None:
     """Two panels: the scenarios' throughput (with the ceiling) and every codec binding's encode rate."""
     import matplotlib
@@ -185,7 +194,8 @@ def chart(results: Results, path: Path) -> None:
     labels, modality, end_to_end = [], [], []
     for s in results.scenarios:
         if s.runs:
-            labels.append(s.label.replace(": ", ":\n", 1) if len(s.label) > 28 else s.label)
+            label = s.label.replace(": ", ":\n", 1) if len(s.label) > 28 else s.label
+            labels.append(label if s.syntax is None or s.all_in_target else f"{label}\n(NOT compressed)")
             modality.append(s.modality_mb_s)
             end_to_end.append(s.end_to_end_mb_s)
     positions = range(len(labels))
@@ -197,7 +207,7 @@ def chart(results: Results, path: Path) -> None:
     top.set_yticks(list(positions), labels, fontsize=8)
     top.invert_yaxis()
     top.set_xlabel("MB/s (10^6 bytes of files sent)")
-    top.set_title(f"Loopback throughput on {results.cores} cores, medians ({results.data})")
+    top.set_title(f"Loopback throughput on {results.cores} cores, medians of several runs")
     top.legend(fontsize=8, loc="lower right")
     available = [r for r in results.codecs if r.available]
     names = [f"{r.syntax}\n{r.binding}" for r in available]
@@ -233,6 +243,7 @@ def to_json(results: Results) -> dict[str, Any]:
             for s in results.scenarios
         ],
         "codecs": [asdict(r) for r in results.codecs],
+        "decoders": [asdict(r) for r in results.decoders],
         "memory": asdict(results.memory) if results.memory else None,
         "ceiling": None
         if ceiling is None
@@ -296,6 +307,7 @@ def markdown(results: Results) -> str:
         targets=targets,
         scenarios=scenario_table(results.scenarios),
         codecs=codec_table(results.codecs),
+        decoders=decoder_table(results.decoders),
         best=best_lines,
         ceiling=ceiling_text,
         memory=memory_text,
@@ -351,7 +363,9 @@ on an idle machine for publishable numbers. Everything runs on loopback; the raw
 - **peak RSS**: summed over the receiver's processes, sampled every 50 ms.
 
 Scenarios: *pass-through pynetdicom receiver* (baseline 1: a minimal pynetdicom SCP that streams each dataset to
-a file and answers Success; `benchmarks/passthrough.py`), *node, forward only* (the node with `compress: keep`:
+a file and answers Success; `benchmarks/passthrough.py`), *pass-through receiver + fsync* (the same, fsyncing
+the file and its folder before Success: what durability alone costs on this disk; the node fsyncs the instance,
+its sidecar and the folder), *node, forward only* (the node with `compress: keep`:
 receive + spool + forward, used for the ceiling), *node → X* (the node re-encoding everything as X, two encoder
 processes, forwarding to storescp), *DCMTK route* (baseline 3: `storescp --exec-on-reception "dcmcjpls #p/#f
 OUT/#f && storescu ... OUT/#f"` forwarding to a second storescp: one process pair and one association per
@@ -376,6 +390,11 @@ with the source ("pixel-exact"); "same codestream" compares the bytes with pydic
 Fastest pixel-exact binding per syntax:
 
 {best}
+
+Decoders, on one core: what verifying a lossless result by decoding it costs (the node decodes every encoded
+instance and compares it with the source before forwarding it).
+
+{decoders}
 
 ## Memory
 

@@ -226,12 +226,15 @@ def run_node(
         return _measure(scenario, files, runs, port, NODE_AE, archive, node_pid, [archive_pid], folder, timeout)
 
 
-def run_passthrough(files: Sequence[Path], workdir: Path, runs: int) -> Scenario:
-    """Baseline 1: the pass-through pynetdicom receiver (modality-side throughput only)."""
-    folder = workdir / "passthrough"
+def run_passthrough(files: Sequence[Path], workdir: Path, runs: int, durable: bool = False) -> Scenario:
+    """Baseline 1: the pass-through pynetdicom receiver (modality-side throughput only); `durable` adds the
+    fsyncs of file and folder that any receiver answering Success only for kept data must do."""
+    name = "passthrough-durable" if durable else "passthrough"
+    folder = workdir / name
     port = procs.free_port()
-    scenario = Scenario("passthrough", "pass-through pynetdicom receiver", None)
-    with procs.passthrough(folder, port, "PASSTHROUGH", MAX_PDU) as pid:
+    label = "pass-through receiver + fsync" if durable else "pass-through pynetdicom receiver"
+    scenario = Scenario(name, label, None)
+    with procs.passthrough(folder, port, "PASSTHROUGH", MAX_PDU, durable) as pid:
         return _measure(scenario, files, runs, port, "PASSTHROUGH", None, pid, [], folder, 60 + 2 * len(files))
 
 

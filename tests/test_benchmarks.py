@@ -105,6 +105,9 @@ def test_codec_measure_on_a_few_small_frames() -> None:
     assert reference.available and reference.exact and reference.ratio > 1.5 and reference.one_core_mb_s > 0
     best = codecs.fastest_exact(results, "JPEGLSLossless")
     assert best is not None and best.syntax == "JPEGLSLossless"
+    decoders = codecs.measure_decoders(frames, 12, runs=1)
+    assert {(d.syntax, d.decoder) for d in decoders} == {(d.syntax.keyword, d.name) for d in codecs.DECODERS}
+    assert all(d.exact and d.one_core_mb_s > 0 for d in decoders)
 
 
 def test_tree_monitor_counts_cpu_and_memory_of_children() -> None:
@@ -136,7 +139,10 @@ def test_report_checks_the_targets_from_the_figures(tmp_path: Path) -> None:
     ]
     codec = codecs.CodecResult("JPEGLSLossless", "x", True, "", 50.0, 100.0, 2, 4.0, True, True, True)
     memory = MemoryResult(2**30, 2048, jls, 10.0, 20.0, 500 * MIB, 300 * MIB, 70 * MIB, jls, 2**28)
-    results = report.Results("python -m benchmarks all", "test data", 2, scenarios, [codec], memory, {"cpu": "x"})
+    decoder = codecs.DecodeResult("JPEGLSLossless", "y", 80.0, True)
+    results = report.Results(
+        "python -m benchmarks all", "test data", 2, scenarios, [codec], [decoder], memory, {"cpu": "x"}
+    )
     targets = {t.name: t for t in results.targets()}
     assert len(targets) == 5
     # keep: 0.02 node CPU-s/MB + 0.005 peers; codec 100 MB/s on 2 cores: ceiling 1 / (0.01 + 0.0125) = 44.4 MB/s
