@@ -91,6 +91,19 @@ class CodecResult:
     exact: bool = False
     identical: bool | None = None
     reference: bool = False
+    precision: int | None = None
+    """The sample precision the codestream declares (JPEG-LS P, JPEG 2000 Ssiz + 1)."""
+
+
+def declared_precision(encoded: bytes) -> int | None:
+    """The bit depth a JPEG-LS (SOF55 P) or JPEG 2000 / HTJ2K (SIZ Ssiz + 1) codestream declares."""
+    sof55 = encoded.find(b"\xff\xf7")
+    if encoded.startswith(b"\xff\xd8") and sof55 >= 0 and len(encoded) > sof55 + 4:
+        return encoded[sof55 + 4]
+    siz = encoded.find(b"\xff\x51")
+    if encoded.startswith(b"\xff\x4f") and siz >= 0 and len(encoded) > siz + 40:
+        return (encoded[siz + 40] & 0x7F) + 1  # marker, Lsiz, Rsiz, 8 x 32-bit sizes, Csiz, then Ssiz
+    return None
 
 
 def decodes_exactly(syntax: UID, encoded: bytes, frame: np.ndarray, bits_stored: int) -> bool:
@@ -185,6 +198,7 @@ def measure(
                     exact=exact,
                     identical=None if reference is None else binding.encode(frames[0], bits_stored) == reference,
                     reference=binding.reference,
+                    precision=declared_precision(binding.encode(frames[0], bits_stored)),
                 )
             )
     return results

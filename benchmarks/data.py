@@ -143,9 +143,9 @@ def load_corpus(corpus: Path, folder: Path, count: int, modalities: tuple[str, .
 def pixel_frames(paths: list[Path]) -> Iterator[np.ndarray]:
     """The frames of the given files as arrays (single-frame: one each)."""
     for path in paths:
-        arr = pydicom.dcmread(path).pixel_array
-        frames = int(pydicom.dcmread(path, stop_before_pixels=True).get("NumberOfFrames", 1) or 1)
-        yield from (arr if frames > 1 else [arr])
+        ds = pydicom.dcmread(path)
+        arr = ds.pixel_array
+        yield from (arr if int(ds.get("NumberOfFrames", 1) or 1) > 1 else [arr])
 
 
 def write_multiframe(path: Path, size_bytes: int, seed: int = 0, distinct: int = 32) -> int:

@@ -160,17 +160,18 @@ def scenario_table(scenarios: Sequence[Scenario]) -> str:
 
 def codec_table(results: Sequence[CodecResult]) -> str:
     rows = [
-        "| syntax | binding | 1 core MB/s | all cores MB/s | ratio | pixel-exact | same codestream as pydicom's |",
-        "|---|---|---|---|---|---|---|",
+        "| syntax | binding | 1 core MB/s | all cores MB/s | ratio | pixel-exact | same codestream as pydicom's "
+        "| declared bits |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if not r.available:
-            rows.append(f"| {r.syntax} | {r.binding} | unavailable: {r.detail} | | | | |")
+            rows.append(f"| {r.syntax} | {r.binding} | unavailable: {r.detail} | | | | | |")
             continue
         identical = "reference" if r.reference else {None: "-", True: "yes", False: "no"}[r.identical]
         rows.append(
             f"| {r.syntax} | {r.binding} | {r.one_core_mb_s:.1f} | {r.all_cores_mb_s:.1f} | {r.ratio:.2f} "
-            f"| {'yes' if r.exact else '**no**'} | {identical} |"
+            f"| {'yes' if r.exact else '**no**'} | {identical} | {r.precision or '-'} |"
         )
     return "\n".join(rows)
 
@@ -303,6 +304,10 @@ def markdown(results: Results) -> str:
     return TEMPLATE.format(
         command=results.command,
         data=results.data,
+        cores=results.cores,
+        load=" / ".join(
+            results.environment.get(k, "?").split(" ")[0] for k in ("load average at start", "load average at end")
+        ),
         env=env,
         targets=targets,
         scenarios=scenario_table(results.scenarios),
@@ -337,9 +342,9 @@ Produced by:
 {command}
 ```
 
-Data: {data}. The machine was shared with other work while these figures were taken: re-run the command above
-on an idle machine for publishable numbers. Everything runs on loopback; the raw figures of every run are in
-`docs/benchmarks.json`.
+Data: {data}. Everything runs on loopback; the raw figures of every run are in `docs/benchmarks.json`. Load
+average at the start and end of the run: {load} on {cores} cores; a load above the number of cores means other
+work competed for the CPU and every figure here understates what the machine can do.
 
 ![throughput and codec rates](benchmarks.png)
 
@@ -383,7 +388,10 @@ benchmark runs every DCMTK program with `TCP_NODELAY=1`; set it for DCMTK archiv
 
 Every binding encodes the same frames; MB is 10^6 bytes of uncompressed pixel data. "all cores" is one process
 per core (baseline 2: the raw codec with all cores). Each output is decoded by pydicom's decoders and compared
-with the source ("pixel-exact"); "same codestream" compares the bytes with pydicom's own encoder.
+with the source ("pixel-exact"); "same codestream" compares the bytes with pydicom's own encoder; "declared
+bits" is the sample precision written in the codestream (JPEG-LS P, JPEG 2000 Ssiz + 1), to compare with Bits
+Stored: imagecodecs' `jpegls_encode` and `htj2k_encode` take no bit depth and declare the container's 16 bits
+for 12-bit data (still pixel-exact; JPEG-LS ratio about 1% lower, and a codestream that differs from pydicom's).
 
 {codecs}
 

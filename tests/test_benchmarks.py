@@ -87,6 +87,14 @@ def test_ceiling_arithmetic() -> None:
     assert stats.ratio(3.0, 0.0) == 0.0
 
 
+def test_declared_precision_reads_the_codestream_headers() -> None:
+    frame = data.ct_slice(0)[:64, :64].copy()
+    assert codecs.declared_precision(bytes(imagecodecs.jpegls_encode(frame))) == 16
+    j2k = imagecodecs.jpeg2k_encode(frame, level=0, codecformat="J2K", reversible=True, bitspersample=12)
+    assert codecs.declared_precision(bytes(j2k)) == 12
+    assert codecs.declared_precision(b"not a codestream") is None
+
+
 def test_decodes_exactly_detects_a_wrong_frame() -> None:
     frame = data.ct_slice(0)[:64, :64].copy()
     encoded = bytes(imagecodecs.jpegls_encode(frame))
@@ -103,6 +111,7 @@ def test_codec_measure_on_a_few_small_frames() -> None:
     assert set(by_name) == {b.name for b in codecs.BINDINGS}
     reference = by_name["pyjpegls via pydicom"]
     assert reference.available and reference.exact and reference.ratio > 1.5 and reference.one_core_mb_s > 0
+    assert reference.precision == 12  # pydicom declares Bits Stored
     best = codecs.fastest_exact(results, "JPEGLSLossless")
     assert best is not None and best.syntax == "JPEGLSLossless"
     decoders = codecs.measure_decoders(frames, 12, runs=1)
