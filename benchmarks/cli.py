@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from benchmarks import codecs, data, memory, report, throughput
-from benchmarks.procs import PROJECT
+from benchmarks import codecs, data, memory, procs, report, throughput
 from benchmarks.report import Results
 from benchmarks.throughput import Scenario
 
@@ -27,6 +26,7 @@ SCENARIO_NAMES = {"JPEGLSLossless": "jpegls", "HTJ2KLossless": "htj2k", "JPEG200
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.command_line = "python -m benchmarks " + shlex.join(sys.argv[1:] if argv is None else argv)
+    procs.dcmtk_nagle(args.dcmtk_nagle)
     with _workdir(args) as workdir:
         return int(args.handler(args, workdir))
 
@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--corpus", type=Path, help="real DICOM files to use instead of generated CT slices")
     common.add_argument("--modality", nargs="*", default=[], help="with --corpus: only these modalities")
     common.add_argument("--count", type=int, default=150, help="instances per run")
+    common.add_argument(
+        "--dcmtk-nagle", action="store_true", help="run DCMTK peers as packaged, Nagle on (default: TCP_NODELAY=1)"
+    )
 
     sub = commands.add_parser("throughput", parents=[common], help="loopback throughput against the baselines")
     sub.add_argument("--syntax", action="append", help="target syntax keyword (repeatable; default JPEGLSLossless)")
@@ -60,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("all", parents=[common], help="everything; writes docs/benchmarks.{md,png,json}")
     sub.add_argument("--frames", type=int, default=32, help="frames for the codec measurements")
     sub.add_argument("--size-gib", type=float, default=1.0, help="size of the memory benchmark's instance")
-    sub.add_argument("--docs", type=Path, default=PROJECT / "docs", help="where to write the report")
+    sub.add_argument("--docs", type=Path, default=procs.PROJECT / "docs", help="where to write the report")
     sub.set_defaults(handler=_all)
     return parser
 

@@ -27,8 +27,14 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 # pynetdicom installs Python scripts named storescu/storescp that shadow DCMTK's on PATH: use Debian's.
 TOOL_DIRS = (Path("/usr/bin"), Path("/usr/local/bin"))
 # Debian's DCMTK leaves Nagle's algorithm on unless TCP_NODELAY=1 is in its environment: every small PDU then
-# waits for the peer's delayed ACK (~40 ms per instance). Real deployments should set it; so do we.
+# waits for the peer's delayed ACK (~40 ms per instance). Real deployments should set it; so do we, unless
+# dcmtk_nagle(True) asks for DCMTK as packaged (to see how the node copes with such peers).
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def dcmtk_nagle(on: bool) -> None:
+    """Run the DCMTK peers started from now on with Nagle's algorithm on (as packaged) or off."""
+    DCMTK_ENV["TCP_NODELAY"] = "0" if on else "1"
 
 
 def tool(name: str) -> str:
