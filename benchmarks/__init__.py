@@ -1,0 +1,1 @@
+"""Benchmarks of compressing-scp against the alternatives: python -m benchmarks --help."""

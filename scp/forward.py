@@ -188,11 +188,30 @@ def _file_in_syntax(job: Job, syntax: UID, scratch: Path) -> tuple[Path, bool]:
 
 
 def set_nodelay(assoc: Association) -> None:
-    """Turn off Nagle's algorithm: pynetdicom never does, and it costs ~40 ms per instance."""
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
+    """Turn off Nagle's algorithm and delayed ACKs on an association's socket.
+
+    pynetdicom does neither. Without TCP_NODELAY our own small PDUs wait for the peer's ACK; and a peer that keeps
+    Nagle on (Debian's DCMTK unless TCP_NODELAY=1 is in its environment) waits for ours, which Linux delays by
+    ~40 ms: 40 ms per instance either way. Linux clears TCP_QUICKACK by itself, so it is set again before every
+    read (measured against such a storescp: 49 ms per instance without, 4 ms with).
+    """
+    transport = getattr(assoc.dul, "socket", None)
+    sock = getattr(transport, "socket", None)
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    quickack = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+    if quickack is None:
+        return
+    recv = transport.recv
+
+    def recv_acking_at_once(nr_bytes: int) -> bytearray:
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+        return recv(nr_bytes)
+
+    transport.recv = recv_acking_at_once
 
 
 def make_forwarder(destination: DicomDestination | DirectoryDestination, calling_ae: str, scratch: Path) -> Forwarder:

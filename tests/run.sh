@@ -17,7 +17,7 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+python3 -m pip install -q --disable-pip-version-check -e ".[test,bench]"
 python3 -m ruff check scp tests benchmarks
 python3 -m ruff format --check scp tests benchmarks
 python3 -m pytest "$@"

@@ -1,0 +1,212 @@
+"""python -m benchmarks COMMAND: throughput, codecs, memory, or all (which writes docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from benchmarks import codecs, data, memory, procs, report, throughput
+from benchmarks.report import Results
+from benchmarks.throughput import Scenario
+
+SCENARIO_NAMES = {"JPEGLSLossless": "jpegls", "HTJ2KLossless": "htj2k", "JPEG2000Lossless": "j2k"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.command_line = "python -m benchmarks " + shlex.join(sys.argv[1:] if argv is None else argv)
+    procs.dcmtk_nagle(args.dcmtk_nagle)
+    with _workdir(args) as workdir:
+        return int(args.handler(args, workdir))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--workdir", type=Path, help="parent of the scratch folder (default: the system temp dir)")
+    common.add_argument("--keep-workdir", action="store_true", help="keep the scratch folder (logs, spool)")
+    common.add_argument("--runs", type=int, default=3, help="timed runs per scenario; medians are reported")
+    common.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="the node's encoder processes")
+    common.add_argument("--corpus", type=Path, help="real DICOM files to use instead of generated CT slices")
+    common.add_argument("--modality", nargs="*", default=[], help="with --corpus: only these modalities")
+    common.add_argument("--count", type=int, default=150, help="instances per run")
+    common.add_argument(
+        "--dcmtk-nagle", action="store_true", help="run DCMTK peers as packaged, Nagle on (default: TCP_NODELAY=1)"
+    )
+
+    sub = commands.add_parser("throughput", parents=[common], help="loopback throughput against the baselines")
+    sub.add_argument("--syntax", action="append", help="target syntax keyword (repeatable; default JPEGLSLossless)")
+    sub.add_argument("--no-baselines", action="store_true", help="only the node, no pass-through/DCMTK route")
+    sub.set_defaults(handler=_throughput)
+
+    sub = commands.add_parser("codecs", parents=[common], help="encode MB/s and ratio of every codec binding")
+    sub.add_argument("--frames", type=int, default=32, help="frames to encode")
+    sub.set_defaults(handler=_codecs)
+
+    sub = commands.add_parser("memory", parents=[common], help="peak RSS of the node for one huge instance")
+    sub.add_argument("--size-gib", type=float, default=1.0)
+    sub.add_argument("--syntax", default="JPEGLSLossless")
+    sub.set_defaults(handler=_memory)
+
+    sub = commands.add_parser("all", parents=[common], help="everything; writes docs/benchmarks.{md,png,json}")
+    sub.add_argument("--frames", type=int, default=32, help="frames for the codec measurements")
+    sub.add_argument("--size-gib", type=float, default=1.0, help="size of the memory benchmark's instance")
+    sub.add_argument("--docs", type=Path, default=procs.PROJECT / "docs", help="where to write the report")
+    sub.set_defaults(handler=_all)
+    return parser
+
+
+@contextlib.contextmanager
+def _workdir(args: argparse.Namespace) -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="compressing-scp-bench-", dir=args.workdir))
+    try:
+        yield folder
+    finally:
+        if args.keep_workdir:
+            print(f"scratch folder kept: {folder}", file=sys.stderr)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _instances(args: argparse.Namespace, workdir: Path) -> tuple[list[Path], str]:
+    """The files to send, and a description of them."""
+    if args.corpus:
+        files = data.load_corpus(args.corpus, workdir / "in", args.count, tuple(args.modality))
+        kinds = f" ({', '.join(args.modality)})" if args.modality else ""
+        return files, f"{len(files)} instances cycled from the corpus {args.corpus}{kinds}"
+    files = data.write_ct_series(workdir / "in", args.count)
+    return files, f"{len(files)} generated CT-like 512x512 slices, 12 bits stored"
+
+
+def _codec_frames(paths: Sequence[Path], limit: int) -> tuple[list[np.ndarray], int]:
+    """Up to `limit` single-sample 16-bit frames (signed viewed as unsigned) and the Bits Stored to declare."""
+    frames, bits = [], 0
+    for path in paths:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        if header.get("SamplesPerPixel", 1) != 1 or header.get("BitsAllocated") != 16:
+            continue
+        signed = header.get("PixelRepresentation", 0) == 1
+        bits = max(bits, 16 if signed else int(header.BitsStored))
+        for frame in data.pixel_frames([path]):
+            frames.append(frame.view(np.uint16) if signed else frame)
+            if len(frames) >= limit:
+                return frames, bits
+    if not frames:
+        raise SystemExit("no single-sample 16-bit images to measure the codecs on")
+    return frames, bits
+
+
+def _node_scenario(args: argparse.Namespace, workdir: Path, files: list[Path], keyword: str | None) -> Scenario:
+    if keyword is None:
+        return throughput.run_node("keep", "node, forward only", files, None, workdir, args.runs, args.processes)
+    uid = str(pydicom.uid.UID(getattr(pydicom.uid, keyword)))
+    name = SCENARIO_NAMES.get(keyword, keyword.lower())
+    return throughput.run_node(name, f"node -> {keyword}", files, uid, workdir, args.runs, args.processes)
+
+
+def _run_throughput(
+    args: argparse.Namespace, workdir: Path, files: list[Path], syntaxes: Sequence[str]
+) -> list[Scenario]:
+    """Every scenario in turn; one that fails is reported as not run (with why) and the others still run."""
+    baselines = not getattr(args, "no_baselines", False)
+    steps: list[tuple[str, str, Callable[[], Scenario]]] = []
+    if baselines:
+        for durable, name, label in (
+            (False, "passthrough", "pass-through pynetdicom receiver"),
+            (True, "passthrough-durable", "pass-through receiver + fsync"),
+        ):
+            steps.append((name, label, partial(throughput.run_passthrough, files, workdir, args.runs, durable)))
+    steps.append(("keep", "node, forward only", partial(_node_scenario, args, workdir, files, None)))
+    for keyword in syntaxes:
+        name = SCENARIO_NAMES.get(keyword, keyword.lower())
+        steps.append((name, f"node -> {keyword}", partial(_node_scenario, args, workdir, files, keyword)))
+    if baselines and "JPEGLSLossless" in syntaxes:
+        label = "DCMTK route: storescp -xcr dcmcjpls + storescu"
+        steps.append(("dcmtk-route", label, partial(throughput.run_dcmtk_route, files, workdir, args.runs)))
+    scenarios = []
+    for name, label, step in steps:
+        _progress(label)
+        try:
+            scenarios.append(step())
+        except (TimeoutError, RuntimeError) as exc:
+            print(f"    {label} failed: {exc}", file=sys.stderr)
+            scenarios.append(Scenario(name, label, None, note=f"failed: {exc}"))
+    return scenarios
+
+
+def _throughput(args: argparse.Namespace, workdir: Path) -> int:
+    files, description = _instances(args, workdir)
+    scenarios = _run_throughput(args, workdir, files, args.syntax or ["JPEGLSLossless"])
+    print(f"{description}, {args.runs} runs, medians\n")
+    print(report.scenario_table(scenarios))
+    return 0
+
+
+def _codecs(args: argparse.Namespace, workdir: Path) -> int:
+    files, description = _instances(args, workdir)
+    frames, bits = _codec_frames(files, args.frames)
+    results = codecs.measure(frames, bits, args.runs)
+    print(f"{len(frames)} frames from {description}, {args.runs} runs, medians\n")
+    print(report.codec_table(results), "\n")
+    print(report.decoder_table(codecs.measure_decoders(frames, bits, args.runs)))
+    return 0
+
+
+def _memory(args: argparse.Namespace, workdir: Path) -> int:
+    uid = str(pydicom.uid.UID(getattr(pydicom.uid, args.syntax)))
+    result = memory.run(workdir, int(args.size_gib * 2**30), uid, args.processes)
+    print(
+        f"{result.size_bytes / 2**30:.2f} GiB, {result.frames} frames -> {pydicom.uid.UID(result.arrived_syntax).name}"
+        f" ({result.arrived_bytes / 2**20:.0f} MiB) in {result.seconds_end_to_end:.1f} s; node peak summed RSS "
+        f"{result.peak_rss / memory.MIB:.0f} MiB (PSS {result.peak_pss / memory.MIB:.0f} MiB, idle "
+        f"{result.idle_rss / memory.MIB:.0f} MiB)"
+    )
+    return 0 if result.peak_rss < report.MEMORY_LIMIT else 1
+
+
+def _all(args: argparse.Namespace, workdir: Path) -> int:
+    environment = report.environment()
+    files, description = _instances(args, workdir)
+    _progress("codecs")
+    frames, bits = _codec_frames(files, args.frames)
+    codec_results = codecs.measure(frames, bits, args.runs)
+    decoder_results = codecs.measure_decoders(frames, bits, args.runs)
+    scenarios = _run_throughput(args, workdir, files, list(SCENARIO_NAMES))
+    _progress("memory")
+    uid = str(pydicom.uid.JPEGLSLossless)
+    memory_result = memory.run(workdir, int(args.size_gib * 2**30), uid, args.processes) if args.size_gib else None
+    environment["load average at end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    results = Results(
+        command=args.command_line,
+        data=f"{description}, {args.runs} runs per scenario, {args.processes} encoder processes",
+        cores=os.cpu_count() or 1,
+        scenarios=scenarios,
+        codecs=codec_results,
+        decoders=decoder_results,
+        memory=memory_result,
+        environment=environment,
+    )
+    path = report.write(results, args.docs)
+    print(report.scenario_table(scenarios), "\n")
+    print(report.codec_table(codec_results), "\n")
+    print(report.decoder_table(decoder_results), "\n")
+    for target in results.targets():
+        print(f"{target.name}: {target.measured} (required {target.required}): {'met' if target.met else 'NOT met'}")
+    print(f"\nwritten: {path}, {path.with_suffix('.png')}, {path.with_suffix('.json')}")
+    return 0
+
+
+def _progress(what: str) -> None:
+    print(f"... {what}", file=sys.stderr, flush=True)
