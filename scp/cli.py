@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -83,5 +84,9 @@ def _run(args: argparse.Namespace) -> int:
             pass
     finally:
         LOGGER.info("stopping")
-        service.stop()
+        finished = service.stop()
+    if not finished:
+        # Threads still in a C-STORE or an encode: leave now, as after a crash; the spool has their work.
+        logging.shutdown()
+        os._exit(EXIT_OK)
     return EXIT_OK
