@@ -7,6 +7,7 @@ delivery threads per destination. Signal handling lives in cli.py and only sets 
 from __future__ import annotations
 
 import logging
+import multiprocessing.util
 import queue
 import tempfile
 import threading
@@ -45,6 +46,7 @@ class Service:
         self._encoder: Encoder | None = None
         self._processor: Processor | None = None
         self._ae: AE | None = None
+        self._saved_tempdir: str | None = None
         self.server: ThreadedAssociationServer | None = None
 
     @property
@@ -56,7 +58,7 @@ class Service:
     def start(self) -> None:
         """Sweep the spool, start workers and deliverers, and listen; return once listening."""
         self.spool.sweep()
-        _use_spool_for_received_files(self.spool)
+        self._saved_tempdir = _use_spool_for_received_files(self.spool)
         self._encoder = Encoder(self.config.workers.processes)
         self._processor = Processor(self.config, self.spool, self._encoder)
         for spool_id in self.spool.incoming():
@@ -92,6 +94,7 @@ class Service:
         if self.server is not None:
             self.server.shutdown()
         self._end_inbound(time.monotonic() + budget / 2)
+        tempfile.tempdir = self._saved_tempdir
         self._stopping.set()
         for _ in range(self.config.workers.processes):
             self._work.put(_STOP)
@@ -120,7 +123,11 @@ class Service:
         while any(a.is_established for a in self._ae.active_associations) and time.monotonic() < deadline:
             time.sleep(0.05)
         for assoc in self._ae.active_associations:
-            LOGGER.warning("aborting the association with %s to stop", assoc.requestor.ae_title)
+            LOGGER.warning(
+                "aborting the association from %s (%s) to stop",
+                assoc.requestor.ae_title or "no AE title yet",
+                assoc.requestor.address,
+            )
             assoc.abort()
 
     def _received(self, spool_id: str) -> None:
@@ -183,8 +190,14 @@ class Service:
                 LOGGER.error("spool janitor: %s", exc)
 
 
-def _use_spool_for_received_files(spool: Spool) -> None:
-    """Stream received datasets to files in the spool's tmp/ (flat memory; committing is a rename)."""
+def _use_spool_for_received_files(spool: Spool) -> str | None:
+    """Stream received datasets to files in the spool's tmp/ (flat memory; committing is a rename).
+
+    pynetdicom asks `tempfile` for the folder, so this is process-wide; returns the folder it replaces.
+    """
+    multiprocessing.util.get_temp_dir()  # pins the fork server's socket folder to the system's temp dir first
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.STORE_SEND_CHUNKED_DATASET = True
+    previous = tempfile.tempdir
     tempfile.tempdir = str(spool.tmp)
+    return previous

@@ -67,13 +67,15 @@ def listening(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def storescp(folder: Path, ae_title: str = "ARCHIVE", accept: str = "+xa", extra: Sequence[str] = ()) -> Iterator[int]:
-    """DCMTK storescp as an archive writing into `folder`; yields its port.
+def storescp(
+    folder: Path, ae_title: str = "ARCHIVE", accept: str = "+xa", extra: Sequence[str] = (), port: int | None = None
+) -> Iterator[int]:
+    """DCMTK storescp as an archive writing into `folder`; yields its port (a free one unless `port` is given).
 
     `accept` is storescp's transfer-syntax option: `+xa` accepts every syntax DCMTK knows, "" only uncompressed.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     args = [tool("storescp"), "-aet", ae_title, "-od", str(folder), *([accept] if accept else []), *extra, str(port)]
     with _process(args, folder.parent / f"storescp-{port}.log") as proc:
         wait_for(lambda: listening(port) or proc.poll() is not None, 10, f"storescp on port {port}")
