@@ -24,6 +24,7 @@ class FakeArchive:
     transfer_syntaxes: Sequence[str] = syntaxes.ACCEPTED
     sop_classes: Sequence[str] | None = None
     delay: float = 0.0
+    require_calling_aet: Sequence[str] = ()
     received: list[tuple[str, UID]] = field(default_factory=list)
     associations: int = 0
     max_concurrent: int = 0
@@ -57,6 +58,7 @@ class FakeArchive:
         """Listen on a free loopback port; yields the port."""
         ae = AE(ae_title="ARCHIVE")
         ae.maximum_associations = 16
+        ae.require_calling_aet = list(self.require_calling_aet)
         wanted = set(self.sop_classes) if self.sop_classes is not None else None
         for context in AllStoragePresentationContexts:
             if wanted is None or context.abstract_syntax in wanted:
