@@ -26,7 +26,7 @@ from pynetdicom.association import Association
 from scp import compress
 from scp.config import DicomDestination, DirectoryDestination
 from scp.spool import Job, fsync_dir, fsync_file
-from scp.status import Outcome, classify_store_status
+from scp.status import Outcome, classify_store_status, describe
 
 LOGGER = logging.getLogger(__name__)
 
@@ -156,7 +156,8 @@ class DicomForwarder:
         if "Status" not in response:
             return Delivery(job, Outcome.TRANSIENT, "no response (timeout or association aborted)")
         status = int(response.Status)
-        return Delivery(job, classify_store_status(status), f"status 0x{status:04X} as {UID(choice).name}", status)
+        detail = f"{assoc.acceptor.ae_title} answered status {describe(status)} to {UID(choice).name}"
+        return Delivery(job, classify_store_status(status), detail, status)
 
 
 def _no_context(job: Job, wanted: tuple[str, list[str]], where: str) -> Delivery:

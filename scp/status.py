@@ -2,6 +2,8 @@
 
 from enum import Enum
 
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
@@ -55,3 +57,9 @@ def classify_store_status(status: int) -> Outcome:
 def is_warning(status: int) -> bool:
     """A warning status (0xB000-0xBFFF, PS3.4 B.2.3): delivered, but worth a log line."""
     return status & 0xF000 == 0xB000
+
+
+def describe(status: int) -> str:
+    """`0xA900 (Failure: Data Set Does Not Match SOP Class)`, for logs and reason files."""
+    category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, ("Unknown", "not a storage status"))
+    return f"0x{status:04X} ({category}: {meaning})"
