@@ -183,8 +183,9 @@ class Deliverer:
                 with self._lock:
                     retry.not_before = time.monotonic() + delay
                     if not delivery.reached:
-                        self._pause()
-                LOGGER.warning(
+                        self._pause(detail)
+                LOGGER.log(
+                    logging.WARNING if delivery.reached else logging.DEBUG,  # an outage is logged once, by _pause
                     "delivery of %s to %s failed (attempt %d): %s; retrying in %.1f s",
                     uid,
                     self.name,
@@ -202,12 +203,14 @@ class Deliverer:
         with self._lock:
             self._retries.pop(job.id, None)
 
-    def _pause(self) -> None:
+    def _pause(self, detail: str) -> None:
         """The destination is unreachable: try none of its jobs before a backoff delay (caller holds the lock)."""
         now = time.monotonic()
         if self._paused_until <= now:  # once per failed association, not once per job of its batch
             self._outages += 1
-            self._paused_until = now + self._backoff(self._outages)
+            delay = self._backoff(self._outages)
+            self._paused_until = now + delay
+            LOGGER.warning("%s unreachable (%d in a row): %s; pausing %.1f s", self.name, self._outages, detail, delay)
 
     def _gives_up(self, job: Job, attempts: int) -> str | None:
         policy = self.destination.retry

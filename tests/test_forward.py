@@ -222,3 +222,13 @@ def test_receiving_is_not_blocked_by_a_slow_archive(tmp_path: Path) -> None:
         took = time.monotonic() - started
         assert took < 5, f"receiving 20 instances took {took:.1f} s"
         assert len(archive.received) < 20
+
+
+def test_backoff_doubles_with_jitter_up_to_max_delay(tmp_path: Path) -> None:
+    retry = {"initial_delay": 1.0, "max_delay": 10.0}
+    parsed = config.parse(node_config(tmp_path, _archive(free_port(), retry=retry), JPEG_LS))
+    deliverer = Deliverer("archive", parsed.destinations["archive"], Spool(tmp_path / "spool"), "COMPRESS_SCP")
+    for attempts, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 10.0), (500, 10.0)]:
+        delays = [deliverer._backoff(attempts) for _ in range(200)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays), (attempts, min(delays), max(delays))
+        assert max(delays) - min(delays) > ceiling / 10, "no jitter"
