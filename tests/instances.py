@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
@@ -11,10 +12,18 @@ from pydicom.uid import generate_uid
 from tests.peers import TEST_FILES
 
 
-def make_instances(folder: Path, count: int, source: str = "CT_small.dcm") -> dict[Path, str]:
-    """Write `count` copies of a bundled test file, each with a fresh SOP Instance UID; map path → UID."""
+def make_instances(folder: Path, count: int, source: str = "CT_small.dcm", rows: int = 0) -> dict[Path, str]:
+    """Write `count` copies of a bundled test file, each with a fresh SOP Instance UID; map path → UID.
+
+    With `rows`, the image is replaced by rows x rows pixels of 12-bit noise (slow to encode, hardly compressible).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     ds = pydicom.dcmread(TEST_FILES / source)
+    if rows:
+        ds.Rows = ds.Columns = rows
+        ds.BitsStored, ds.HighBit = 12, 11
+        noise = np.random.default_rng(rows).integers(0, 4096, rows * rows, dtype=np.uint16)
+        ds.PixelData = noise.tobytes()
     made = {}
     for index in range(count):
         uid = generate_uid()

@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
+from pydicom.uid import JPEGLSLossless
 
 from tests.fake_archive import FakeArchive
 from tests.instances import Arrivals, acknowledged, make_instances
@@ -90,6 +92,36 @@ def test_kill_9_while_storescu_streams_300_instances(tmp_path: Path) -> None:
         f"acknowledged {len(acked)}/300; spool after kill: {left[0]} incoming, {left[1]} jobs; "
         f"{delivered_before_restart} delivered before the restart; {len(arrivals.uids())} at the archive"
     )
+
+
+def test_kill_9_while_encoding(tmp_path: Path) -> None:
+    """SIGKILL as soon as the first of three 8 MB instances (about 0.5 s each to encode as JPEG-LS) is
+    acknowledged, so the encoder is at work or about to be; after a restart all three reach the archive as
+    JPEG-LS and the spool ends empty (the start-up sweep took what the kill left in tmp/)."""
+    made = make_instances(tmp_path / "modality", 3, rows=2048)
+    arrivals = Arrivals(tmp_path / "archive")
+    with storescp(tmp_path / "archive") as archive_port:
+        data = node_config(tmp_path, _archive(archive_port), JPEG_LS_RULES)
+        data["node"]["port"] = free_port()
+        node = NodeProcess(tmp_path, data)
+        node.start()
+        try:
+            args = [tool("storescu"), "-v", "-aec", "COMPRESS_SCP", "127.0.0.1", str(node.port), *map(str, made)]
+            with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as modality:
+                wait_for(lambda: _received_lines(node.log) >= 1, 60, "the first instance", interval=0.01)
+                node.kill()
+                output, _ = modality.communicate(timeout=60)
+            first_run = node.log.read_text()
+            acked = {made[path] for path in acknowledged(output)}
+            assert acked, output[-2000:]
+            assert any(f"compressed {uid}" not in first_run for uid in acked), "the kill came after the encoding"
+            node.start()
+            wait_for(lambda: acked <= arrivals.uids(), 60, "the acknowledged instances at the archive")
+            wait_for(lambda: _spool_counts(tmp_path / "spool") == (0, 0, 0), 30, "an empty spool")
+        finally:
+            node.stop()
+    for path in (tmp_path / "archive").glob("CT*"):
+        assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == JPEGLSLossless
 
 
 @pytest.mark.slow
