@@ -237,3 +237,29 @@ def test_sigterm_stops_within_the_bound(tmp_path: Path) -> None:
         f"SIGTERM: stopped in {took:.2f} s; {len(acked)} acknowledged, {len(delivered_first)} delivered before, "
         "the rest after the restart"
     )
+
+
+def test_sigterm_exits_within_the_bound_even_with_a_stuck_c_store(tmp_path: Path) -> None:
+    """An archive taking 20 s per C-STORE and shutdown_timeout 2: SIGTERM still ends the process in about
+    2 s, the job in flight stays in the spool."""
+    made = make_instances(tmp_path / "modality", 2)
+    stuck = FakeArchive(delay=20)
+    with stuck.serving() as archive_port:
+        data = node_config(tmp_path, _archive(archive_port, timeout=60), JPEG_LS_RULES)
+        data["node"].update(port=free_port(), shutdown_timeout=2)
+        node = NodeProcess(tmp_path, data)
+        node.start()
+        try:
+            assert len(acknowledged(storescu(node.port, list(made)))) == 2
+            wait_for(lambda: len(stuck.received) >= 1, 30, "a C-STORE in flight")
+            assert node.proc is not None
+            node.proc.send_signal(signal.SIGTERM)
+            asked = time.monotonic()
+            code = node.proc.wait(timeout=15)
+            took = time.monotonic() - asked
+        finally:
+            node.stop()
+    assert code == 0
+    assert took < 2 + 2, f"took {took:.1f} s to stop"
+    assert "with work in hand" in node.log.read_text()
+    assert _spool_counts(tmp_path / "spool") == (0, 2, 0)
