@@ -62,4 +62,4 @@ def is_warning(status: int) -> bool:
 def describe(status: int) -> str:
     """`0xA900 (Failure: Data Set Does Not Match SOP Class)`, for logs and reason files."""
     category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, ("Unknown", "not a storage status"))
-    return f"0x{status:04X} ({category}: {meaning})"
+    return f"0x{status:04X} ({category}: {meaning})" if meaning else f"0x{status:04X} ({category})"

@@ -232,3 +232,9 @@ def test_backoff_doubles_with_jitter_up_to_max_delay(tmp_path: Path) -> None:
         delays = [deliverer._backoff(attempts) for _ in range(200)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays), (attempts, min(delays), max(delays))
         assert max(delays) - min(delays) > ceiling / 10, "no jitter"
+
+
+def test_status_descriptions_for_reason_files() -> None:
+    assert status.describe(0xA900) == "0xA900 (Failure: Data Set Does Not Match SOP Class)"
+    assert status.describe(0x0000) == "0x0000 (Success)"
+    assert status.describe(0x1234) == "0x1234 (Unknown: not a storage status)"
