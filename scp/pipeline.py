@@ -77,8 +77,10 @@ class Processor:
             "rule": decision.rule,
             "compression": result.reason,
         }
-        jobs = [self.spool.commit_job(spool_id, name, instance, source, info) for name in decision.destinations]
-        encoded.unlink(missing_ok=True)
+        try:
+            jobs = [self.spool.commit_job(spool_id, name, instance, source, info) for name in decision.destinations]
+        finally:
+            encoded.unlink(missing_ok=True)  # jobs hold their own links; a failed commit (full disk) must not leak it
         self.spool.finish_received(spool_id)
         return jobs
 

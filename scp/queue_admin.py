@@ -15,8 +15,11 @@ from scp.spool import Job, Spool, arrival
 STATES = ("incoming", "outgoing", "quarantine")
 
 
-def _age(seconds: float) -> str:
-    """A short human age: 42s, 7m, 3h, 2d."""
+def _age(since: float | None, now: float) -> str:
+    """A short human age: 42s, 7m, 3h, 2d ("-" when unknown)."""
+    if since is None:
+        return "-"
+    seconds = now - since
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds / size:.0f}{unit}"
@@ -32,10 +35,7 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
 def status(spool: Spool) -> list[str]:
     """Counts per state and destination, and the age of the oldest item of each."""
     now = time.time()
-    rows = [
-        (c.state, c.destination or "-", str(c.count), _age(now - c.oldest) if c.oldest is not None else "-")
-        for c in spool.census()
-    ]
+    rows = [(c.state, c.destination or "-", str(c.count), _age(c.oldest, now)) for c in spool.census()]
     return _table(("STATE", "DESTINATION", "COUNT", "OLDEST"), rows)
 
 
@@ -49,7 +49,7 @@ def listing(spool: Spool, state: str | None = None, destination: str | None = No
                 uid = spool.received_info(spool_id).sop_instance_uid
             except FileNotFoundError:
                 continue  # processed meanwhile
-            rows.append(("incoming", "-", spool_id, uid, _age(now - arrival(spool_id)), ""))
+            rows.append(("incoming", "-", spool_id, uid, _age(arrival(spool_id), now), ""))
     for name, jobs in (("outgoing", spool.jobs), ("quarantine", spool.quarantined)):
         if state in (None, name):
             rows.extend(_job_row(name, job, now) for job in jobs(destination))
@@ -62,7 +62,7 @@ def _job_row(state: str, job: Job, now: float) -> tuple[str, ...]:
         reason = _reason_line(job.reason())
     except FileNotFoundError:
         uid, reason = "?", "(delivered or moved meanwhile)"
-    return (state, job.destination, job.id, uid, _age(now - arrival(job.id)), reason)
+    return (state, job.destination, job.id, uid, _age(arrival(job.id), now), reason)
 
 
 def _reason_line(reason: str) -> str:

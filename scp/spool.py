@@ -125,9 +125,10 @@ def new_id() -> str:
     return f"{time.time_ns():020d}-{secrets.token_hex(4)}"
 
 
-def arrival(spool_id: str) -> float:
-    """The arrival time (seconds since the epoch) encoded in a spool id."""
-    return int(spool_id.split("-", 1)[0]) / 1e9
+def arrival(spool_id: str) -> float | None:
+    """The arrival time (seconds since the epoch) encoded in a spool id; None for a name we did not make."""
+    head = spool_id.split("-", 1)[0]
+    return int(head) / 1e9 if head.isdigit() else None
 
 
 class Spool:
@@ -301,11 +302,11 @@ class Spool:
         """Counts and oldest arrival per state and destination: incoming, outgoing, quarantine."""
         result = []
         incoming = self.incoming()
-        result.append(Census("incoming", "", len(incoming), arrival(incoming[0]) if incoming else None))
+        result.append(Census("incoming", "", len(incoming), _oldest(incoming)))
         for state, root in (("outgoing", self.outgoing_dir), ("quarantine", self.quarantine_dir)):
             for folder in sorted(p for p in root.iterdir() if p.is_dir()):
                 ids = sorted(p.name for p in folder.iterdir() if p.is_dir())
-                result.append(Census(state, folder.name, len(ids), arrival(ids[0]) if ids else None))
+                result.append(Census(state, folder.name, len(ids), _oldest(ids)))
         return result
 
     def _add_file(self, folder: Path, name: str, data: bytes) -> None:
@@ -314,6 +315,11 @@ class Spool:
         _write_durably(staged, data)
         os.replace(staged, folder / name)
         fsync_dir(folder)
+
+
+def _oldest(ids: list[str]) -> float | None:
+    times = [t for t in map(arrival, ids) if t is not None]
+    return min(times) if times else None
 
 
 def _jobs_under(root: Path, destination: str | None) -> Iterator[Job]:

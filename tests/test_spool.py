@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import socket
@@ -18,8 +19,11 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage
 
+from scp import config
 from scp.errors import SpoolError
+from scp.pipeline import Processor
 from scp.spool import Job, Received, Spool, arrival
+from scp.workers import Encoder
 from tests.peers import TEST_FILES, node_config, running_node, storescu, wait_for
 
 RECEIVED = Received("MODALITY", "COMPRESS_SCP", "127.0.0.1", "1.2.3", "1.2.3.4", ExplicitVRLittleEndian, 0.0)
@@ -38,7 +42,9 @@ def test_commit_received_is_durable_and_complete(tmp_path: Path) -> None:
     assert spool.received_info(spool_id) == RECEIVED
     assert spool.received_path(spool_id).read_bytes() == b"DICM data"
     assert not list(spool.tmp.iterdir())
-    assert abs(arrival(spool_id) - time.time()) < 5
+    stamp = arrival(spool_id)
+    assert stamp is not None and abs(stamp - time.time()) < 5
+    assert arrival("not-ours") is None
 
 
 @pytest.mark.parametrize("crash_at", [1, 2])
@@ -120,8 +126,9 @@ def test_census_counts_each_state_and_destination(tmp_path: Path) -> None:
     _job(spool, "a")
     _job(spool, "a")
     spool.quarantine(_job(spool, "b"), "reason: x")
+    (spool.outgoing_dir / "a" / "copied-by-hand").mkdir()
     counts = {(c.state, c.destination): c.count for c in spool.census()}
-    assert counts == {("incoming", ""): 1, ("outgoing", "a"): 2, ("outgoing", "b"): 0, ("quarantine", "b"): 1}
+    assert counts == {("incoming", ""): 1, ("outgoing", "a"): 3, ("outgoing", "b"): 0, ("quarantine", "b"): 1}
     assert all(c.oldest is None or c.oldest <= time.time() for c in spool.census())
 
 
@@ -190,3 +197,27 @@ def test_a_peer_dying_mid_transfer_leaves_nothing(tmp_path: Path) -> None:
         assoc.kill()
         wait_for(lambda: not list(node.spool.tmp.glob("tmp*.dcm")), 10, "the partial file to be removed")
         assert node.spool.incoming() == [] and node.spool.jobs() == []
+
+
+def test_a_failed_job_commit_leaks_no_encoded_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk while committing jobs: the encoded file is removed, the received instance stays for later."""
+    spool = Spool(tmp_path / "spool")
+    source = spool.tmp / "tmpreceived.dcm"
+    source.write_bytes((TEST_FILES / "CT_small.dcm").read_bytes())
+    spool_id = spool.commit_received(source, RECEIVED)
+    destinations = {"folder": {"type": "directory", "path": str(tmp_path / "folder")}}
+    rules = [{"name": "all", "compress": "JPEGLSLossless", "forward": ["folder"]}]
+    parsed = config.parse(node_config(tmp_path, destinations, rules))
+
+    def disk_full(*args: object) -> Job:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool, "commit_job", disk_full)
+    encoder = Encoder(1)
+    try:
+        with pytest.raises(OSError):
+            Processor(parsed, spool, encoder).process(spool_id)
+    finally:
+        encoder.close()
+    assert not list(spool.tmp.iterdir())
+    assert spool.incoming() == [spool_id]
