@@ -153,6 +153,22 @@ def test_unreachable_destination_pauses_and_max_age_quarantines(tmp_path: Path) 
     assert all("older than max_age" in r for r in reasons), reasons
 
 
+def test_a_response_timeout_is_transient(tmp_path: Path) -> None:
+    """An archive slower than the destination's timeout: no response is a transient failure (retried until
+    max_attempts), never a delivery."""
+    made = make_instances(tmp_path / "modality", 1)
+    archive = FakeArchive(delay=2.5)
+    destinations = _archive(0, retry={"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": 2})
+    with archive.serving() as port:
+        destinations["archive"].update(port=port, timeout=1)
+        with running_node(node_config(tmp_path, destinations, JPEG_LS)) as node:
+            storescu(node.port, list(made))
+            wait_for(lambda: len(node.spool.quarantined()) == 1, 30, "a quarantined job")
+            reason = node.spool.quarantined()[0].reason()
+    assert "no response" in reason and "gave up after 2 attempts" in reason, reason
+    assert len(archive.received) == 2
+
+
 def test_rejected_association_is_retried_then_gives_up(tmp_path: Path) -> None:
     """An archive that rejects our AE title: transient (retried, the destination pauses), quarantined only
     once max_attempts is reached."""
