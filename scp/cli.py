@@ -75,7 +75,53 @@ def _parser() -> argparse.ArgumentParser:
     offline.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="encoder processes")
     offline.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="files or folders (recursive)")
     offline.set_defaults(handler=_compress)
+
+    _queue_parser(commands)
     return parser
+
+
+def _queue_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--config", type=Path, help="YAML configuration whose spool.path to use")
+    where.add_argument("--spool", type=Path, help="the spool directory (overrides --config)")
+    queue = commands.add_parser("queue", help="inspect the spool; send quarantined jobs back or delete them")
+    actions = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("status", parents=[where], help="counts per state and destination, oldest age")
+    listing = actions.add_parser("list", parents=[where], help="one line per instance or job")
+    listing.add_argument("--state", choices=("incoming", "outgoing", "quarantine"))
+    listing.add_argument("--destination", help="only this destination's jobs")
+    retry = actions.add_parser("retry", parents=[where], help="move quarantined jobs back into the queue")
+    retry.add_argument("--destination", help="only this destination's jobs")
+    retry.add_argument("uids", nargs="*", metavar="UID", help="SOP Instance UIDs (default: every quarantined job)")
+    purge = actions.add_parser("purge", parents=[where], help="delete quarantined jobs for good")
+    purge.add_argument("--destination", help="only this destination's jobs")
+    chosen = purge.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("uids", nargs="*", default=[], metavar="UID", help="SOP Instance UIDs to delete")
+    chosen.add_argument("--all", action="store_true", help="every quarantined job (of --destination)")
+    queue.set_defaults(handler=_queue)
+
+
+def _queue(args: argparse.Namespace) -> int:
+    from scp import queue_admin
+    from scp.spool import Spool
+
+    path = args.spool if args.spool is not None else config.load(args.config).spool.path
+    if not (Path(path) / "outgoing").is_dir():
+        raise ScpError(f"no spool at {path} (give --spool DIR or the node's --config FILE)")
+    spool = Spool(path)
+    if args.action == "status":
+        print("\n".join(queue_admin.status(spool)))
+    elif args.action == "list":
+        print("\n".join(queue_admin.listing(spool, args.state, args.destination)))
+    elif args.action == "retry":
+        moved, problems = queue_admin.retry(spool, args.destination, args.uids)
+        print(f"{moved} job(s) sent back to the queue")
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return EXIT_FAILURE if problems else EXIT_OK
+    else:
+        print(f"{queue_admin.purge(spool, args.destination, args.uids)} job(s) deleted")
+    return EXIT_OK
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -128,7 +174,11 @@ def _run(args: argparse.Namespace) -> int:
                 _reload(service, args.config)
     finally:
         LOGGER.info("stopping")
-        service.stop()
+        finished = service.stop()
+    if not finished:
+        # Threads still in a C-STORE or an encode: leave now, as after a crash; the spool has their work.
+        logging.shutdown()
+        os._exit(EXIT_OK)
     return EXIT_OK
 
 

@@ -59,12 +59,18 @@ class NodeConfig(_Model):
     acse_timeout: float = Field(30.0, gt=0)
     dimse_timeout: float = Field(60.0, gt=0)
     network_timeout: float = Field(60.0, gt=0)
+    shutdown_timeout: float = Field(30.0, gt=0)
+    """Seconds SIGTERM waits for work in hand before the process exits anyway (the spool keeps the rest)."""
 
 
 class SpoolConfig(_Model):
     """The durable queue between receiving and forwarding."""
 
     path: Path = Path("./spool")
+    min_free_mb: float = Field(256.0, ge=0)
+    """Below this much free space on the spool's filesystem, C-STORE is answered 0xA700 (out of resources)."""
+    partial_max_age: float = Field(300.0, gt=0)
+    """Seconds after which an untouched partial received file (aborted transfer) is removed from tmp/."""
 
 
 class WorkersConfig(_Model):

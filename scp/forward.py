@@ -1,7 +1,9 @@
 """Delivery to destinations: a C-STORE SCU with real fallbacks, and a directory writer.
 
-A forwarder takes a batch of jobs and returns one Delivery per job; it never raises for a peer's failure.
-Deciding what to do with a failed job (retry, quarantine) is the pipeline's business.
+A forwarder takes a batch of jobs and yields one Delivery per job as soon as it is known; it never raises for a
+peer's failure. The caller may stop iterating at any point (shutdown): the jobs not yet yielded were not sent,
+or their outcome is unknown, and stay in the spool. Deciding what to do with a failed job (retry, quarantine)
+is the pipeline's business.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -24,7 +26,7 @@ from pynetdicom.association import Association
 from scp import compress
 from scp.config import DicomDestination, DirectoryDestination
 from scp.spool import Job, fsync_dir, fsync_file
-from scp.status import Outcome, classify_store_status
+from scp.status import Outcome, classify_store_status, describe
 
 LOGGER = logging.getLogger(__name__)
 
@@ -39,10 +41,12 @@ class Delivery:
     outcome: Outcome
     detail: str
     status: int | None = None
+    reached: bool = True
+    """False when the destination itself could not be reached (no association): a reason to pause it."""
 
 
 class Forwarder(Protocol):
-    def deliver(self, jobs: Sequence[Job]) -> list[Delivery]: ...
+    def deliver(self, jobs: Sequence[Job]) -> Iterator[Delivery]: ...
 
 
 def safe_file_name(sop_instance_uid: str) -> str:
@@ -60,8 +64,9 @@ class DirectoryForwarder:
         self.path = Path(destination.path)
         self.accept = destination.accept
 
-    def deliver(self, jobs: Sequence[Job]) -> list[Delivery]:
-        return [self._deliver_one(job) for job in jobs]
+    def deliver(self, jobs: Sequence[Job]) -> Iterator[Delivery]:
+        for job in jobs:
+            yield self._deliver_one(job)
 
     def _deliver_one(self, job: Job) -> Delivery:
         info = job.info()
@@ -90,43 +95,46 @@ class DicomForwarder:
         self.calling_ae = destination.calling_ae_title or calling_ae
         self.scratch = scratch
 
-    def deliver(self, jobs: Sequence[Job]) -> list[Delivery]:
+    def deliver(self, jobs: Sequence[Job]) -> Iterator[Delivery]:
         wanted = {job.id: _preferred_syntaxes(job, self.destination.accept) for job in jobs}
-        unsendable = [job for job in jobs if not wanted[job.id][1]]
-        if unsendable:
-            sendable = [job for job in jobs if wanted[job.id][1]]
-            refused = [
-                Delivery(job, Outcome.PERMANENT, "it cannot be sent in any syntax of the destination's accept list")
-                for job in unsendable
-            ]
-            return refused + (self.deliver(sendable) if sendable else [])
+        for job in jobs:
+            if not wanted[job.id][1]:
+                refused = "it cannot be sent in any syntax of the destination's accept list"
+                yield Delivery(job, Outcome.PERMANENT, refused)
+        jobs = [job for job in jobs if wanted[job.id][1]]
+        if not jobs:
+            return
         contexts = sorted({(sop_class, ts) for sop_class, tss in wanted.values() for ts in tss})
         if len(contexts) > MAX_CONTEXTS:
             half = len(jobs) // 2
-            return self.deliver(jobs[:half]) + self.deliver(jobs[half:])
-        ae = AE(ae_title=self.calling_ae)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.destination.timeout
-        ae.connection_timeout = self.destination.timeout
-        for sop_class, ts in contexts:
-            ae.add_requested_context(sop_class, ts)
+            yield from self.deliver(jobs[:half])
+            yield from self.deliver(jobs[half:])
+            return
         where = f"{self.destination.ae_title}@{self.destination.host}:{self.destination.port}"
         try:
-            assoc = ae.associate(self.destination.host, self.destination.port, ae_title=self.destination.ae_title)
+            assoc = associate(self.destination, self.calling_ae, contexts)
         except (OSError, RuntimeError) as exc:
-            return [Delivery(job, Outcome.TRANSIENT, f"cannot reach {where}: {exc}") for job in jobs]
+            for job in jobs:
+                yield Delivery(job, Outcome.TRANSIENT, f"cannot reach {where}: {exc}", reached=False)
+            return
+        if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
+            # pynetdicom aborts an association in which the peer accepted no context at all
+            for job in jobs:
+                yield _no_context(job, wanted[job.id], where)
+            return
         if not assoc.is_established:
-            why = "rejected" if assoc.is_rejected else "aborted or refused"
-            return [Delivery(job, Outcome.TRANSIENT, f"association to {where} {why}") for job in jobs]
+            why = "rejected" if assoc.is_rejected else "aborted or refused (or timed out)"
+            for job in jobs:
+                yield Delivery(job, Outcome.TRANSIENT, f"association to {where} {why}", reached=False)
+            return
         set_nodelay(assoc)
         try:
             accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
-            results = []
             for job in jobs:
                 if not assoc.is_established:
-                    results.append(Delivery(job, Outcome.TRANSIENT, f"association to {where} ended early"))
+                    yield Delivery(job, Outcome.TRANSIENT, f"association to {where} ended early")
                     continue
-                results.append(self._send_one(assoc, job, wanted[job.id], accepted))
-            return results
+                yield self._send_one(assoc, job, wanted[job.id], accepted)
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -141,25 +149,37 @@ class DicomForwarder:
         sop_class, preferred = wanted
         choice = next((ts for ts in preferred if (sop_class, ts) in accepted), None)
         if choice is None:
-            offered = ", ".join(UID(ts).name for ts in preferred)
-            return Delivery(
-                job, Outcome.PERMANENT, f"no presentation context accepted for {sop_class} (offered {offered})"
-            )
+            return _no_context(job, wanted, f"{assoc.acceptor.ae_title}")
         try:
             path, scratch = _file_in_syntax(job, UID(choice), self.scratch)
-        except Exception as exc:  # an undecodable source: retrying will not fix it
-            return Delivery(job, Outcome.PERMANENT, f"cannot be converted to {UID(choice).name}: {exc}")
+        except Exception as exc:  # a decoder failing on this image: retrying will not change that
+            return Delivery(
+                job, Outcome.PERMANENT, f"cannot convert to {UID(choice).name} (the best syntax accepted): {exc}"
+            )
         try:
             response = assoc.send_c_store(path)
-        except (OSError, RuntimeError, ValueError) as exc:
+        except (OSError, RuntimeError) as exc:
             return Delivery(job, Outcome.TRANSIENT, f"sending failed: {exc}")
+        except ValueError as exc:  # pynetdicom refuses the file itself (unreadable, syntax mismatch)
+            return Delivery(job, Outcome.PERMANENT, f"cannot send the file: {exc}")
         finally:
             if scratch:
                 path.unlink(missing_ok=True)
         if "Status" not in response:
             return Delivery(job, Outcome.TRANSIENT, "no response (timeout or association aborted)")
         status = int(response.Status)
-        return Delivery(job, classify_store_status(status), f"status 0x{status:04X} as {UID(choice).name}", status)
+        detail = f"{assoc.acceptor.ae_title} answered status {describe(status)} to {UID(choice).name}"
+        return Delivery(job, classify_store_status(status), detail, status)
+
+
+def _no_context(job: Job, wanted: tuple[str, list[str]], where: str) -> Delivery:
+    sop_class, preferred = wanted
+    offered = ", ".join(UID(ts).name for ts in preferred)
+    return Delivery(
+        job,
+        Outcome.PERMANENT,
+        f"{where} accepted no presentation context for {UID(sop_class).name} ({sop_class}); offered {offered}",
+    )
 
 
 def _preferred_syntaxes(job: Job, accept: Sequence[str] | None = None) -> tuple[str, list[str]]:
@@ -185,6 +205,16 @@ def _file_in_syntax(job: Job, syntax: UID, scratch: Path) -> tuple[Path, bool]:
     path = scratch / f"{job.id}.{job.destination}.{syntax.name.replace(' ', '')}.dcm"
     compress.decompress_file(job.original, path, syntax)
     return path, True
+
+
+def associate(destination: DicomDestination, calling_ae: str, contexts: Sequence[tuple[str, str]]) -> Association:
+    """Request an association proposing one presentation context per (SOP class, transfer syntax)."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = destination.timeout
+    ae.connection_timeout = destination.timeout
+    for sop_class, ts in contexts:
+        ae.add_requested_context(sop_class, ts)
+    return ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
 
 
 def set_nodelay(assoc: Association) -> None:

@@ -34,13 +34,36 @@ def add_supported_contexts(ae: AE) -> None:
         ae.add_supported_context(context.abstract_syntax, list(syntaxes.ACCEPTED))
 
 
-def handle_store(event: Event, spool: Spool, on_commit: Callable[[str], None]) -> int:
-    """Commit the received instance to the spool; answer Success only once it is durable."""
+def handle_store(event: Event, spool: Spool, on_commit: Callable[[str], None], min_free: int = 0) -> int:
+    """Commit the received instance to the spool; answer Success only once it is durable.
+
+    Below `min_free` bytes free on the spool's filesystem the instance is refused with 0xA700 (PS3.4 B.2.3):
+    the modality keeps it and tries again, instead of trusting a node that may not be able to keep it.
+    Whatever happens, the received file does not stay in tmp/ unless it was committed.
+    """
+    path: Path = event.dataset_path
+    try:
+        return _store(event, path, spool, on_commit, min_free)
+    finally:
+        path.unlink(missing_ok=True)  # pynetdicom leaves it behind when a handler raises
+
+
+def _store(event: Event, path: Path, spool: Spool, on_commit: Callable[[str], None], min_free: int) -> int:
     request = event.request
     assoc = event.assoc
     calling = assoc.requestor.ae_title
     sop_instance_uid = str(request.AffectedSOPInstanceUID)
-    path: Path = event.dataset_path
+    free = spool.free_bytes()
+    if free < min_free:
+        LOGGER.error(
+            "refused instance %s from %s: only %d MB free on the spool (min_free_mb %d); answered 0x%04X",
+            sop_instance_uid,
+            calling,
+            free // 2**20,
+            min_free // 2**20,
+            status.OUT_OF_RESOURCES,
+        )
+        return status.OUT_OF_RESOURCES
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True)
         header.get("SOPInstanceUID")  # first access can raise on a malformed dataset
@@ -90,9 +113,9 @@ def handle_connection_open(event: Event) -> None:
     set_nodelay(event.assoc)
 
 
-def handlers(spool: Spool, on_commit: Callable[[str], None]) -> list[tuple[object, ...]]:
+def handlers(spool: Spool, on_commit: Callable[[str], None], min_free: int = 0) -> list[tuple[object, ...]]:
     """The event handlers of the SCP, with their dependencies bound in (STYLE rule 4)."""
     return [
-        (evt.EVT_C_STORE, handle_store, [spool, on_commit]),
+        (evt.EVT_C_STORE, handle_store, [spool, on_commit, min_free]),
         (evt.EVT_CONN_OPEN, handle_connection_open),
     ]

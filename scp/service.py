@@ -7,9 +7,12 @@ delivery threads per destination. Signal handling lives in cli.py and only sets 
 from __future__ import annotations
 
 import logging
+import multiprocessing.util
 import queue
 import tempfile
 import threading
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from pynetdicom import AE, _config
@@ -49,6 +52,8 @@ class Service:
         self._reload_lock = threading.RLock()
         self._encoder: Encoder | None = None
         self._processor: Processor | None = None
+        self._ae: AE | None = None
+        self._saved_tempdir: str | None = None
         self.server: ThreadedAssociationServer | None = None
 
     @property
@@ -60,7 +65,7 @@ class Service:
     def start(self) -> None:
         """Sweep the spool, start workers and deliverers, and listen; return once listening."""
         self.spool.sweep()
-        _use_spool_for_received_files(self.spool)
+        self._saved_tempdir = _use_spool_for_received_files(self.spool)
         self._encoder = Encoder(self.config.workers.processes)
         self._processor = Processor(self.config, self.spool, self._encoder)
         for spool_id in self.spool.incoming():
@@ -69,41 +74,76 @@ class Service:
             self._spawn(f"processor-{index}", self._process_loop)
         for name, destination in self.config.destinations.items():
             self._add_destination(name, destination)
-        for name in set(self.spool.destinations_with_jobs()) - set(self.config.destinations):
-            if waiting := len(self.spool.jobs(name)):
-                LOGGER.warning(
-                    "%d job(s) wait in the spool for destination %s, which is not configured; they are kept "
-                    "and delivered once it is configured again",
-                    waiting,
-                    name,
-                )
+        waiting = Counter(job.destination for job in self.spool.jobs())
+        for name in sorted(set(waiting) - set(self.config.destinations)):
+            LOGGER.warning(
+                "%d job(s) wait in the spool for destination %s, which is not configured; they are kept "
+                "and delivered once it is configured again",
+                waiting[name],
+                name,
+            )
+        self._spawn("spool-janitor", self._janitor_loop)
         node = self.config.node
-        ae = AE(ae_title=node.ae_title)
+        ae = self._ae = AE(ae_title=node.ae_title)
         ae.maximum_associations = node.max_associations
         ae.maximum_pdu_size = node.max_pdu_size
         ae.acse_timeout = node.acse_timeout
         ae.dimse_timeout = node.dimse_timeout
         ae.network_timeout = node.network_timeout
         receive.add_supported_contexts(ae)
+        min_free = int(self.config.spool.min_free_mb * 2**20)
         self.server = ae.start_server(
-            (node.host, node.port), block=False, evt_handlers=receive.handlers(self.spool, self._received)
+            (node.host, node.port), block=False, evt_handlers=receive.handlers(self.spool, self._received, min_free)
         )
         LOGGER.info("listening as %s on %s:%d", node.ae_title, node.host, self.port)
 
-    def stop(self) -> None:
-        """Stop accepting, end the threads after their current item, and stop the encoder processes."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop within `timeout` seconds (default `node.shutdown_timeout`); True if all work in hand finished.
+
+        Stops accepting; lets inbound associations end by themselves for up to half the time, then aborts them
+        (an instance not yet answered is sent again by its modality); processors finish their current instance
+        and deliverers their current C-STORE. Whatever is left is in the spool and resumes at the next start.
+        """
+        budget = self.config.node.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
         if self.server is not None:
             self.server.shutdown()
+        self._end_inbound(time.monotonic() + budget / 2)
+        tempfile.tempdir = self._saved_tempdir
         self._stopping.set()
         for _ in range(self.config.workers.processes):
             self._work.put(_STOP)
         for destination in self._destinations.values():
             destination.wake.set()
         for thread in self._threads:
-            thread.join()
+            thread.join(max(0.0, deadline - time.monotonic()))
+        busy = [thread.name for thread in self._threads if thread.is_alive()]
+        if busy:
+            LOGGER.warning(
+                "stopping after %g s with work in hand (%s); it stays in the spool for the next start",
+                budget,
+                ", ".join(busy),
+            )
+            return False
         if self._encoder is not None:
             self._encoder.close()
         LOGGER.info("stopped")
+        return True
+
+    def _end_inbound(self, deadline: float) -> None:
+        """Wait for established inbound associations to end until `deadline`, then abort the rest (including
+        connections that never sent an association request)."""
+        if self._ae is None:
+            return
+        while any(a.is_established for a in self._ae.active_associations) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self._ae.active_associations:
+            LOGGER.warning(
+                "aborting the association from %s (%s) to stop",
+                assoc.requestor.ae_title or "no AE title yet",
+                assoc.requestor.address,
+            )
+            assoc.abort()
 
     def reload(self, new: Config) -> None:
         """Apply a validated configuration to instances processed from now on; open associations stay.
@@ -146,7 +186,13 @@ class Service:
         self._threads.append(thread)
 
     def _add_destination(self, name: str, destination: object) -> None:
-        deliverer = Deliverer(name, destination, self.spool, self.config.node.ae_title)  # type: ignore[arg-type]
+        deliverer = Deliverer(
+            name,
+            destination,  # type: ignore[arg-type]
+            self.spool,
+            self.config.node.ae_title,
+            self._stopping,
+        )
         state = _Destination(deliverer)
         self._destinations[name] = state
         self._spawn_deliverers(state)
@@ -164,8 +210,8 @@ class Service:
         assert self._processor is not None
         while True:
             spool_id = self._work.get()
-            if spool_id == _STOP:
-                return
+            if spool_id == _STOP or self._stopping.is_set():
+                return  # what is still queued stays in incoming/ for the next start
             try:
                 jobs = self._processor.process(spool_id)
             except Exception:
@@ -196,9 +242,24 @@ class Service:
                 state.wake.wait(state.deliverer.next_wake())
                 state.wake.clear()
 
+    def _janitor_loop(self) -> None:
+        """Remove partial files of aborted transfers while running (the start-up sweep catches the rest)."""
+        max_age = self.config.spool.partial_max_age
+        while not self._stopping.wait(min(60.0, max_age / 2)):
+            try:
+                self.spool.sweep_abandoned_receives(max_age)
+            except OSError as exc:
+                LOGGER.error("spool janitor: %s", exc)
 
-def _use_spool_for_received_files(spool: Spool) -> None:
-    """Stream received datasets to files in the spool's tmp/ (flat memory; committing is a rename)."""
+
+def _use_spool_for_received_files(spool: Spool) -> str | None:
+    """Stream received datasets to files in the spool's tmp/ (flat memory; committing is a rename).
+
+    pynetdicom asks `tempfile` for the folder, so this is process-wide; returns the folder it replaces.
+    """
+    multiprocessing.util.get_temp_dir()  # pins the fork server's socket folder to the system's temp dir first
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.STORE_SEND_CHUNKED_DATASET = True
+    previous = tempfile.tempdir
     tempfile.tempdir = str(spool.tmp)
+    return previous

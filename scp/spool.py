@@ -5,7 +5,8 @@ Layout under the spool root::
     tmp/                         partial writes and pynetdicom's chunked-receive files; swept at start
     incoming/<id>.json, <id>.dcm received and acknowledged, waiting for rules and compression
     outgoing/<dest>/<id>/        one job per destination: instance.dcm (what to send),
-                                 original.dcm (as received, for fallbacks), job.json
+                                 original.dcm (as received, for fallbacks), job.json;
+                                 reason.txt and retry.json when an operator sent it back from quarantine
     quarantine/<dest>/<id>/      a job an operator must look at, with reason.txt
 
 Every file is written in tmp/, fsynced, and renamed into place; the directory is fsynced after the rename.
@@ -13,6 +14,8 @@ A committed file is never modified. `<id>.dcm` in incoming/ is the commit point 
 sidecar is renamed first, so an orphan sidecar (crash in between) is swept. An incoming instance is removed only
 after every destination's job is committed, and a job only after its destination confirmed it, so a crash at any
 point leaves either the instance or its jobs, never neither. Fan-out costs no copies: jobs are hard links.
+A job moves between outgoing/ and quarantine/ by one rename of its directory, never through tmp/ (which is
+swept). Spool ids start with the arrival time in nanoseconds, so ages need no file reads.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ INSTANCE = "instance.dcm"
 ORIGINAL = "original.dcm"
 JOB_INFO = "job.json"
 REASON = "reason.txt"
+RETRY_INFO = "retry.json"
+PARTIAL_RECEIVE = "tmp*.dcm"
+"""pynetdicom's chunked-receive files (tempfile.NamedTemporaryFile(suffix=".dcm") in our tmp/)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,31 @@ class Job:
     def info(self) -> dict[str, object]:
         return dict(json.loads((self.path / JOB_INFO).read_text(encoding="utf-8")))
 
+    def reason(self) -> str:
+        """Why the job was (last) quarantined; empty if it never was."""
+        try:
+            return (self.path / REASON).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return ""
+
+    def queued_at(self) -> float:
+        """When the job's clock started: reception, or the operator's last `queue retry`."""
+        try:
+            retry = json.loads((self.path / RETRY_INFO).read_text(encoding="utf-8"))
+            return float(retry["retried_at"])
+        except FileNotFoundError:
+            return float(str(self.info().get("received_at", time.time())))
+
+
+@dataclass(frozen=True)
+class Census:
+    """How many items wait in one state (and for one destination), and the arrival time of the oldest."""
+
+    state: str
+    destination: str
+    count: int
+    oldest: float | None
+
 
 def fsync_dir(path: Path) -> None:
     """Make a rename or unlink in `path` durable."""
@@ -92,6 +123,12 @@ def fsync_file(path: Path) -> None:
 def new_id() -> str:
     """A spool id: sorts by arrival, unique without trusting anything from the wire."""
     return f"{time.time_ns():020d}-{secrets.token_hex(4)}"
+
+
+def arrival(spool_id: str) -> float | None:
+    """The arrival time (seconds since the epoch) encoded in a spool id; None for a name we did not make."""
+    head = spool_id.split("-", 1)[0]
+    return int(head) / 1e9 if head.isdigit() else None
 
 
 class Spool:
@@ -123,6 +160,32 @@ class Spool:
         if removed:
             LOGGER.warning("spool: swept %d partial file(s) left by an earlier run", removed)
         return removed
+
+    def sweep_abandoned_receives(self, older_than: float) -> int:
+        """Remove chunked-receive files nobody wrote to for `older_than` seconds; return how many.
+
+        pynetdicom leaves its temporary file behind when the C-STORE handler raises or the peer dies
+        mid-transfer. A live transfer writes (and so touches) its file at every PDU, and pynetdicom aborts an
+        association silent for longer than its network timeout, so an old file belongs to no one. Even if one
+        did, its commit would fail and the peer would get a failure status, never Success.
+        """
+        limit = time.time() - older_than
+        removed = 0
+        for entry in self.tmp.glob(PARTIAL_RECEIVE):
+            try:
+                if entry.stat().st_mtime < limit:
+                    entry.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue  # committed or removed meanwhile
+        if removed:
+            LOGGER.warning("spool: removed %d partial received file(s) of aborted transfers", removed)
+        return removed
+
+    def free_bytes(self) -> int:
+        """Bytes available to this process on the spool's filesystem."""
+        stats = os.statvfs(self.root)
+        return stats.f_bavail * stats.f_frsize
 
     # -- receiving ------------------------------------------------------------------------------------
     def commit_received(self, written: Path, received: Received) -> str:
@@ -181,15 +244,9 @@ class Spool:
         fsync_dir(folder)
         return Job(destination, spool_id, target)
 
-    def jobs(self, destination: str) -> list[Job]:
-        """Jobs waiting for `destination`, oldest first."""
-        folder = self.outgoing_dir / destination
-        if not folder.is_dir():
-            return []
-        return [Job(destination, p.name, p) for p in sorted(folder.iterdir()) if p.is_dir()]
-
-    def destinations_with_jobs(self) -> list[str]:
-        return sorted(p.name for p in self.outgoing_dir.iterdir() if p.is_dir())
+    def jobs(self, destination: str | None = None) -> list[Job]:
+        """Jobs waiting for delivery (to one destination, or all), oldest first within each destination."""
+        return list(_jobs_under(self.outgoing_dir, destination))
 
     def delivered(self, job: Job) -> None:
         """Remove a job its destination confirmed."""
@@ -198,19 +255,77 @@ class Spool:
         fsync_dir(job.path.parent)
         _remove(trash)
 
-    def quarantine(self, job: Job, reason: str) -> Path:
-        """Move a job an operator must look at to quarantine/<dest>/<id>/ with its reason."""
+    def quarantine(self, job: Job, reason: str) -> Job:
+        """Move a job an operator must look at to quarantine/<dest>/<id>/, with its reason.txt.
+
+        The reason is committed into the job first, so the job is in quarantine with its reason or still
+        waiting in outgoing/, never in quarantine without one.
+        """
+        self._add_file(job.path, REASON, (reason.rstrip() + "\n").encode())
         folder = self.quarantine_dir / job.destination
         folder.mkdir(exist_ok=True)
         target = folder / job.id
         os.replace(job.path, target)
         fsync_dir(job.path.parent)
         fsync_dir(folder)
-        _write_durably(target / REASON, (reason.rstrip() + "\n").encode())
-        return target
+        return Job(job.destination, job.id, target)
 
-    def quarantined(self) -> Iterator[Job]:
-        for folder in sorted(p for p in self.quarantine_dir.iterdir() if p.is_dir()):
+    def quarantined(self, destination: str | None = None) -> list[Job]:
+        """Quarantined jobs (of one destination, or all), oldest first within each destination."""
+        return list(_jobs_under(self.quarantine_dir, destination))
+
+    def requeue(self, job: Job) -> Job:
+        """Send a quarantined job back to outgoing/ with a fresh clock for `max_age` (retry.json).
+
+        reason.txt stays with it as a record of why it was quarantined last time.
+        """
+        self._add_file(job.path, RETRY_INFO, json.dumps({"retried_at": time.time()}).encode())
+        folder = self.outgoing_dir / job.destination
+        folder.mkdir(exist_ok=True)
+        target = folder / job.id
+        try:
+            os.replace(job.path, target)
+        except OSError as exc:  # the same id is waiting already (ENOTEMPTY): keep both as they are
+            raise SpoolError(f"cannot requeue {job.id} for {job.destination}: {exc.strerror}") from exc
+        fsync_dir(job.path.parent)
+        fsync_dir(folder)
+        return Job(job.destination, job.id, target)
+
+    def purge(self, job: Job) -> None:
+        """Delete a job for good (an operator's decision)."""
+        trash = self.tmp / f"{job.id}.{job.destination}.purged"
+        os.replace(job.path, trash)
+        fsync_dir(job.path.parent)
+        _remove(trash)
+
+    def census(self) -> list[Census]:
+        """Counts and oldest arrival per state and destination: incoming, outgoing, quarantine."""
+        result = []
+        incoming = self.incoming()
+        result.append(Census("incoming", "", len(incoming), _oldest(incoming)))
+        for state, root in (("outgoing", self.outgoing_dir), ("quarantine", self.quarantine_dir)):
+            for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+                ids = sorted(p.name for p in folder.iterdir() if p.is_dir())
+                result.append(Census(state, folder.name, len(ids), _oldest(ids)))
+        return result
+
+    def _add_file(self, folder: Path, name: str, data: bytes) -> None:
+        """Add (or replace) a small metadata file in a committed folder: write in tmp/, rename in."""
+        staged = self.new_tmp_path(f".{name}")
+        _write_durably(staged, data)
+        os.replace(staged, folder / name)
+        fsync_dir(folder)
+
+
+def _oldest(ids: list[str]) -> float | None:
+    times = [t for t in map(arrival, ids) if t is not None]
+    return min(times) if times else None
+
+
+def _jobs_under(root: Path, destination: str | None) -> Iterator[Job]:
+    folders = [root / destination] if destination else sorted(p for p in root.iterdir() if p.is_dir())
+    for folder in folders:
+        if folder.is_dir():
             for path in sorted(p for p in folder.iterdir() if p.is_dir()):
                 yield Job(folder.name, path.name, path)
 

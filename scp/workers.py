@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -21,8 +22,29 @@ from scp.config import CompressSpec
 
 LOGGER = logging.getLogger(__name__)
 
-# forkserver: workers are not forked from the multi-threaded node (a fork can inherit a held lock).
+# Workers come from a fork server, not from a fork of the multi-threaded node: a fork can inherit a held lock,
+# the listening socket and every open association (a peer would not see its connection close, and after
+# `kill -9` an orphan would keep the port), and the node's signal handlers.
 _CONTEXT = multiprocessing.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(["scp.compress"])
+
+WORKER_NICENESS = 10
+"""Encoding yields the CPU to receiving: a modality waiting for its C-STORE response comes first."""
+
+
+def _start_worker(initializer: Callable[[], None] | None) -> None:
+    """Pool initializer: lower priority, end with the node (after `kill -9` of the node nothing else does)."""
+    os.nice(WORKER_NICENESS)
+    node = multiprocessing.parent_process()
+    if node is not None:
+
+        def watch() -> None:
+            node.join()  # returns when the node's end of a pipe closes, however the node ended
+            os._exit(1)
+
+        threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    if initializer is not None:
+        initializer()
 
 
 class Encoder:
@@ -40,7 +62,9 @@ class Encoder:
         self._pool = self._new_pool(processes)
 
     def _new_pool(self, processes: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(processes, mp_context=_CONTEXT, initializer=self.initializer)
+        return ProcessPoolExecutor(
+            processes, mp_context=_CONTEXT, initializer=_start_worker, initargs=(self.initializer,)
+        )
 
     def transcode(self, src: Path, dst: Path, spec: CompressSpec) -> compress.Result:
         """Transcode in the shared pool; never raises, even when the codec kills its process."""

@@ -138,4 +138,4 @@ def test_an_instance_no_accepted_syntax_can_be_made_for_is_quarantined_not_sent(
             (held,) = node.spool.quarantined()
         assert not complete_files(tmp_path / "research"), "nothing was sent in a syntax the archive did not list"
     assert held.destination == "research"
-    assert "cannot be converted to Explicit VR Little Endian" in (held.path / "reason.txt").read_text()
+    assert "cannot convert to Explicit VR Little Endian" in (held.path / "reason.txt").read_text()

@@ -1,0 +1,99 @@
+"""Operator commands on the spool: `compressing-scp queue status|list|retry|purge`.
+
+They work on the files alone, so they are safe while the node runs: every change is one rename of a job
+directory (quarantine → outgoing, or → tmp/ for deletion), which the node's deliverers pick up within a second.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+from scp.errors import SpoolError
+from scp.spool import Job, Spool, arrival
+
+STATES = ("incoming", "outgoing", "quarantine")
+
+
+def _age(since: float | None, now: float) -> str:
+    """A short human age: 42s, 7m, 3h, 2d ("-" when unknown)."""
+    if since is None:
+        return "-"
+    seconds = now - since
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    rows = [list(header), *map(list, rows)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def status(spool: Spool) -> list[str]:
+    """Counts per state and destination, and the age of the oldest item of each."""
+    now = time.time()
+    rows = [(c.state, c.destination or "-", str(c.count), _age(c.oldest, now)) for c in spool.census()]
+    return _table(("STATE", "DESTINATION", "COUNT", "OLDEST"), rows)
+
+
+def listing(spool: Spool, state: str | None = None, destination: str | None = None) -> list[str]:
+    """One line per item: state, destination, spool id, SOP Instance UID, age, and the quarantine reason."""
+    now = time.time()
+    rows: list[tuple[str, ...]] = []
+    if state in (None, "incoming") and destination is None:
+        for spool_id in spool.incoming():
+            try:
+                uid = spool.received_info(spool_id).sop_instance_uid
+            except FileNotFoundError:
+                continue  # processed meanwhile
+            rows.append(("incoming", "-", spool_id, uid, _age(arrival(spool_id), now), ""))
+    for name, jobs in (("outgoing", spool.jobs), ("quarantine", spool.quarantined)):
+        if state in (None, name):
+            rows.extend(_job_row(name, job, now) for job in jobs(destination))
+    return _table(("STATE", "DESTINATION", "ID", "SOP INSTANCE UID", "AGE", "REASON"), rows)
+
+
+def _job_row(state: str, job: Job, now: float) -> tuple[str, ...]:
+    try:
+        uid = str(job.info().get("sop_instance_uid", "?"))
+        reason = _reason_line(job.reason())
+    except FileNotFoundError:
+        uid, reason = "?", "(delivered or moved meanwhile)"
+    return (state, job.destination, job.id, uid, _age(arrival(job.id), now), reason)
+
+
+def _reason_line(reason: str) -> str:
+    """The `reason:` line of a reason.txt (the whole first line if there is none)."""
+    for line in reason.splitlines():
+        if line.startswith("reason:"):
+            return line.removeprefix("reason:").strip()
+    return reason.splitlines()[0] if reason else ""
+
+
+def _select(jobs: Iterable[Job], uids: Sequence[str]) -> list[Job]:
+    """The jobs whose SOP Instance UID is in `uids` (all of them when `uids` is empty)."""
+    wanted = set(uids)
+    return [job for job in jobs if not wanted or str(job.info().get("sop_instance_uid")) in wanted]
+
+
+def retry(spool: Spool, destination: str | None, uids: Sequence[str]) -> tuple[int, list[str]]:
+    """Send quarantined jobs (all, or those with these UIDs) back to the queue; return (count, problems)."""
+    moved, problems = 0, []
+    for job in _select(spool.quarantined(destination), uids):
+        try:
+            spool.requeue(job)
+            moved += 1
+        except SpoolError as exc:
+            problems.append(str(exc))
+    return moved, problems
+
+
+def purge(spool: Spool, destination: str | None, uids: Sequence[str]) -> int:
+    """Delete quarantined jobs for good (all of `destination`, or those with these UIDs); return how many."""
+    jobs = _select(spool.quarantined(destination), uids)
+    for job in jobs:
+        spool.purge(job)
+    return len(jobs)

@@ -1,0 +1,76 @@
+"""A pynetdicom storage SCP in the test process that answers what the test says and counts what it sees."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from pydicom.uid import UID
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import AllStoragePresentationContexts
+
+from scp import syntaxes
+
+
+@dataclass
+class FakeArchive:
+    """`answer(n)` gives the status of the n-th C-STORE (from 0); `delay` slows every C-STORE down."""
+
+    answer: Callable[[int], int] = lambda n: 0x0000
+    transfer_syntaxes: Sequence[str] = syntaxes.ACCEPTED
+    sop_classes: Sequence[str] | None = None
+    delay: float = 0.0
+    require_calling_aet: Sequence[str] = ()
+    received: list[tuple[str, UID]] = field(default_factory=list)
+    associations: int = 0
+    max_concurrent: int = 0
+    _open: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _store(self, event: Event) -> int:
+        with self._lock:
+            index = len(self.received)
+            self.received.append((str(event.request.AffectedSOPInstanceUID), UID(event.context.transfer_syntax)))
+        if self.delay:
+            time.sleep(self.delay)
+        return self.answer(index)
+
+    def _accepted(self, event: Event) -> None:
+        with self._lock:
+            self.associations += 1
+            self._open += 1
+            self.max_concurrent = max(self.max_concurrent, self._open)
+
+    def _ended(self, event: Event) -> None:
+        with self._lock:
+            self._open -= 1
+
+    def uids(self) -> set[str]:
+        with self._lock:
+            return {uid for uid, _ in self.received}
+
+    @contextmanager
+    def serving(self) -> Iterator[int]:
+        """Listen on a free loopback port; yields the port."""
+        ae = AE(ae_title="ARCHIVE")
+        ae.maximum_associations = 16
+        ae.require_calling_aet = list(self.require_calling_aet)
+        wanted = set(self.sop_classes) if self.sop_classes is not None else None
+        for context in AllStoragePresentationContexts:
+            if wanted is None or context.abstract_syntax in wanted:
+                ae.add_supported_context(context.abstract_syntax, list(self.transfer_syntaxes))
+        handlers = [
+            (evt.EVT_C_STORE, self._store),
+            (evt.EVT_ACCEPTED, self._accepted),
+            (evt.EVT_RELEASED, self._ended),
+            (evt.EVT_ABORTED, self._ended),
+        ]
+        server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+        try:
+            yield int(server.server_address[1])
+        finally:
+            server.shutdown()

@@ -1,0 +1,265 @@
+"""What Success promises, under a crash, an archive outage, a full disk and SIGTERM: real processes, loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import JPEGLSLossless
+
+from tests.fake_archive import FakeArchive
+from tests.instances import Arrivals, acknowledged, make_instances
+from tests.peers import (
+    NodeProcess,
+    free_port,
+    listening,
+    node_config,
+    running_node,
+    storescp,
+    storescu,
+    tool,
+    wait_for,
+)
+
+pytestmark = pytest.mark.peers
+
+JPEG_LS_RULES = [{"name": "all", "compress": "JPEGLSLossless", "forward": ["archive"]}]
+FAST_RETRY = {"initial_delay": 0.3, "max_delay": 2.0}
+
+
+def _archive(port: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "archive": {
+            "type": "dicom",
+            "ae_title": "ARCHIVE",
+            "host": "127.0.0.1",
+            "port": port,
+            "timeout": 10,
+            "retry": FAST_RETRY,
+            **extra,
+        }
+    }
+
+
+def _spool_counts(spool: Path) -> tuple[int, int, int]:
+    """(received not yet processed, jobs waiting, jobs quarantined)."""
+    incoming = len(list((spool / "incoming").glob("*.dcm")))
+    outgoing = len([p for p in (spool / "outgoing").glob("*/*") if p.is_dir()])
+    quarantined = len([p for p in (spool / "quarantine").glob("*/*") if p.is_dir()])
+    return incoming, outgoing, quarantined
+
+
+def _received_lines(log: Path) -> int:
+    return log.read_text(errors="replace").count(" INFO scp.receive: received ") if log.exists() else 0
+
+
+@pytest.mark.slow
+def test_kill_9_while_storescu_streams_300_instances(tmp_path: Path) -> None:
+    """SIGKILL the node mid-stream (and mid-compression); after a restart on the same spool every instance
+    storescu saw acknowledged reaches the archive."""
+    made = make_instances(tmp_path / "modality", 300)
+    arrivals = Arrivals(tmp_path / "archive")
+    with storescp(tmp_path / "archive") as archive_port:
+        data = node_config(tmp_path, _archive(archive_port), JPEG_LS_RULES)
+        data["node"]["port"] = free_port()
+        node = NodeProcess(tmp_path, data)
+        node.start()
+        try:
+            args = [tool("storescu"), "-v", "-aec", "COMPRESS_SCP", "127.0.0.1", str(node.port), *map(str, made)]
+            with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as modality:
+                wait_for(lambda: _received_lines(node.log) >= 100, 60, "100 instances received", interval=0.02)
+                node.kill()
+                output, _ = modality.communicate(timeout=60)
+            acked = {made[path] for path in acknowledged(output)}
+            assert 100 <= len(acked) < 300, output[-2000:]
+            left = _spool_counts(tmp_path / "spool")
+            assert left[0] + left[1] > 0, "the kill came too late to leave work in the spool"
+            delivered_before_restart = len(arrivals.uids())
+            node.start()
+            wait_for(lambda: acked <= arrivals.uids(), 120, f"{len(acked)} acknowledged instances at the archive")
+            wait_for(lambda: _spool_counts(tmp_path / "spool") == (0, 0, 0), 30, "an empty spool")
+        finally:
+            node.stop()
+    print(
+        f"acknowledged {len(acked)}/300; spool after kill: {left[0]} incoming, {left[1]} jobs; "
+        f"{delivered_before_restart} delivered before the restart; {len(arrivals.uids())} at the archive"
+    )
+
+
+def test_kill_9_while_encoding(tmp_path: Path) -> None:
+    """SIGKILL as soon as the first of three 8 MB instances (about 0.5 s each to encode as JPEG-LS) is
+    acknowledged, so the encoder is at work or about to be; after a restart all three reach the archive as
+    JPEG-LS and the spool ends empty (the start-up sweep took what the kill left in tmp/)."""
+    made = make_instances(tmp_path / "modality", 3, rows=2048)
+    arrivals = Arrivals(tmp_path / "archive")
+    with storescp(tmp_path / "archive") as archive_port:
+        data = node_config(tmp_path, _archive(archive_port), JPEG_LS_RULES)
+        data["node"]["port"] = free_port()
+        node = NodeProcess(tmp_path, data)
+        node.start()
+        try:
+            args = [tool("storescu"), "-v", "-aec", "COMPRESS_SCP", "127.0.0.1", str(node.port), *map(str, made)]
+            with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as modality:
+                wait_for(lambda: _received_lines(node.log) >= 1, 60, "the first instance", interval=0.01)
+                node.kill()
+                output, _ = modality.communicate(timeout=60)
+            first_run = node.log.read_text()
+            acked = {made[path] for path in acknowledged(output)}
+            assert acked, output[-2000:]
+            assert any(f"compressed {uid}" not in first_run for uid in acked), "the kill came after the encoding"
+            node.start()
+            wait_for(lambda: acked <= arrivals.uids(), 60, "the acknowledged instances at the archive")
+            wait_for(lambda: _spool_counts(tmp_path / "spool") == (0, 0, 0), 30, "an empty spool")
+        finally:
+            node.stop()
+    for path in (tmp_path / "archive").glob("CT*"):
+        assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == JPEGLSLossless
+
+
+@pytest.mark.slow
+def test_archive_down_while_200_arrive_then_up(tmp_path: Path) -> None:
+    """The archive is down while 200 instances arrive and comes up ~12 s later (the issue's "a minute later",
+    shortened to keep the suite fast, with retry delays to match): all delivered, none quarantined."""
+    made = make_instances(tmp_path / "modality", 200)
+    archive_port = free_port()
+    arrivals = Arrivals(tmp_path / "archive")
+    spool = tmp_path / "spool"
+    data = node_config(tmp_path, _archive(archive_port, associations=2, batch_size=32), JPEG_LS_RULES)
+    with running_node(data) as node:
+        started = time.monotonic()
+        output = storescu(node.port, list(made))
+        assert len(acknowledged(output)) == 200, output[-2000:]
+        wait_for(lambda: _spool_counts(spool)[0] == 0, 60, "all 200 processed into jobs")
+        while time.monotonic() < started + 12:
+            assert _spool_counts(spool) == (0, 200, 0)
+            time.sleep(0.5)
+        with storescp(tmp_path / "archive", port=archive_port):
+            up = time.monotonic()
+            wait_for(lambda: arrivals.uids() == set(made.values()), 60, "200 instances at the archive")
+            delivered_in = time.monotonic() - up
+            wait_for(lambda: _spool_counts(spool) == (0, 0, 0), 10, "an empty spool")
+    print(f"200 delivered {delivered_in:.1f} s after the archive came up")
+
+
+def test_full_spool_answers_out_of_resources_and_recovers(tmp_path: Path) -> None:
+    """A spool on a 6 MB tmpfs with min_free_mb 2 and the archive down: once the spool is full the node answers
+    0xA700, still answers C-ECHO, loses nothing it acknowledged, and takes instances again once the archive is
+    back and deliveries free the space."""
+    made = make_instances(tmp_path / "modality", 150)
+    archive_port = free_port()
+    arrivals = Arrivals(tmp_path / "archive")
+    with _tmpfs(tmp_path / "small", "6m") as small:
+        data = node_config(tmp_path, _archive(archive_port), JPEG_LS_RULES, spool={"path": str(small / "spool")})
+        data["spool"]["min_free_mb"] = 2
+        with running_node(data) as node:
+            output = storescu(node.port, list(made), extra=["--no-halt"])
+            acked = {made[path] for path in acknowledged(output)}
+            refused = output.count("Received Store Response (Refused: OutOfResources")
+            assert acked and refused, output[-2000:]
+            assert len(acked) + refused == len(made), output[-2000:]
+            echo = subprocess.run(
+                [tool("echoscu"), "-aec", "COMPRESS_SCP", "127.0.0.1", str(node.port)], capture_output=True, timeout=30
+            )
+            assert echo.returncode == 0, echo.stdout + echo.stderr
+            assert not list(node.spool.tmp.glob("tmp*.dcm")), "refused data left in tmp/"
+            with storescp(tmp_path / "archive", port=archive_port):
+                wait_for(lambda: acked <= arrivals.uids(), 60, f"the {len(acked)} acknowledged instances")
+                wait_for(lambda: _spool_counts(node.spool.root) == (0, 0, 0), 30, "an empty spool")
+                rest = [path for path, uid in made.items() if uid not in acked]
+                again = storescu(node.port, rest)
+                assert len(acknowledged(again)) == len(rest), again[-2000:]
+                wait_for(lambda: arrivals.uids() == set(made.values()), 60, "all 150 at the archive")
+    print(f"acknowledged {len(acked)} then refused {refused} with 0xA700; the rest taken after recovery")
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs mounted for the test (needs root: skipped otherwise, failed under CI); always unmounted."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        message = f"cannot mount a tmpfs for the full-disk test: {done.stderr.decode(errors='replace').strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_sigterm_stops_within_the_bound(tmp_path: Path) -> None:
+    """SIGTERM while storescu streams and a slow archive is being fed: the node stops listening, exits within
+    node.shutdown_timeout, and the next start delivers everything that was acknowledged."""
+    made = make_instances(tmp_path / "modality", 150)
+    slow = FakeArchive(delay=0.3)
+    with slow.serving() as archive_port:
+        data = node_config(tmp_path, _archive(archive_port, associations=1), JPEG_LS_RULES)
+        data["node"].update(port=free_port(), shutdown_timeout=4)
+        node = NodeProcess(tmp_path, data)
+        node.start()
+        try:
+            args = [tool("storescu"), "-v", "-aec", "COMPRESS_SCP", "127.0.0.1", str(node.port), *map(str, made)]
+            with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as modality:
+                wait_for(lambda: len(slow.received) >= 2, 30, "deliveries to start")
+                assert node.proc is not None
+                node.proc.send_signal(signal.SIGTERM)
+                asked = time.monotonic()
+                code = node.proc.wait(timeout=15)
+                took = time.monotonic() - asked
+                output, _ = modality.communicate(timeout=30)
+            assert code == 0
+            assert took < 4 + 2, f"took {took:.1f} s to stop"
+            assert not listening(node.port)
+            acked = {made[path] for path in acknowledged(output)}
+            delivered_first = slow.uids()
+            assert len(delivered_first) < len(acked), "the archive was not slow enough to leave work in hand"
+        finally:
+            node.stop()
+    fast = FakeArchive()
+    with fast.serving() as archive_port:
+        data["destinations"] = _archive(archive_port)
+        node = NodeProcess(tmp_path, data)
+        node.start()
+        try:
+            wait_for(lambda: acked <= delivered_first | fast.uids(), 30, "the rest after the restart")
+        finally:
+            node.stop()
+    print(
+        f"SIGTERM: stopped in {took:.2f} s; {len(acked)} acknowledged, {len(delivered_first)} delivered before, "
+        "the rest after the restart"
+    )
+
+
+def test_sigterm_exits_within_the_bound_even_with_a_stuck_c_store(tmp_path: Path) -> None:
+    """An archive taking 20 s per C-STORE and shutdown_timeout 2: SIGTERM still ends the process in about
+    2 s, the job in flight stays in the spool."""
+    made = make_instances(tmp_path / "modality", 2)
+    stuck = FakeArchive(delay=20)
+    with stuck.serving() as archive_port:
+        data = node_config(tmp_path, _archive(archive_port, timeout=60), JPEG_LS_RULES)
+        data["node"].update(port=free_port(), shutdown_timeout=2)
+        node = NodeProcess(tmp_path, data)
+        node.start()
+        try:
+            assert len(acknowledged(storescu(node.port, list(made)))) == 2
+            wait_for(lambda: len(stuck.received) >= 1, 30, "a C-STORE in flight")
+            assert node.proc is not None
+            node.proc.send_signal(signal.SIGTERM)
+            asked = time.monotonic()
+            code = node.proc.wait(timeout=15)
+            took = time.monotonic() - asked
+        finally:
+            node.stop()
+    assert code == 0
+    assert took < 2 + 2, f"took {took:.1f} s to stop"
+    assert "with work in hand" in node.log.read_text()
+    assert _spool_counts(tmp_path / "spool") == (0, 2, 0)

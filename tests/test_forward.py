@@ -1,0 +1,256 @@
+"""Delivery: status classification, fallbacks, quarantine, retries, association reuse and parallelism."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.sop_class import MRImageStorage
+
+from scp import config, status
+from scp.pipeline import Deliverer
+from scp.spool import Spool
+from scp.status import Outcome
+from tests.fake_archive import FakeArchive
+from tests.instances import Arrivals, make_instances
+from tests.peers import TEST_FILES, free_port, node_config, running_node, storescp, storescu, wait_for
+
+pytestmark = pytest.mark.peers
+
+JPEG_LS = [{"name": "all", "compress": "JPEGLSLossless", "forward": ["archive"]}]
+
+
+@pytest.mark.parametrize(
+    ("code", "outcome"),
+    [
+        (0x0000, Outcome.DELIVERED),
+        (0xB000, Outcome.DELIVERED),
+        (0xB006, Outcome.DELIVERED),
+        (0xB007, Outcome.DELIVERED),
+        (0xA700, Outcome.TRANSIENT),
+        (0xA7FF, Outcome.TRANSIENT),
+        (0x0110, Outcome.TRANSIENT),
+        (0x0213, Outcome.TRANSIENT),
+        (0xA900, Outcome.PERMANENT),
+        (0xA9FF, Outcome.PERMANENT),
+        (0xC000, Outcome.PERMANENT),
+        (0xC211, Outcome.PERMANENT),
+        (0x0122, Outcome.PERMANENT),
+        (0x0124, Outcome.PERMANENT),
+    ],
+)
+def test_store_status_classification(code: int, outcome: Outcome) -> None:
+    """PS3.4 B.2.3: warnings are delivered, out of resources is retried, the rest is refused for good."""
+    assert status.classify_store_status(code) is outcome
+
+
+def _archive(port: int, **extra: Any) -> dict[str, Any]:
+    retry = extra.pop("retry", {"initial_delay": 0.2, "max_delay": 0.5})
+    return {
+        "archive": {
+            "type": "dicom",
+            "ae_title": "ARCHIVE",
+            "host": "127.0.0.1",
+            "port": port,
+            "timeout": 10,
+            "retry": retry,
+            **extra,
+        }
+    }
+
+
+def _quarantined(spool: Spool) -> dict[str, str]:
+    return {str(job.info()["sop_instance_uid"]): job.reason() for job in spool.quarantined()}
+
+
+def test_uncompressed_only_archive_gets_decompressed_instances(tmp_path: Path) -> None:
+    """The rule says JPEG-LS; DCMTK storescp accepting only uncompressed syntaxes gets every instance, decoded
+    to the same pixels, with its SOP Instance UID kept."""
+    made = make_instances(tmp_path / "modality", 10)
+    arrivals = Arrivals(tmp_path / "archive")
+    with (
+        storescp(tmp_path / "archive", accept="") as port,
+        running_node(node_config(tmp_path, _archive(port), JPEG_LS)) as node,
+    ):
+        storescu(node.port, list(made))
+        wait_for(lambda: arrivals.uids() == set(made.values()), 60, "10 instances at storescp")
+        wait_for(lambda: not node.spool.jobs(), 10, "an empty queue")
+        assert not node.spool.quarantined()
+    source = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    for path in (tmp_path / "archive").glob("CT*"):
+        out = pydicom.dcmread(path)
+        assert out.file_meta.TransferSyntaxUID in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        assert np.array_equal(out.pixel_array, source.pixel_array)
+
+
+@pytest.mark.parametrize("code", [0xA900, 0xC000, 0x0122])
+def test_permanent_failure_is_quarantined_with_its_reason(tmp_path: Path, code: int) -> None:
+    """An archive answering a permanent failure: each instance is sent once and quarantined with the status."""
+    made = make_instances(tmp_path / "modality", 3)
+    archive = FakeArchive(answer=lambda n: code)
+    with archive.serving() as port, running_node(node_config(tmp_path, _archive(port), JPEG_LS)) as node:
+        storescu(node.port, list(made))
+        wait_for(lambda: len(node.spool.quarantined()) == 3, 30, "three quarantined jobs")
+        quarantined = _quarantined(node.spool)
+        assert not node.spool.jobs()
+    assert sorted(quarantined) == sorted(made.values())
+    assert all(f"status 0x{code:04X}" in reason for reason in quarantined.values()), quarantined
+    assert all("destination: archive" in reason for reason in quarantined.values())
+    assert len(archive.received) == 3, "a permanent failure was retried"
+
+
+def test_warning_counts_as_delivered(tmp_path: Path) -> None:
+    made = make_instances(tmp_path / "modality", 2)
+    archive = FakeArchive(answer=lambda n: 0xB000)
+    with archive.serving() as port, running_node(node_config(tmp_path, _archive(port), JPEG_LS)) as node:
+        storescu(node.port, list(made))
+        wait_for(lambda: archive.uids() == set(made.values()), 30, "two instances")
+        wait_for(lambda: not node.spool.jobs(), 10, "an empty queue")
+        assert not node.spool.quarantined()
+    assert len(archive.received) == 2
+
+
+def test_out_of_resources_is_retried_until_accepted(tmp_path: Path) -> None:
+    """0xA700 twice, then Success: delivered, not quarantined."""
+    made = make_instances(tmp_path / "modality", 1)
+    archive = FakeArchive(answer=lambda n: status.OUT_OF_RESOURCES if n < 2 else status.SUCCESS)
+    with archive.serving() as port, running_node(node_config(tmp_path, _archive(port), JPEG_LS)) as node:
+        storescu(node.port, list(made))
+        wait_for(lambda: len(archive.received) == 3, 30, "two refusals and a success")
+        wait_for(lambda: not node.spool.jobs(), 10, "an empty queue")
+        assert not node.spool.quarantined()
+
+
+def test_max_attempts_quarantines_a_transient_failure(tmp_path: Path) -> None:
+    made = make_instances(tmp_path / "modality", 1)
+    archive = FakeArchive(answer=lambda n: status.OUT_OF_RESOURCES)
+    destinations = _archive(0, retry={"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": 3})
+    with archive.serving() as port:
+        destinations["archive"]["port"] = port
+        with running_node(node_config(tmp_path, destinations, JPEG_LS)) as node:
+            storescu(node.port, list(made))
+            wait_for(lambda: len(node.spool.quarantined()) == 1, 30, "a quarantined job")
+            reason = node.spool.quarantined()[0].reason()
+    assert len(archive.received) == 3
+    assert "0xA700" in reason and "gave up after 3 attempts" in reason, reason
+
+
+def test_unreachable_destination_pauses_and_max_age_quarantines(tmp_path: Path) -> None:
+    """Connection refused is transient; after max_age the job goes to quarantine, saying why."""
+    made = make_instances(tmp_path / "modality", 2)
+    destinations = _archive(free_port(), retry={"initial_delay": 0.1, "max_delay": 0.3, "max_age": 1.5})
+    with running_node(node_config(tmp_path, destinations, JPEG_LS)) as node:
+        storescu(node.port, list(made))
+        wait_for(lambda: len(node.spool.quarantined()) == 2, 30, "two quarantined jobs")
+        reasons = list(_quarantined(node.spool).values())
+    assert all("cannot reach" in r or "refused" in r for r in reasons), reasons
+    assert all("older than max_age" in r for r in reasons), reasons
+
+
+def test_a_response_timeout_is_transient(tmp_path: Path) -> None:
+    """An archive slower than the destination's timeout: no response is a transient failure (retried until
+    max_attempts), never a delivery."""
+    made = make_instances(tmp_path / "modality", 1)
+    archive = FakeArchive(delay=2.5)
+    destinations = _archive(0, retry={"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": 2})
+    with archive.serving() as port:
+        destinations["archive"].update(port=port, timeout=1)
+        with running_node(node_config(tmp_path, destinations, JPEG_LS)) as node:
+            storescu(node.port, list(made))
+            wait_for(lambda: len(node.spool.quarantined()) == 1, 30, "a quarantined job")
+            reason = node.spool.quarantined()[0].reason()
+    assert "no response" in reason and "gave up after 2 attempts" in reason, reason
+    assert len(archive.received) == 2
+
+
+def test_rejected_association_is_retried_then_gives_up(tmp_path: Path) -> None:
+    """An archive that rejects our AE title: transient (retried, the destination pauses), quarantined only
+    once max_attempts is reached."""
+    made = make_instances(tmp_path / "modality", 1)
+    archive = FakeArchive(require_calling_aet=["SOMEONE_ELSE"])
+    destinations = _archive(0, retry={"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": 3})
+    with archive.serving() as port:
+        destinations["archive"]["port"] = port
+        with running_node(node_config(tmp_path, destinations, JPEG_LS)) as node:
+            storescu(node.port, list(made))
+            wait_for(lambda: len(node.spool.quarantined()) == 1, 30, "a quarantined job")
+            reason = node.spool.quarantined()[0].reason()
+    assert "rejected" in reason and "gave up after 3 attempts" in reason, reason
+    assert archive.received == []
+
+
+def test_no_acceptable_presentation_context_is_permanent(tmp_path: Path) -> None:
+    """An archive that supports only MR storage gets CT: nothing to negotiate, quarantined (not retried)."""
+    made = make_instances(tmp_path / "modality", 2)
+    archive = FakeArchive(sop_classes=[MRImageStorage])
+    with archive.serving() as port, running_node(node_config(tmp_path, _archive(port), JPEG_LS)) as node:
+        storescu(node.port, list(made))
+        wait_for(lambda: len(node.spool.quarantined()) == 2, 30, "two quarantined jobs")
+        reasons = list(_quarantined(node.spool).values())
+    assert all("accepted no presentation context for CT Image Storage" in r for r in reasons), reasons
+    assert archive.associations <= 2
+
+
+def test_batches_reuse_associations_and_run_in_parallel(tmp_path: Path) -> None:
+    """60 jobs, batch_size 10, 3 associations, a slowish archive: ~6 associations, at most 3 at once."""
+    spool = Spool(tmp_path / "spool")
+    made = make_instances(tmp_path / "modality", 60)
+    info = {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "transfer_syntax": ExplicitVRLittleEndian}
+    for index, (path, uid) in enumerate(made.items()):
+        spool_id = f"{index:020d}-test"
+        job_info = {**info, "original_transfer_syntax": ExplicitVRLittleEndian, "sop_instance_uid": uid}
+        spool.commit_job(spool_id, "archive", path, path, job_info | {"received_at": 0})
+    archive = FakeArchive(delay=0.02)
+    with archive.serving() as port:
+        parsed = config.parse(node_config(tmp_path, _archive(port, associations=3, batch_size=10), JPEG_LS))
+        deliverer = Deliverer("archive", parsed.destinations["archive"], spool, "COMPRESS_SCP")
+        threads = [threading.Thread(target=_drain, args=(deliverer,)) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert archive.uids() == set(made.values())
+    assert not spool.jobs()
+    assert 6 <= archive.associations <= 8, archive.associations
+    assert archive.max_concurrent == 3, archive.max_concurrent
+    assert len({ts for _, ts in archive.received}) == 1
+
+
+def _drain(deliverer: Deliverer) -> None:
+    for _ in range(100):
+        if not deliverer.run_once():
+            return
+
+
+def test_receiving_is_not_blocked_by_a_slow_archive(tmp_path: Path) -> None:
+    """An archive taking 0.5 s per instance does not slow down the modality."""
+    made = make_instances(tmp_path / "modality", 20)
+    archive = FakeArchive(delay=0.5)
+    with archive.serving() as port, running_node(node_config(tmp_path, _archive(port), JPEG_LS)) as node:
+        started = time.monotonic()
+        storescu(node.port, list(made))
+        took = time.monotonic() - started
+        assert took < 5, f"receiving 20 instances took {took:.1f} s"
+        assert len(archive.received) < 20
+
+
+def test_backoff_doubles_with_jitter_up_to_max_delay(tmp_path: Path) -> None:
+    retry = {"initial_delay": 1.0, "max_delay": 10.0}
+    parsed = config.parse(node_config(tmp_path, _archive(free_port(), retry=retry), JPEG_LS))
+    deliverer = Deliverer("archive", parsed.destinations["archive"], Spool(tmp_path / "spool"), "COMPRESS_SCP")
+    for attempts, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 10.0), (500, 10.0)]:
+        delays = [deliverer._backoff(attempts) for _ in range(200)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays), (attempts, min(delays), max(delays))
+        assert max(delays) - min(delays) > ceiling / 10, "no jitter"
+
+
+def test_status_descriptions_for_reason_files() -> None:
+    assert status.describe(0xA900) == "0xA900 (Failure: Data Set Does Not Match SOP Class)"
+    assert status.describe(0x0000) == "0x0000 (Success)"
+    assert status.describe(0x1234) == "0x1234 (Unknown: not a storage status)"

@@ -1,0 +1,89 @@
+"""`compressing-scp queue status|list|retry|purge` on the spool of a running node."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scp import cli
+from tests.fake_archive import FakeArchive
+from tests.instances import make_instances
+from tests.peers import PROJECT, node_config, running_node, storescu, wait_for
+
+pytestmark = pytest.mark.peers
+
+RULES = [{"name": "all", "compress": "keep", "forward": ["archive"]}]
+
+
+def _queue(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = cli.main(["queue", *args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_status_list_retry_purge_while_the_node_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Three instances refused for good (0xA900) then an archive that accepts: the operator lists them, sends
+    one back by UID (delivered), purges one, sends the rest back (delivered)."""
+    made = make_instances(tmp_path / "modality", 3)
+    uids = sorted(made.values())
+    archive = FakeArchive(answer=lambda n: 0xA900 if n < 3 else 0x0000)
+    with archive.serving() as port:
+        destinations = {"archive": {"type": "dicom", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": port}}
+        data = node_config(tmp_path, destinations, RULES)
+        config_file = tmp_path / "node.yaml"
+        config_file.write_text(yaml.safe_dump(data))
+        with running_node(data) as node:
+            storescu(node.port, list(made))
+            wait_for(lambda: len(node.spool.quarantined()) == 3, 30, "three quarantined jobs")
+
+            status = subprocess.run(
+                [sys.executable, "-m", "scp", "queue", "status", "--config", str(config_file)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, "PYTHONPATH": str(PROJECT)},
+            )
+            assert status.returncode == 0, status.stderr
+            rows = {tuple(line.split()[:3]) for line in status.stdout.splitlines()}
+            assert ("quarantine", "archive", "3") in rows, status.stdout
+            assert ("outgoing", "archive", "0") in rows, status.stdout
+
+            code, listing = _queue(capsys, "list", "--state", "quarantine", "--spool", str(node.spool.root))
+            assert code == 0
+            assert all(uid in listing for uid in uids), listing
+            assert listing.count("status 0xA900") == 3, listing
+
+            code, out = _queue(capsys, "retry", uids[0], "--spool", str(node.spool.root))
+            assert (code, out.strip()) == (0, "1 job(s) sent back to the queue")
+            wait_for(lambda: uids[0] in archive.uids() and len(archive.received) == 4, 30, "the retried job")
+
+            code, out = _queue(capsys, "purge", uids[1], "--config", str(config_file))
+            assert (code, out.strip()) == (0, "1 job(s) deleted")
+
+            code, out = _queue(capsys, "retry", "--destination", "archive", "--spool", str(node.spool.root))
+            assert (code, out.strip()) == (0, "1 job(s) sent back to the queue")
+            wait_for(lambda: len(archive.received) == 5, 30, "the last retried job")
+            wait_for(lambda: not node.spool.jobs(), 10, "an empty queue")
+            assert node.spool.quarantined() == []
+    assert [uid for uid, _ in archive.received[3:]] == [uids[0], uids[2]]
+
+
+def test_purge_needs_uids_or_all(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "outgoing").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["queue", "purge", "--spool", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "UID --all" in capsys.readouterr().err
+    code, out = _queue(capsys, "purge", "--all", "--spool", str(tmp_path))
+    assert (code, out.strip()) == (0, "0 job(s) deleted")
+
+
+def test_queue_on_a_missing_spool_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _queue(capsys, "status", "--spool", str(tmp_path / "nowhere"))
+    assert code == 1
+    assert "no spool at" in out and not (tmp_path / "nowhere").exists()

@@ -1,0 +1,223 @@
+"""The spool: commit points, crash consistency, sweeping, quarantine and requeue; no partial data left behind."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import CTImageStorage
+
+from scp import config
+from scp.errors import SpoolError
+from scp.pipeline import Processor
+from scp.spool import Job, Received, Spool, arrival
+from scp.workers import Encoder
+from tests.peers import TEST_FILES, node_config, running_node, storescu, wait_for
+
+RECEIVED = Received("MODALITY", "COMPRESS_SCP", "127.0.0.1", "1.2.3", "1.2.3.4", ExplicitVRLittleEndian, 0.0)
+
+
+def _written(spool: Spool, data: bytes = b"DICM data") -> Path:
+    path = spool.tmp / "tmpreceived.dcm"
+    path.write_bytes(data)
+    return path
+
+
+def test_commit_received_is_durable_and_complete(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool_id = spool.commit_received(_written(spool), RECEIVED)
+    assert spool.incoming() == [spool_id]
+    assert spool.received_info(spool_id) == RECEIVED
+    assert spool.received_path(spool_id).read_bytes() == b"DICM data"
+    assert not list(spool.tmp.iterdir())
+    stamp = arrival(spool_id)
+    assert stamp is not None and abs(stamp - time.time()) < 5
+    assert arrival("not-ours") is None
+
+
+@pytest.mark.parametrize("crash_at", [1, 2])
+def test_a_crash_inside_commit_received_leaves_all_or_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: int
+) -> None:
+    """A crash before either rename leaves no instance after the start-up sweep (and Success was not sent)."""
+    spool = Spool(tmp_path)
+    calls = 0
+    real_replace = os.replace
+
+    def crashing_replace(src: object, dst: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == crash_at:
+            raise OSError("simulated crash")
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", crashing_replace)
+    with pytest.raises(OSError):
+        spool.commit_received(_written(spool), RECEIVED)
+    monkeypatch.setattr(os, "replace", real_replace)
+    Spool(tmp_path).sweep()
+    assert spool.incoming() == []
+    assert not list(spool.incoming_dir.iterdir()), "an orphan sidecar survived the sweep"
+    assert not list(spool.tmp.iterdir())
+
+
+def _job(spool: Spool, destination: str = "archive", uid: str = "1.2.3.4") -> Job:
+    spool_id = spool.commit_received(_written(spool), RECEIVED)
+    info = {"sop_instance_uid": uid, "received_at": 1.0}
+    job = spool.commit_job(spool_id, destination, spool.received_path(spool_id), spool.received_path(spool_id), info)
+    spool.finish_received(spool_id)
+    return job
+
+
+def test_jobs_are_hard_links_and_commit_job_is_idempotent(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool_id = spool.commit_received(_written(spool), RECEIVED)
+    source = spool.received_path(spool_id)
+    first = spool.commit_job(spool_id, "a", source, source, {"sop_instance_uid": "1"})
+    second = spool.commit_job(spool_id, "b", source, source, {"sop_instance_uid": "1"})
+    again = spool.commit_job(spool_id, "a", source, source, {"sop_instance_uid": "changed"})
+    assert first.instance.stat().st_ino == second.instance.stat().st_ino == source.stat().st_ino
+    assert again.info() == {"sop_instance_uid": "1"}
+    assert [j.destination for j in spool.jobs()] == ["a", "b"]
+
+
+def test_quarantine_requeue_and_purge(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    job = _job(spool)
+    quarantined = spool.quarantine(job, "destination: archive\nreason: status 0xA900")
+    assert spool.jobs() == []
+    assert quarantined.reason() == "destination: archive\nreason: status 0xA900"
+    before = time.time()
+    back = spool.requeue(quarantined)
+    assert spool.quarantined() == [] and spool.jobs() == [back]
+    assert back.queued_at() >= before, "a requeued job must get a fresh max_age clock"
+    assert "0xA900" in back.reason(), "the last reason stays with the job"
+    assert back.instance.read_bytes() == b"DICM data"
+    spool.purge(spool.quarantine(back, "reason: again"))
+    assert spool.quarantined() == [] and spool.jobs() == []
+    assert not list(spool.tmp.iterdir())
+
+
+def test_requeue_refuses_to_overwrite_a_waiting_job(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    job = _job(spool)
+    quarantined = spool.quarantine(job, "reason: x")
+    spool.commit_job(job.id, job.destination, quarantined.instance, quarantined.instance, {"sop_instance_uid": "1"})
+    with pytest.raises(SpoolError, match="cannot requeue"):
+        spool.requeue(quarantined)
+    assert len(spool.jobs()) == 1 and len(spool.quarantined()) == 1
+
+
+def test_census_counts_each_state_and_destination(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.commit_received(_written(spool), RECEIVED)
+    _job(spool, "a")
+    _job(spool, "a")
+    spool.quarantine(_job(spool, "b"), "reason: x")
+    (spool.outgoing_dir / "a" / "copied-by-hand").mkdir()
+    counts = {(c.state, c.destination): c.count for c in spool.census()}
+    assert counts == {("incoming", ""): 1, ("outgoing", "a"): 3, ("outgoing", "b"): 0, ("quarantine", "b"): 1}
+    assert all(c.oldest is None or c.oldest <= time.time() for c in spool.census())
+
+
+def test_sweep_at_start_and_abandoned_receives_while_running(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    kept = spool.commit_received(_written(spool), RECEIVED)
+    old, fresh, ours = spool.tmp / "tmpold.dcm", spool.tmp / "tmpfresh.dcm", spool.tmp / "123-abc.dcm"
+    for path in (old, fresh, ours):
+        path.write_bytes(b"partial")
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    os.utime(ours, (time.time() - 120, time.time() - 120))
+    assert spool.sweep_abandoned_receives(60) == 1
+    assert not old.exists() and fresh.exists() and ours.exists(), "only pynetdicom's old partial files go"
+    (spool.incoming_dir / "orphan.json").write_text("{}")
+    assert spool.sweep() == 3
+    assert not list(spool.tmp.iterdir()) and spool.incoming() == [kept]
+
+
+RULES = [{"name": "all", "compress": "keep", "forward": ["folder"]}]
+
+
+def test_a_raising_handler_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom keeps its temporary file when the handler raises; ours removes it (and never says Success)."""
+    destinations = {"folder": {"type": "directory", "path": str(tmp_path / "folder")}}
+    with running_node(node_config(tmp_path, destinations, RULES)) as node:
+
+        def broken(*args: object) -> str:
+            raise RuntimeError("simulated bug")
+
+        monkeypatch.setattr(node.spool, "commit_received", broken)
+        output = storescu(node.port, [TEST_FILES / "CT_small.dcm"])
+        assert "Received Store Response (Success)" not in output, output
+        assert "Failed" in output or "Error" in output, output
+        assert not list(node.spool.tmp.glob("tmp*.dcm"))
+
+
+def test_a_peer_dying_mid_transfer_leaves_nothing(tmp_path: Path) -> None:
+    """Half a C-STORE, then the connection drops: the partial file pynetdicom leaves in tmp/ is removed by the
+    running node after spool.partial_max_age, and nothing reaches incoming/."""
+    destinations = {"folder": {"type": "directory", "path": str(tmp_path / "folder")}}
+    data = node_config(tmp_path, destinations, RULES, spool={"partial_max_age": 1.0}, node={"max_pdu_size": 16384})
+    with running_node(data) as node:
+        ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+        ds.SOPInstanceUID = generate_uid()
+        ds.Rows = ds.Columns = 512
+        ds.PixelData = np.arange(512 * 512, dtype=np.uint16).tobytes()
+        ae = AE(ae_title="DIES")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="COMPRESS_SCP")
+        assert assoc.is_established
+        request = C_STORE()
+        request.MessageID = 1
+        request.AffectedSOPClassUID = CTImageStorage
+        request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+        request.Priority = 2
+        request.DataSet = io.BytesIO(encode(ds, False, True))
+        message = C_STORE_RQ()
+        message.primitive_to_message(request)
+        context_id = assoc.accepted_contexts[0].context_id
+        fragments = list(message.encode_msg(context_id, assoc.acceptor.maximum_length))
+        assert len(fragments) > 4
+        for fragment in fragments[: len(fragments) // 2]:
+            assoc.dul.send_pdu(fragment)
+        wait_for(lambda: any(p.stat().st_size > 100_000 for p in node.spool.tmp.glob("tmp*.dcm")), 10, "half")
+        assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)  # the peer dies: no A-RELEASE, no A-ABORT
+        assoc.kill()
+        wait_for(lambda: not list(node.spool.tmp.glob("tmp*.dcm")), 10, "the partial file to be removed")
+        assert node.spool.incoming() == [] and node.spool.jobs() == []
+
+
+def test_a_failed_job_commit_leaks_no_encoded_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk while committing jobs: the encoded file is removed, the received instance stays for later."""
+    spool = Spool(tmp_path / "spool")
+    source = spool.tmp / "tmpreceived.dcm"
+    source.write_bytes((TEST_FILES / "CT_small.dcm").read_bytes())
+    spool_id = spool.commit_received(source, RECEIVED)
+    destinations = {"folder": {"type": "directory", "path": str(tmp_path / "folder")}}
+    rules = [{"name": "all", "compress": "JPEGLSLossless", "forward": ["folder"]}]
+    parsed = config.parse(node_config(tmp_path, destinations, rules))
+
+    def disk_full(*args: object) -> Job:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool, "commit_job", disk_full)
+    encoder = Encoder(1)
+    try:
+        with pytest.raises(OSError):
+            Processor(parsed, spool, encoder).process(spool_id)
+    finally:
+        encoder.close()
+    assert not list(spool.tmp.iterdir())
+    assert spool.incoming() == [spool_id]
