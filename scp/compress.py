@@ -237,6 +237,7 @@ def _encode_file(src: Path, header: Dataset, dst: Path, spec: CompressSpec) -> _
         raise PassThrough(problem)
     options = spec.encoder_options()
     decoder = get_decoder(target)
+    verify_plugin = codec.verify_plugin()
     squared_error = 0.0
     samples = 0
     lengths: list[int] = []
@@ -246,7 +247,7 @@ def _encode_file(src: Path, header: Dataset, dst: Path, spec: CompressSpec) -> _
             for index, frame in enumerate(frames):
                 encoded = codec.encode(frame, info, options)
                 if not lossless or spec.verify:
-                    decoded = _decode(decoder, encoded, info, index)
+                    decoded = _decode(decoder, encoded, info, index, verify_plugin)
                     if lossless and not np.array_equal(decoded, frame):
                         raise VerificationError(
                             f"lossless verification failed: frame {index} decoded from {target.name} differs "
@@ -274,10 +275,15 @@ def _encode_file(src: Path, header: Dataset, dst: Path, spec: CompressSpec) -> _
     return _Encoded(str(header.SOPInstanceUID), psnr)
 
 
-def _decode(decoder: Any, encoded: bytes, info: codecs.FrameInfo, index: int) -> np.ndarray:
-    """Decode one frame just encoded, as an archive would (pydicom's decoders, no colour conversion)."""
+def _decode(decoder: Any, encoded: bytes, info: codecs.FrameInfo, index: int, plugin: str = "") -> np.ndarray:
+    """Decode one frame just encoded, as an archive would (pydicom's decoders, no colour conversion).
+
+    `plugin` names the pydicom decoding plugin (the codec's verification decoder); "" lets pydicom choose.
+    """
     try:
-        decoded, _ = decoder.as_array(encapsulate([encoded]), as_rgb=False, **info.pixel_keywords())
+        decoded, _ = decoder.as_array(
+            encapsulate([encoded]), as_rgb=False, decoding_plugin=plugin, **info.pixel_keywords()
+        )
     except Exception as exc:
         raise CompressionError(f"frame {index} cannot be decoded back from {decoder.UID.name}: {exc}") from exc
     return decoded

@@ -435,3 +435,47 @@ def test_peak_memory_is_flat_in_the_instance_size(target: str, tmp_path: Path) -
     peak_mib = int(run.stdout.split()[-1])
     assert peak_mib < 200, f"peak RSS {peak_mib} MiB for a 256 MiB instance"
     assert np.array_equal(pixel_array(tmp_path / "out.dcm", index=127), frame + 127)
+
+
+@pytest.mark.parametrize(
+    ("target", "plugin"), [("JPEGLSLossless", "pyjpegls"), ("HTJ2KLossless", "pylibjpeg"), ("RLELossless", "")]
+)
+def test_verification_decodes_with_the_codecs_verify_plugin(
+    target: str, plugin: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JPEG-LS is checked with CharLS (fast), HTJ2K with OpenJPEG (not the OpenJPH encoder); others: pydicom's."""
+    assert codecs.get(getattr(pydicom.uid, target)).verify_plugin() == plugin
+    used = []
+    real = compress._decode
+
+    def spy(decoder: object, encoded: bytes, info: codecs.FrameInfo, index: int, name: str = "") -> np.ndarray:
+        used.append(name)
+        return real(decoder, encoded, info, index, name)
+
+    monkeypatch.setattr(compress, "_decode", spy)
+    src = write_image(tmp_path / "in.dcm", _smooth((2, 32, 32), np.uint16, 12), 12)
+    assert compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax=target, force=True)).compressed
+    assert used == [plugin, plugin]
+
+
+@pytest.mark.parametrize("target", ["JPEGLSLossless", "HTJ2KLossless", "JPEG2000Lossless"])
+def test_verification_catches_a_corrupted_codestream(
+    target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The verifying decoder reads the bytes that are written: a flipped bit there never reaches the archive."""
+    codec = codecs.get(getattr(pydicom.uid, target))
+    encode = codec.encode
+
+    def corrupt(frame: np.ndarray, info: codecs.FrameInfo, options: dict[str, object]) -> bytes:
+        data = bytearray(encode(frame, info, options))
+        data[len(data) * 2 // 3] ^= 0x10  # in the entropy-coded data, past the headers
+        return bytes(data)
+
+    monkeypatch.setattr(codec, "encode", corrupt)
+    frames = _smooth((1, 64, 64), np.uint16, 12)
+    frames += np.arange(64, dtype=np.uint16)[None, :, None] * 7  # enough detail for a long codestream
+    src = write_image(tmp_path / "in.dcm", frames, 12)
+    result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax=target, force=True))
+    assert not result.compressed, result.reason
+    assert "verification failed" in result.reason or "cannot be decoded" in result.reason
+    assert not (tmp_path / "out.dcm").exists()
