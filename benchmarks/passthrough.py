@@ -18,6 +18,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydicom.uid import AllTransferSyntaxes as ALL_TRANSFER_SYNTAXES
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -55,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("ae_title")
     parser.add_argument("--max-pdu", type=int, default=262_144)
     parser.add_argument("--fsync", action="store_true", help="fsync file and folder before answering Success")
+    parser.add_argument(
+        "--all-syntaxes", action="store_true", help="accept every transfer syntax pydicom knows (an archive)"
+    )
     args = parser.parse_args(argv)
     args.folder.mkdir(parents=True, exist_ok=True)
     (args.folder / ".tmp").mkdir(exist_ok=True)
@@ -63,7 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ae = AE(ae_title=args.ae_title)
     ae.maximum_pdu_size = args.max_pdu
     ae.maximum_associations = 32
-    ae.supported_contexts = AllStoragePresentationContexts
+    if args.all_syntaxes:  # DCMTK 3.6.7's storescp cannot store HTJ2K: this serves as the archive instead
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    else:
+        ae.supported_contexts = AllStoragePresentationContexts
     handlers = [(evt.EVT_C_STORE, _store, [args.folder, args.fsync]), (evt.EVT_CONN_OPEN, _nodelay)]
     server = ae.start_server(("127.0.0.1", args.port), block=False, evt_handlers=handlers)
     stop = threading.Event()

@@ -120,10 +120,17 @@ def node(folder: Path, data: dict[str, Any]) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def passthrough(folder: Path, port: int, ae_title: str, max_pdu: int, durable: bool = False) -> Iterator[int]:
-    """The baseline receiver (benchmarks/passthrough.py) as a process; yields its pid."""
-    args = [sys.executable, "-m", "benchmarks.passthrough", str(folder / "received"), str(port), ae_title]
+def passthrough(
+    folder: Path, port: int, ae_title: str, max_pdu: int, durable: bool = False, archive: Path | None = None
+) -> Iterator[int]:
+    """The baseline receiver (benchmarks/passthrough.py) as a process; yields its pid.
+
+    With `archive`, it serves as an archive writing there and accepting every transfer syntax.
+    """
+    target = archive if archive is not None else folder / "received"
+    args = [sys.executable, "-m", "benchmarks.passthrough", str(target), str(port), ae_title]
     args += ["--max-pdu", str(max_pdu), *(["--fsync"] if durable else [])]
+    args += ["--all-syntaxes"] if archive is not None else []
     with server(args, port, folder / "passthrough.log", env=python_env()) as pid:
         yield pid
 

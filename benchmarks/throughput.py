@@ -103,6 +103,8 @@ class Scenario:
 
 def _clear(folder: Path) -> None:
     for entry in folder.iterdir():
+        if entry.name.startswith("."):  # a pynetdicom archive's folder for partial receives
+            continue
         if entry.is_dir():
             shutil.rmtree(entry)
         else:
@@ -211,15 +213,31 @@ def node_config(workdir: Path, port: int, archive_port: int, syntax: str | None,
 
 
 def run_node(
-    name: str, label: str, files: Sequence[Path], syntax: str | None, workdir: Path, runs: int, processes: int
+    name: str,
+    label: str,
+    files: Sequence[Path],
+    syntax: str | None,
+    workdir: Path,
+    runs: int,
+    processes: int,
+    pynetdicom_archive: bool = False,
 ) -> Scenario:
-    """The node between storescu and storescp, re-encoding to `syntax` (None: forward-only)."""
+    """The node between storescu and storescp, re-encoding to `syntax` (None: forward-only).
+
+    `pynetdicom_archive`: the archive is benchmarks/passthrough.py accepting every syntax instead of storescp
+    (DCMTK 3.6.7's storescp cannot store HTJ2K: the node would fall back to sending the original).
+    """
     folder = workdir / name
     archive = folder / "archive"
     archive_port, port = procs.free_port(), procs.free_port()
     scenario = Scenario(name, label, syntax)
+    archive_server = (
+        procs.passthrough(folder, archive_port, ARCHIVE_AE, MAX_PDU, archive=archive)
+        if pynetdicom_archive
+        else procs.storescp(archive, archive_port, ARCHIVE_AE)
+    )
     with (
-        procs.storescp(archive, archive_port, ARCHIVE_AE) as archive_pid,
+        archive_server as archive_pid,
         procs.node(folder, node_config(folder, port, archive_port, syntax, processes)) as node_pid,
     ):
         timeout = 60 + 2 * len(files)
