@@ -14,6 +14,9 @@ A committed file is never modified. `<id>.dcm` in incoming/ is the commit point 
 sidecar is renamed first, so an orphan sidecar (crash in between) is swept. An incoming instance is removed only
 after every destination's job is committed, and a job only after its destination confirmed it, so a crash at any
 point leaves either the instance or its jobs, never neither. Fan-out costs no copies: jobs are hard links.
+Removals (an incoming instance once its jobs are committed, a delivered job) are not fsynced themselves: the
+next fsync of the same directory, at the next commit, carries them. A crash before that only repeats work, which
+is idempotent (a job already committed is kept) or at worst sends a delivered instance again (at least once).
 A job moves between outgoing/ and quarantine/ by one rename of its directory, never through tmp/ (which is
 swept). Spool ids start with the arrival time in nanoseconds, so ages need no file reads.
 """
@@ -217,7 +220,7 @@ class Spool:
         """Drop an incoming instance once all of its jobs are committed (or it was dropped by a rule)."""
         self.received_path(spool_id).unlink(missing_ok=True)
         (self.incoming_dir / f"{spool_id}.json").unlink(missing_ok=True)
-        fsync_dir(self.incoming_dir)
+        # Not fsynced: lost in a crash, the instance is processed again, which is idempotent (module docstring).
 
     # -- jobs -----------------------------------------------------------------------------------------
     def new_tmp_path(self, suffix: str) -> Path:
@@ -251,8 +254,7 @@ class Spool:
     def delivered(self, job: Job) -> None:
         """Remove a job its destination confirmed."""
         trash = self.tmp / f"{job.id}.{job.destination}.delivered"
-        os.replace(job.path, trash)
-        fsync_dir(job.path.parent)
+        os.replace(job.path, trash)  # not fsynced: lost in a crash, the job is sent again (module docstring)
         _remove(trash)
 
     def quarantine(self, job: Job, reason: str) -> Job:
