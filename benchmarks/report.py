@@ -372,7 +372,8 @@ a file and answers Success; `benchmarks/passthrough.py`), *pass-through receiver
 the file and its folder before Success: what durability alone costs on this disk; the node fsyncs the instance,
 its sidecar and the folder), *node, forward only* (the node with `compress: keep`:
 receive + spool + forward, used for the ceiling), *node → X* (the node re-encoding everything as X, two encoder
-processes, forwarding to storescp; HTJ2K and JPEG 2000 forward to `benchmarks/passthrough.py --all-syntaxes`
+processes, forwarding to storescp `--fork`, which serves each association in a process of its own, as an archive
+does; HTJ2K and JPEG 2000 forward to `benchmarks/passthrough.py --all-syntaxes`
 instead, as DCMTK 3.6.7's storescp cannot store HTJ2K and the node would fall back to the original),
 *DCMTK route* (baseline 3: `storescp --exec-on-reception "dcmcjpls #p/#f
 OUT/#f && storescu ... OUT/#f"` forwarding to a second storescp: one process pair and one association per

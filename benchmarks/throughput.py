@@ -24,6 +24,11 @@ from benchmarks.stats import median, ratio
 NODE_AE = "BENCH_NODE"
 ARCHIVE_AE = "ARCHIVE"
 MAX_PDU = 262_144
+ARCHIVE_FORK = ("--fork",)
+"""The node's archive serves each association in a process of its own, as an archive does: the node forwards over
+several associations at once (`associations`, default 2) and keeps each open between batches. A storescp serving
+one association at a time would leave the second waiting for the first to end (the node's docs say to set
+`associations: 1` for such an archive)."""
 WARMUP = 4
 
 
@@ -234,7 +239,7 @@ def run_node(
     archive_server = (
         procs.passthrough(folder, archive_port, ARCHIVE_AE, MAX_PDU, archive=archive)
         if pynetdicom_archive
-        else procs.storescp(archive, archive_port, ARCHIVE_AE)
+        else procs.storescp(archive, archive_port, ARCHIVE_AE, ARCHIVE_FORK)
     )
     with (
         archive_server as archive_pid,

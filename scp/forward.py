@@ -14,6 +14,8 @@ import os
 import re
 import shutil
 import socket
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,8 @@ from scp.status import Outcome, classify_store_status, describe
 LOGGER = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context ids are odd numbers 1..255
+ASSOCIATION_LINGER = 2.0
+"""Seconds an idle association to a destination stays open for the next batch before it is released."""
 
 
 @dataclass(frozen=True)
@@ -86,14 +90,54 @@ class DirectoryForwarder:
         return Delivery(job, Outcome.DELIVERED, f"written as {name}")
 
 
+@dataclass
+class _Open:
+    """An association a delivery thread keeps for its next batches, and what it proposed."""
+
+    assoc: Association
+    proposed: frozenset[tuple[str, str]]
+    last_used: float
+
+
 class DicomForwarder:
     """Sends a batch over one association, proposing for each SOP class the compressed syntax, then the
-    original syntax, then the uncompressed ones, each in its own presentation context."""
+    original syntax, then the uncompressed ones, each in its own presentation context.
 
-    def __init__(self, destination: DicomDestination, calling_ae: str, scratch: Path) -> None:
+    Each delivery thread keeps its association open after a batch and reuses it for the next one when that
+    proposes no context it did not (the outcome of negotiation would be the same); `idle` releases it once
+    unused for `linger` seconds, `close` at once. Associations are never shared between threads.
+    """
+
+    def __init__(
+        self, destination: DicomDestination, calling_ae: str, scratch: Path, linger: float = ASSOCIATION_LINGER
+    ) -> None:
         self.destination = destination
         self.calling_ae = destination.calling_ae_title or calling_ae
         self.scratch = scratch
+        self.linger = linger
+        self._local = threading.local()
+
+    def idle(self) -> None:
+        """Release this thread's association if it has not been used for `linger` seconds."""
+        kept: _Open | None = getattr(self._local, "open", None)
+        if kept is not None and time.monotonic() - kept.last_used >= self.linger:
+            self.close()
+
+    def close(self) -> None:
+        """Release this thread's association, if it keeps one."""
+        kept: _Open | None = getattr(self._local, "open", None)
+        self._local.open = None
+        if kept is not None and kept.assoc.is_established:
+            kept.assoc.release()
+
+    def _reusable(self, contexts: set[tuple[str, str]]) -> Association | None:
+        kept: _Open | None = getattr(self._local, "open", None)
+        if kept is None:
+            return None
+        if kept.assoc.is_established and contexts <= kept.proposed:
+            return kept.assoc
+        self.close()
+        return None
 
     def deliver(self, jobs: Sequence[Job]) -> Iterator[Delivery]:
         wanted = {job.id: _preferred_syntaxes(job, self.destination.accept) for job in jobs}
@@ -111,23 +155,27 @@ class DicomForwarder:
             yield from self.deliver(jobs[half:])
             return
         where = f"{self.destination.ae_title}@{self.destination.host}:{self.destination.port}"
-        try:
-            assoc = associate(self.destination, self.calling_ae, contexts)
-        except (OSError, RuntimeError) as exc:
-            for job in jobs:
-                yield Delivery(job, Outcome.TRANSIENT, f"cannot reach {where}: {exc}", reached=False)
-            return
-        if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
-            # pynetdicom aborts an association in which the peer accepted no context at all
-            for job in jobs:
-                yield _no_context(job, wanted[job.id], where)
-            return
-        if not assoc.is_established:
-            why = "rejected" if assoc.is_rejected else "aborted or refused (or timed out)"
-            for job in jobs:
-                yield Delivery(job, Outcome.TRANSIENT, f"association to {where} {why}", reached=False)
-            return
-        set_nodelay(assoc)
+        assoc = self._reusable(set(contexts))
+        if assoc is None:
+            try:
+                assoc = associate(self.destination, self.calling_ae, contexts)
+            except (OSError, RuntimeError) as exc:
+                for job in jobs:
+                    yield Delivery(job, Outcome.TRANSIENT, f"cannot reach {where}: {exc}", reached=False)
+                return
+            if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
+                # pynetdicom aborts an association in which the peer accepted no context at all
+                for job in jobs:
+                    yield _no_context(job, wanted[job.id], where)
+                return
+            if not assoc.is_established:
+                why = "rejected" if assoc.is_rejected else "aborted or refused (or timed out)"
+                for job in jobs:
+                    yield Delivery(job, Outcome.TRANSIENT, f"association to {where} {why}", reached=False)
+                return
+            set_nodelay(assoc)
+            self._local.open = _Open(assoc, frozenset(contexts), time.monotonic())
+        finished = False
         try:
             accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
             for job in jobs:
@@ -135,9 +183,13 @@ class DicomForwarder:
                     yield Delivery(job, Outcome.TRANSIENT, f"association to {where} ended early")
                     continue
                 yield self._send_one(assoc, job, wanted[job.id], accepted)
+            finished = True
         finally:
-            if assoc.is_established:
-                assoc.release()
+            kept: _Open | None = getattr(self._local, "open", None)
+            if finished and kept is not None and assoc.is_established:
+                kept.last_used = time.monotonic()  # kept for the next batch
+            else:
+                self.close()  # stopped early (shutdown) or the association ended
 
     def _send_one(
         self,

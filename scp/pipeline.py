@@ -234,17 +234,22 @@ class Deliverer:
         self._retries: dict[str, _Retry] = {}
         self._outages = 0
         self._paused_until = 0.0
+        self._local = threading.local()
 
     def run_once(self) -> int:
         """Deliver one batch of ready jobs; return how many jobs were settled.
 
         Stops between two instances when the node is stopping: the rest of the batch stays in the spool.
         """
+        forwarder = self._forwarder_for_this_thread()
         batch = self._claim()
         if not batch:
+            idle = getattr(forwarder, "idle", None)
+            if idle is not None:
+                idle()  # an association kept open since the last batch is released after a while
             return 0
         settled = 0
-        deliveries = self.forwarder.deliver(batch)
+        deliveries = forwarder.deliver(batch)
         try:
             for delivery in deliveries:
                 self._settle(delivery)
@@ -258,6 +263,20 @@ class Deliverer:
             with self._lock:
                 self._in_flight.difference_update(job.id for job in batch)
         return settled
+
+    def _forwarder_for_this_thread(self) -> Forwarder:
+        """The current forwarder; releases what this thread kept open with one a reload replaced."""
+        forwarder = self.forwarder
+        previous = getattr(self._local, "forwarder", None)
+        if previous is not None and previous is not forwarder:
+            _close(previous)
+        self._local.forwarder = forwarder
+        return forwarder
+
+    def close(self) -> None:
+        """Release what this thread keeps open (call from each delivery thread as it ends)."""
+        _close(getattr(self._local, "forwarder", None) or self.forwarder)
+        self._local.forwarder = None
 
     def _claim(self) -> list[Job]:
         now = time.monotonic()
@@ -351,3 +370,9 @@ class Deliverer:
             if self._paused_until > now:
                 due = [self._paused_until]
         return max(0.05, min([1.0, *(d - now for d in due)]))
+
+
+def _close(forwarder: object) -> None:
+    close = getattr(forwarder, "close", None)
+    if close is not None:
+        close()

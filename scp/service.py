@@ -225,6 +225,12 @@ class Service:
                     state.wake.set()
 
     def _deliver_loop(self, state: _Destination, index: int) -> None:
+        try:
+            self._deliver_until_done(state, index)
+        finally:
+            state.deliverer.close()  # releases the association this thread kept open
+
+    def _deliver_until_done(self, state: _Destination, index: int) -> None:
         while not self._stopping.is_set():
             try:
                 tried = state.deliverer.run_once()

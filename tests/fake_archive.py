@@ -49,6 +49,12 @@ class FakeArchive:
         with self._lock:
             self._open -= 1
 
+    @property
+    def concurrent(self) -> int:
+        """Associations open right now."""
+        with self._lock:
+            return self._open
+
     def uids(self) -> set[str]:
         with self._lock:
             return {uid for uid, _ in self.received}

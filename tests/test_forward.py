@@ -198,7 +198,8 @@ def test_no_acceptable_presentation_context_is_permanent(tmp_path: Path) -> None
 
 
 def test_batches_reuse_associations_and_run_in_parallel(tmp_path: Path) -> None:
-    """60 jobs, batch_size 10, 3 associations, a slowish archive: ~6 associations, at most 3 at once."""
+    """60 jobs, batch_size 10, 3 delivery threads, a slowish archive: each thread keeps one association for all
+    its batches, and the three run at once."""
     spool = Spool(tmp_path / "spool")
     made = make_instances(tmp_path / "modality", 60)
     info = {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "transfer_syntax": ExplicitVRLittleEndian}
@@ -217,15 +218,51 @@ def test_batches_reuse_associations_and_run_in_parallel(tmp_path: Path) -> None:
             thread.join(60)
     assert archive.uids() == set(made.values())
     assert not spool.jobs()
-    assert 6 <= archive.associations <= 8, archive.associations
+    assert archive.associations == 3, archive.associations
     assert archive.max_concurrent == 3, archive.max_concurrent
+    wait_for(lambda: archive.concurrent == 0, 5, "every thread released its association as it ended")
     assert len({ts for _, ts in archive.received}) == 1
 
 
 def _drain(deliverer: Deliverer) -> None:
-    for _ in range(100):
-        if not deliverer.run_once():
-            return
+    try:
+        for _ in range(100):
+            if not deliverer.run_once():
+                return
+    finally:
+        deliverer.close()
+
+
+def test_an_idle_association_is_released_after_the_linger(tmp_path: Path) -> None:
+    """The association kept after a batch serves the next one; once idle for `linger` seconds it is released."""
+    spool = Spool(tmp_path / "spool")
+    made = list(make_instances(tmp_path / "modality", 4).items())
+    info = {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "transfer_syntax": ExplicitVRLittleEndian}
+
+    def queue(index: int) -> None:
+        path, uid = made[index]
+        job_info = {**info, "original_transfer_syntax": ExplicitVRLittleEndian, "sop_instance_uid": uid}
+        spool.commit_job(f"{index:020d}-test", "archive", path, path, job_info | {"received_at": 0})
+
+    archive = FakeArchive()
+    with archive.serving() as port:
+        parsed = config.parse(node_config(tmp_path, _archive(port, associations=1, batch_size=1), JPEG_LS))
+        deliverer = Deliverer("archive", parsed.destinations["archive"], spool, "COMPRESS_SCP")
+        deliverer.forwarder.linger = 0.3  # type: ignore[attr-defined]
+        for index in range(2):
+            queue(index)
+            assert deliverer.run_once() == 1
+        assert deliverer.run_once() == 0  # idle, but not for long: kept
+        assert archive.associations == 1 and archive.concurrent == 1
+        time.sleep(0.4)
+        assert deliverer.run_once() == 0
+        wait_for(lambda: archive.concurrent == 0, 5, "the idle association released")
+        queue(2)
+        assert deliverer.run_once() == 1
+        deliverer.close()
+        wait_for(lambda: archive.concurrent == 0, 5, "released by close")
+    assert archive.associations == 2
+    assert len(archive.uids()) == 3
 
 
 def test_receiving_is_not_blocked_by_a_slow_archive(tmp_path: Path) -> None:
