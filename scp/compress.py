@@ -13,12 +13,13 @@ import logging
 import math
 import shutil
 import struct
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 import pydicom
@@ -42,6 +43,8 @@ _BOT_LIMIT = 2**32 - 1
 """Basic Offset Table offsets are 32-bit: past this, an Extended Offset Table is written instead (PS3.5 A.4)."""
 _DEFER = 4096
 """Values larger than this (in bytes) are read from the source file only when written, not held in memory."""
+FRAMES_IN_MEMORY = 8 << 20
+"""Encoded frames up to this many bytes wait in memory for the header; more go to an unnamed file."""
 _DECODED_PHOTOMETRIC = {"YBR_FULL_422": "YBR_FULL", "YBR_ICT": "RGB", "YBR_RCT": "RGB"}
 """What a raw decode yields: subsampling removed, JPEG 2000 component transforms undone by the decoder."""
 _UNCOMPRESSED_PREDECESSOR = ("121320", "DCM", "Uncompressed predecessor")
@@ -241,37 +244,34 @@ def _encode_file(src: Path, header: Dataset, dst: Path, spec: CompressSpec) -> _
     squared_error = 0.0
     samples = 0
     lengths: list[int] = []
-    spool = frames_spool(dst)
-    try:
-        with spool.open("w+b") as fragments:
-            for index, frame in enumerate(frames):
-                encoded = codec.encode(frame, info, options)
-                if not lossless or spec.verify:
-                    decoded = _decode(decoder, encoded, info, index, verify_plugin)
-                    if lossless and not np.array_equal(decoded, frame):
-                        raise VerificationError(
-                            f"lossless verification failed: frame {index} decoded from {target.name} differs "
-                            "from the source pixels"
-                        )
-                    if not lossless:
-                        squared_error += float(np.sum((decoded.astype(np.float64) - frame) ** 2))
-                        samples += frame.size
-                fragments.write(encoded + b"\0" * (len(encoded) % 2))  # fragments have even length (PS3.5 A.4)
-                lengths.append(len(encoded) + len(encoded) % 2)
-            _prepare_header(header, target, info, nframes=len(lengths))
-            psnr = None
-            if not lossless:
-                native = len(lengths) * info.rows * info.columns * info.samples_per_pixel * info.bits_allocated // 8
-                _mark_lossy(header, target, native / sum(lengths), spec.keep_sop_instance_uid)
-                peak = float(2**info.bits_stored - 1)
-                mse = squared_error / max(samples, 1)
-                psnr = math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
-                if psnr < spec.min_psnr:
-                    raise PassThrough(f"the lossy result's PSNR {psnr:.1f} dB is below min_psnr {spec.min_psnr:g} dB")
-            fragments.seek(0)
-            _write_encapsulated(dst, header, fragments, lengths)
-    finally:
-        spool.unlink(missing_ok=True)
+    # Small outputs stay in memory; past FRAMES_IN_MEMORY the frames go to an unnamed file next to dst.
+    with tempfile.SpooledTemporaryFile(FRAMES_IN_MEMORY, dir=dst.parent) as fragments:
+        for index, frame in enumerate(frames):
+            encoded = codec.encode(frame, info, options)
+            if not lossless or spec.verify:
+                decoded = _decode(decoder, encoded, info, index, verify_plugin)
+                if lossless and not np.array_equal(decoded, frame):
+                    raise VerificationError(
+                        f"lossless verification failed: frame {index} decoded from {target.name} differs "
+                        "from the source pixels"
+                    )
+                if not lossless:
+                    squared_error += float(np.sum((decoded.astype(np.float64) - frame) ** 2))
+                    samples += frame.size
+            fragments.write(encoded + b"\0" * (len(encoded) % 2))  # fragments have even length (PS3.5 A.4)
+            lengths.append(len(encoded) + len(encoded) % 2)
+        _prepare_header(header, target, info, nframes=len(lengths))
+        psnr = None
+        if not lossless:
+            native = len(lengths) * info.rows * info.columns * info.samples_per_pixel * info.bits_allocated // 8
+            _mark_lossy(header, target, native / sum(lengths), spec.keep_sop_instance_uid)
+            peak = float(2**info.bits_stored - 1)
+            mse = squared_error / max(samples, 1)
+            psnr = math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+            if psnr < spec.min_psnr:
+                raise PassThrough(f"the lossy result's PSNR {psnr:.1f} dB is below min_psnr {spec.min_psnr:g} dB")
+        fragments.seek(0)
+        _write_encapsulated(dst, header, fragments, lengths)
     return _Encoded(str(header.SOPInstanceUID), psnr)
 
 
@@ -290,7 +290,7 @@ def _decode(decoder: Any, encoded: bytes, info: codecs.FrameInfo, index: int, pl
 
 
 def frames_spool(dst: Path) -> Path:
-    """Where the encoded frames of `dst` wait for the header to be written (removed when done)."""
+    """Where older versions kept the encoded frames of `dst` (now an unnamed file that a crash cannot leave)."""
     return dst.with_name(f".{dst.name}.frames")
 
 
@@ -355,7 +355,7 @@ def _split_trailing(header: Dataset) -> Dataset:
     return trailing
 
 
-def _write_encapsulated(dst: Path, header: Dataset, fragments: BinaryIO, lengths: list[int]) -> None:
+def _write_encapsulated(dst: Path, header: Dataset, fragments: IO[bytes], lengths: list[int]) -> None:
     """Header, then encapsulated Pixel Data: offset table item, one fragment per frame, delimiter (PS3.5 A.4)."""
     trailing = _split_trailing(header)
     offsets = [sum(8 + n for n in lengths[:i]) for i in range(len(lengths))]
@@ -377,7 +377,7 @@ def _write_encapsulated(dst: Path, header: Dataset, fragments: BinaryIO, lengths
         _write_trailing(out, trailing, implicit=False)
 
 
-def _copy(src: BinaryIO, dst: BinaryIO, length: int, chunk: int = 1 << 20) -> None:
+def _copy(src: IO[bytes], dst: BinaryIO, length: int, chunk: int = 1 << 20) -> None:
     while length:
         data = src.read(min(chunk, length))
         if not data:

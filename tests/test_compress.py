@@ -479,3 +479,15 @@ def test_verification_catches_a_corrupted_codestream(
     assert not result.compressed, result.reason
     assert "verification failed" in result.reason or "cannot be decoded" in result.reason
     assert not (tmp_path / "out.dcm").exists()
+
+
+def test_frames_past_the_memory_limit_go_to_an_unnamed_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small limit forces the encoded frames out of memory: the output is the same, and nothing is left over."""
+    monkeypatch.setattr(compress, "FRAMES_IN_MEMORY", 1000)
+    frames = _smooth((6, 64, 64), np.uint16, 12)
+    src = write_image(tmp_path / "in.dcm", frames, 12)
+    (tmp_path / "out").mkdir()
+    result = compress.transcode_file(src, tmp_path / "out" / "out.dcm", CompressSpec(syntax="JPEGLSLossless"))
+    assert result.compressed, result.reason
+    assert np.array_equal(pixel_array(tmp_path / "out" / "out.dcm"), frames)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["out.dcm"]
