@@ -6,9 +6,12 @@ delivery threads per destination. Signal handling lives in cli.py and only sets 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing.util
+import os
 import queue
+import sys
 import tempfile
 import threading
 import time
@@ -208,6 +211,7 @@ class Service:
 
     def _process_loop(self) -> None:
         assert self._processor is not None
+        _yield_to_receiving()
         while True:
             spool_id = self._work.get()
             if spool_id == _STOP or self._stopping.is_set():
@@ -225,6 +229,7 @@ class Service:
                     state.wake.set()
 
     def _deliver_loop(self, state: _Destination, index: int) -> None:
+        _yield_to_receiving()  # the associations this thread opens run at its priority too
         try:
             self._deliver_until_done(state, index)
         finally:
@@ -256,6 +261,18 @@ class Service:
                 self.spool.sweep_abandoned_receives(max_age)
             except OSError as exc:
                 LOGGER.error("spool janitor: %s", exc)
+
+
+BACKGROUND_NICENESS = 5
+"""Processing and delivery threads yield the CPU to receiving threads (Linux sets niceness per thread; threads
+they start inherit it). Measured, JPEG-LS, 150 CT slices, 3 runs each: modality side 44 -> 52 MB/s (medians)."""
+
+
+def _yield_to_receiving() -> None:
+    """Lower the calling thread's priority: a modality waiting for its C-STORE response comes first."""
+    if sys.platform.startswith("linux"):  # elsewhere this would lower the whole process
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
 
 
 def _use_spool_for_received_files(spool: Spool) -> str | None:

@@ -34,7 +34,8 @@ WORKER_NICENESS = 10
 
 def _start_worker(initializer: Callable[[], None] | None) -> None:
     """Pool initializer: lower priority, end with the node (after `kill -9` of the node nothing else does)."""
-    os.nice(WORKER_NICENESS)
+    # Niceness WORKER_NICENESS whatever the process inherited (the node's background threads run at 5).
+    os.nice(max(0, WORKER_NICENESS - os.getpriority(os.PRIO_PROCESS, 0)))
     node = multiprocessing.parent_process()
     if node is not None:
 

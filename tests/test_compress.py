@@ -491,3 +491,29 @@ def test_frames_past_the_memory_limit_go_to_an_unnamed_file(tmp_path: Path, monk
     assert result.compressed, result.reason
     assert np.array_equal(pixel_array(tmp_path / "out" / "out.dcm"), frames)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["out.dcm"]
+
+
+def test_background_threads_and_encoder_processes_yield_to_receiving() -> None:
+    """Linux: a processing or delivery thread runs at niceness 5 (the rest of the node is untouched); encoder
+    processes at 10 whatever they inherit."""
+    from scp import service, workers
+
+    seen: dict[str, int] = {}
+
+    def background() -> None:
+        service._yield_to_receiving()
+        seen["thread"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    thread = threading.Thread(target=background)
+    thread.start()
+    thread.join()
+    if sys.platform.startswith("linux"):
+        assert seen["thread"] == max(base, service.BACKGROUND_NICENESS)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base
+    encoder = workers.Encoder(1)
+    try:
+        niceness = encoder._pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result(60)
+    finally:
+        encoder.close()
+    assert niceness == max(base, workers.WORKER_NICENESS)
