@@ -106,13 +106,18 @@ def test_logging_follows_the_current_standard_error(capsys: pytest.CaptureFixtur
 
     from scp.cli import configure_logging
 
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
     first = io.StringIO()
     original, sys.stderr = sys.stderr, first
     try:
         configure_logging("INFO")
+        sys.stderr = original
+        first.close()
+        logging.getLogger("scp.test").warning("written after the first stream closed")
     finally:
         sys.stderr = original
-    first.close()
-    logging.getLogger("scp.test").warning("written after the first stream closed")
-    assert "written after the first stream closed" in capsys.readouterr().err
-    configure_logging("WARNING")
+        root.handlers[:], root.level = saved
+    err = capsys.readouterr().err
+    assert "WARNING scp.test: written after the first stream closed" in err
+    assert "Logging error" not in err
