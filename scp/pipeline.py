@@ -196,7 +196,7 @@ class Processor:
         if not target.exists():
             job = self.spool.commit_job(spool_id, QUARANTINE_BY_RULE, source, source, info)
             reason = f"rule: {decision.rule}\nreason: quarantined by rule ({decision.reason})"
-            target = self.spool.quarantine(job, reason)
+            target = self.spool.quarantine(job, reason).path
         return target
 
 
