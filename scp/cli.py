@@ -10,7 +10,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from scp import __version__, config
+from scp import __version__, config, notify
 from scp.errors import ScpError
 
 LOGGER = logging.getLogger(__name__)
@@ -78,10 +78,12 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     service.start()
+    notify.ready(f"listening on port {service.port}")
     try:
         while not stop.wait(1.0):
             pass
     finally:
         LOGGER.info("stopping")
+        notify.stopping()
         service.stop()
     return EXIT_OK

@@ -21,7 +21,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from scp import compress
+from scp import compress, security
 from scp.config import DicomDestination, DirectoryDestination
 from scp.spool import Job, fsync_dir, fsync_file
 from scp.status import Outcome, classify_store_status
@@ -84,6 +84,7 @@ class DicomForwarder:
         self.destination = destination
         self.calling_ae = destination.calling_ae_title or calling_ae
         self.scratch = scratch
+        self.tls_args = (security.client_context(destination.tls), None) if destination.tls else None
 
     def deliver(self, jobs: Sequence[Job]) -> list[Delivery]:
         wanted = {job.id: _preferred_syntaxes(job) for job in jobs}
@@ -98,7 +99,9 @@ class DicomForwarder:
             ae.add_requested_context(sop_class, ts)
         where = f"{self.destination.ae_title}@{self.destination.host}:{self.destination.port}"
         try:
-            assoc = ae.associate(self.destination.host, self.destination.port, ae_title=self.destination.ae_title)
+            assoc = ae.associate(
+                self.destination.host, self.destination.port, ae_title=self.destination.ae_title, tls_args=self.tls_args
+            )
         except (OSError, RuntimeError) as exc:
             return [Delivery(job, Outcome.TRANSIENT, f"cannot reach {where}: {exc}") for job in jobs]
         if not assoc.is_established:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pydicom
 
-from scp import rules
+from scp import metrics, rules
 from scp.config import Config, DicomDestination, DirectoryDestination
 from scp.forward import Forwarder, make_forwarder
 from scp.spool import Job, Spool
@@ -51,7 +51,10 @@ class Processor:
         encoded = self.spool.new_tmp_path(".dcm")
         result = self.encoder.transcode(source, encoded, decision.compress)
         instance = encoded if result.compressed else source
+        metrics.PROCESSED.labels(decision.rule, "compressed" if result.compressed else "unchanged").inc()
         if result.compressed:
+            metrics.COMPRESSION_RATIO.labels(decision.rule, result.transfer_syntax).observe(result.ratio)
+            metrics.ENCODE_SECONDS.labels(decision.rule, result.transfer_syntax).observe(result.seconds)
             LOGGER.info(
                 "compressed %s by rule %s to %s: ratio %.2f in %.3f s",
                 received.sop_instance_uid,
@@ -134,7 +137,10 @@ class Deliverer:
     def _settle(self, job: Job, outcome: Outcome, detail: str) -> None:
         uid = job.info().get("sop_instance_uid")
         if outcome is Outcome.DELIVERED:
+            rule, size = str(job.info().get("rule", "")), job.instance.stat().st_size
             self.spool.delivered(job)
+            metrics.FORWARDED.labels(self.name, rule).inc()
+            metrics.FORWARDED_BYTES.labels(self.name, rule).inc(size)
             self._retries.pop(job.id, None)
             LOGGER.info("forwarded %s to %s: %s", uid, self.name, detail)
             return
@@ -145,6 +151,7 @@ class Deliverer:
             if give_up is None:
                 delay = self._backoff(retry.attempts)
                 retry.not_before = time.monotonic() + delay
+                metrics.RETRIES.labels(self.name).inc()
                 LOGGER.warning(
                     "delivery of %s to %s failed (attempt %d): %s; retrying in %.1f s",
                     uid,
@@ -157,6 +164,7 @@ class Deliverer:
             detail = f"{detail}; {give_up}"
         self._retries.pop(job.id, None)
         where = self.spool.quarantine(job, f"destination: {self.name}\nreason: {detail}")
+        metrics.QUARANTINED.labels(self.name).inc()
         LOGGER.error("quarantined %s for %s: %s (%s)", uid, self.name, detail, where)
 
     def _gives_up(self, job: Job, attempts: int) -> str | None:

@@ -1,8 +1,9 @@
 """The SCP: presentation contexts we accept, and the C-STORE handler that only writes to the spool.
 
 The handler does no pixel work (STYLE rule 5): pynetdicom has already streamed the dataset to a file in the
-spool's tmp/ (chunked receive, see service.py); the handler checks the header can be read, commits the file with
-a rename and answers. Any failure to keep the instance answers a failure status, never Success.
+spool's tmp/ (chunked receive, see service.py); the handler reads it defensively (limits.check_instance: size,
+deflate bombs, deep nesting, undecodable values, truncated Pixel Data), commits the file with a rename and answers.
+Any failure to keep the instance answers a failure status, never Success.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pydicom
-from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
-from scp import status, syntaxes
+from scp import limits, metrics, status, syntaxes
+from scp.config import NodeConfig
 from scp.errors import SpoolError
 from scp.forward import set_nodelay
 from scp.spool import Received, Spool
@@ -34,7 +34,7 @@ def add_supported_contexts(ae: AE) -> None:
         ae.add_supported_context(context.abstract_syntax, list(syntaxes.ACCEPTED))
 
 
-def handle_store(event: Event, spool: Spool, on_commit: Callable[[str], None]) -> int:
+def handle_store(event: Event, spool: Spool, on_commit: Callable[[str], None], node: NodeConfig) -> int:
     """Commit the received instance to the spool; answer Success only once it is durable."""
     request = event.request
     assoc = event.assoc
@@ -42,17 +42,16 @@ def handle_store(event: Event, spool: Spool, on_commit: Callable[[str], None]) -
     sop_instance_uid = str(request.AffectedSOPInstanceUID)
     path: Path = event.dataset_path
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True)
-        header.get("SOPInstanceUID")  # first access can raise on a malformed dataset
-    except (InvalidDicomError, ValueError, EOFError, KeyError, OSError, TypeError) as exc:
-        LOGGER.warning(
-            "rejected instance %s from %s: cannot be read (%s); answered 0x%04X",
-            sop_instance_uid,
-            calling,
-            exc,
-            status.CANNOT_UNDERSTAND,
+        limits.check_instance(
+            path, str(event.context.transfer_syntax), node.max_instance_bytes, node.max_inflated_bytes
         )
-        return status.CANNOT_UNDERSTAND
+    except limits.Refused as exc:
+        LOGGER.warning(
+            "refused instance %s from %s: %s; answered 0x%04X", sop_instance_uid, calling, exc.reason, exc.status
+        )
+        metrics.REFUSED.labels(f"0x{exc.status:04X}").inc()
+        return exc.status
+    size = path.stat().st_size
     received = Received(
         calling_ae=calling,
         called_ae=assoc.acceptor.ae_title,
@@ -72,7 +71,10 @@ def handle_store(event: Event, spool: Spool, on_commit: Callable[[str], None]) -
             exc,
             status.OUT_OF_RESOURCES,
         )
+        metrics.REFUSED.labels(f"0x{status.OUT_OF_RESOURCES:04X}").inc()
         return status.OUT_OF_RESOURCES
+    metrics.RECEIVED.labels(calling).inc()
+    metrics.RECEIVED_BYTES.labels(calling).inc(size)
     LOGGER.info(
         "received %s from %s (%s, %s) as %s",
         sop_instance_uid,
@@ -90,9 +92,9 @@ def handle_connection_open(event: Event) -> None:
     set_nodelay(event.assoc)
 
 
-def handlers(spool: Spool, on_commit: Callable[[str], None]) -> list[tuple[object, ...]]:
+def handlers(spool: Spool, on_commit: Callable[[str], None], node: NodeConfig) -> list[tuple[object, ...]]:
     """The event handlers of the SCP, with their dependencies bound in (STYLE rule 4)."""
     return [
-        (evt.EVT_C_STORE, handle_store, [spool, on_commit]),
+        (evt.EVT_C_STORE, handle_store, [spool, on_commit, node]),
         (evt.EVT_CONN_OPEN, handle_connection_open),
     ]
