@@ -82,6 +82,9 @@ def handle_requested(event: Event, policy: CallerPolicy) -> None:
         return
     LOGGER.warning("rejected association from %s at %s: calling AE not recognised", calling, address)
     assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, CALLING_AE_NOT_RECOGNISED)
+    # As pynetdicom's own ACSE rejection does: let the DUL deliver the A-ASSOCIATE-RJ before the socket closes.
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()
 
 
 def access_handlers(entries: Sequence[str | AllowedCaller] | None) -> list[tuple[object, ...]]:
