@@ -111,7 +111,22 @@ def association(
     sop_class: str = CTImageStorage,
     calling: str = "FUZZER",
 ) -> Iterator[Association]:
-    """An association to the node proposing `sop_class` in `syntaxes`, and Verification."""
+    """An association to the node proposing `sop_class` in `syntaxes`, and Verification; released at the end."""
+    assoc = open_association(port, syntaxes, sop_class, calling)
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def open_association(
+    port: int,
+    syntaxes: tuple[str, ...] = (ExplicitVRLittleEndian,),
+    sop_class: str = CTImageStorage,
+    calling: str = "FUZZER",
+) -> Association:
+    """An established association to the node (the caller releases it)."""
     _config.STORE_SEND_CHUNKED_DATASET = True
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
@@ -120,11 +135,7 @@ def association(
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", port, ae_title="COMPRESS_SCP")
     assert assoc.is_established, "the node refused the association"
-    try:
-        yield assoc
-    finally:
-        if assoc.is_established:
-            assoc.release()
+    return assoc
 
 
 def store(port: int, path: Path) -> int | None:
