@@ -8,13 +8,16 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from scp import config, security
 from scp.config import AllowedCaller
+from scp.errors import ConfigError
 from scp.security import CallerPolicy
 from tests.peers import TEST_FILES, node_config, running_node, storescu, wait_for
 
 pytestmark = pytest.mark.peers
 
-KEEP_RULES = [{"name": "all", "compress": "keep", "forward": ["folder"]}]
+KEEP_RULE = {"name": "all", "compress": "keep", "forward": ["folder"]}
+KEEP_RULES = [KEEP_RULE]
 
 
 def _config(tmp_path: Path, allowed: list[object]) -> dict:
@@ -79,3 +82,28 @@ def test_logs_never_name_the_patient(tmp_path: Path, caplog: pytest.LogCaptureFi
         assert f"{event} {ds.SOPInstanceUID}" in text, f"no '{event}' line"
     for secret in ("Zzyzx", "Quintessa", "8675309"):
         assert secret not in text, f"{secret} was logged"
+
+
+@pytest.mark.parametrize(
+    ("node", "expected"),
+    [
+        ({"tls": {"cert": "c.pem", "key": "k.pem", "require_client_cert": True}}, "require_client_cert needs `ca`"),
+        ({"allowed_calling_aets": [{"ae_title": "CT", "hosts": ["10.0.0.300/8"]}]}, "node.allowed_calling_aets.0"),
+        ({"allowed_calling_aets": ["A\\B"]}, "node.allowed_calling_aets.0"),
+    ],
+)
+def test_bad_security_settings_name_the_key(node: dict, expected: str) -> None:
+    data = {
+        "node": node,
+        "destinations": {"f": {"type": "directory", "path": "x"}},
+        "rules": [{**KEEP_RULE, "forward": ["f"]}],
+    }
+    with pytest.raises(ConfigError) as raised:
+        config.parse(data)
+    assert expected in str(raised.value), raised.value
+
+
+def test_unreadable_certificate_fails_at_start_naming_the_files(tmp_path: Path) -> None:
+    tls = {"cert": str(tmp_path / "missing.pem"), "key": str(tmp_path / "missing.key")}
+    with pytest.raises(ConfigError, match=r"tls: cannot load certificate .*missing\.pem"):
+        security.server_context(config.TlsConfig(**tls))
