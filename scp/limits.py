@@ -157,8 +157,8 @@ class Refused(Exception):
         self.reason = reason
 
 
-def check_instance(path: Path, transfer_syntax: str, max_bytes: int, max_inflated: int) -> Dataset:
-    """Read a received Part 10 file defensively; return its data set (Pixel Data deferred) or raise Refused.
+def check_instance(path: Path, transfer_syntax: str, max_bytes: int, max_inflated: int) -> None:
+    """Read a received Part 10 file defensively (Pixel Data deferred); raise Refused if the node must not keep it.
 
     Over a size limit: 0xA700 (out of resources); anything unreadable: 0xC210 (cannot understand).
     """
@@ -178,11 +178,12 @@ def check_instance(path: Path, transfer_syntax: str, max_bytes: int, max_inflate
         ds.get("SOPInstanceUID")
         ds.get("SOPClassUID")
         _check_pixel_data(ds, size, deflated)
+    except Refused:
+        raise
     except RecursionError:
         raise Refused(status.CANNOT_UNDERSTAND, "sequences nested too deeply to read") from None
     except Exception as exc:  # pydicom raises many types on hostile bytes (NotImplementedError for a bogus VR…)
         raise Refused(status.CANNOT_UNDERSTAND, f"cannot be read ({type(exc).__name__}: {exc})") from exc
-    return ds
 
 
 def _inflated_size(path: Path, limit: int) -> int | None:
