@@ -132,7 +132,8 @@ class HardenedServer(ThreadedAssociationServer):
     def __init__(self, *args: Any, pdu_limits: PduLimits, handshake_timeout: float, **kwargs: Any) -> None:
         self.pdu_limits = pdu_limits
         self.handshake_timeout = handshake_timeout
-        super().__init__(*args, request_handler=_HardenedRequestHandler, **kwargs)
+        kwargs["request_handler"] = _HardenedRequestHandler
+        super().__init__(*args, **kwargs)
 
     def shutdown(self) -> None:
         """Stop serving and close the socket (made by `AE.make_server`, so not in the AE's own server list)."""

@@ -23,6 +23,9 @@ LOGGER = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry()
 
+REJECTED = Counter(
+    "scp_associations_rejected", "Associations rejected by access control", ["reason"], registry=REGISTRY
+)
 RECEIVED = Counter(
     "scp_instances_received", "Instances received and committed to the spool", ["calling_ae"], registry=REGISTRY
 )

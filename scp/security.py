@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pynetdicom import evt
 from pynetdicom.events import Event
 
+from scp import metrics
 from scp.config import AllowedCaller, TlsConfig
 from scp.errors import ConfigError
 
@@ -76,11 +77,14 @@ def handle_requested(event: Event, policy: CallerPolicy) -> None:
     """EVT_REQUESTED: reject an unknown calling AE (or a known one from the wrong address) before negotiation,
     so nothing it sends is ever read as a dataset."""
     assoc = event.assoc
-    calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+    request = assoc.requestor.primitive
+    assert request is not None, "EVT_REQUESTED comes with the A-ASSOCIATE request"
+    calling = str(request.calling_ae_title).strip()
     address = str(assoc.requestor.address)
     if policy.permits(calling, address):
         return
     LOGGER.warning("rejected association from %s at %s: calling AE not recognised", calling, address)
+    metrics.REJECTED.labels("calling AE not recognised").inc()
     assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, CALLING_AE_NOT_RECOGNISED)
     # As pynetdicom's own ACSE rejection does: let the DUL deliver the A-ASSOCIATE-RJ before the socket closes.
     evt.trigger(assoc, evt.EVT_REJECTED, {})

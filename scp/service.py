@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from pynetdicom import AE, _config
 
@@ -76,11 +77,11 @@ class Service:
         ae.dimse_timeout = node.dimse_timeout
         ae.network_timeout = node.network_timeout
         receive.add_supported_contexts(ae)
-        handlers = [
+        handlers: list[Any] = [
             *security.access_handlers(node.allowed_calling_aets),
             *receive.handlers(self.spool, self._received, node),
         ]
-        self.server = ae.make_server(
+        server = ae.make_server(
             (node.host, node.port),
             ssl_context=security.server_context(node.tls) if node.tls else None,
             evt_handlers=handlers,
@@ -88,7 +89,9 @@ class Service:
             pdu_limits=limits.PduLimits.for_max_pdu(node.max_pdu_size, node.max_instance_bytes),
             handshake_timeout=node.tls_handshake_timeout,
         )
-        self._spawn("accept", self.server.serve_forever)
+        assert isinstance(server, limits.HardenedServer)
+        self.server = server
+        self._spawn("accept", server.serve_forever)
         if self.config.metrics is not None:
             self.metrics = metrics.Endpoint(
                 self.config.metrics.host, self.config.metrics.port, self._state_collector(), self.health

@@ -104,6 +104,28 @@ def deflate_bomb(path: Path, sop_instance_uid: str, inflated: int) -> Path:
     return part10(path, sop_instance_uid, b"".join(parts), DeflatedExplicitVRLittleEndian)
 
 
+def associate_rq(calling: str = "FUZZER", called: str = "COMPRESS_SCP") -> bytes:
+    """A minimal valid A-ASSOCIATE-RQ PDU (PS3.8 9.3.2) proposing CT Image Storage in Explicit VR LE."""
+
+    def item(kind: int, value: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(value)) + value
+
+    context = (
+        struct.pack(">BBBB", 1, 0, 0, 0) + item(0x30, CTImageStorage.encode()) + item(0x40, b"1.2.840.10008.1.2.1")
+    )
+    user = item(0x51, struct.pack(">L", 16384)) + item(0x52, b"1.2.826.0.1.3680043.10.1494.1")
+    body = (
+        struct.pack(">HH", 1, 0)
+        + called.ljust(16).encode()
+        + calling.ljust(16).encode()
+        + bytes(32)
+        + item(0x10, b"1.2.840.10008.3.1.1.1")
+        + item(0x20, context)
+        + item(0x50, user)
+    )
+    return struct.pack(">BBL", 1, 0, len(body)) + body
+
+
 @contextlib.contextmanager
 def association(
     port: int,

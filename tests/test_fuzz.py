@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from pydicom.uid import CTImageStorage
 from pynetdicom.association import Association
 
 from scp import status
@@ -82,28 +81,6 @@ pdus = st.tuples(
 )
 
 
-def _associate_rq(calling: str = "FUZZER", called: str = "COMPRESS_SCP") -> bytes:
-    """A minimal valid A-ASSOCIATE-RQ PDU (PS3.8 9.3.2) proposing CT Image Storage in Explicit VR LE."""
-
-    def item(kind: int, value: bytes) -> bytes:
-        return struct.pack(">BBH", kind, 0, len(value)) + value
-
-    context = (
-        struct.pack(">BBBB", 1, 0, 0, 0) + item(0x30, CTImageStorage.encode()) + item(0x40, b"1.2.840.10008.1.2.1")
-    )
-    user = item(0x51, struct.pack(">L", 16384)) + item(0x52, b"1.2.826.0.1.3680043.10.1494.1")
-    body = (
-        struct.pack(">HH", 1, 0)
-        + called.ljust(16).encode()
-        + calling.ljust(16).encode()
-        + bytes(32)
-        + item(0x10, b"1.2.840.10008.3.1.1.1")
-        + item(0x20, context)
-        + item(0x50, user)
-    )
-    return struct.pack(">BBL", 1, 0, len(body)) + body
-
-
 def _talk(port: int, first: bytes, then: bytes) -> None:
     """Send `first`, read the answer, send `then`, and read until the node closes or is quiet for 50 ms."""
     with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
@@ -165,7 +142,7 @@ def test_fuzz_socket_spool_compression(tmp_path: Path) -> None:
             context_id, control, value = pdv
             tried["p-data"] += 1
             item = struct.pack(">LBB", len(value) + 2, context_id, control) + value
-            _talk(node.port, _associate_rq(), struct.pack(">BBL", 4, 0, len(item)) + item)
+            _talk(node.port, hostile.associate_rq(), struct.pack(">BBL", 4, 0, len(item)) + item)
 
         store()
         assert hostile.echo(node.port) == status.SUCCESS and not node.health(), node.health()

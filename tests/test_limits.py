@@ -3,6 +3,7 @@ oversized instances. After each the node answers a failure status (or drops the 
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import socket
 import struct
@@ -54,6 +55,23 @@ def test_huge_pdu_length_is_refused_before_buffering(tmp_path: Path) -> None:
         taken = _push(node.port, struct.pack(">BBL", 0x01, 0, 400 * MIB), 256 * MIB)
         assert taken < 32 * MIB, f"the node kept reading {taken / MIB:.0f} MiB of a bogus PDU"
         assert _peak_rss_mib() - before < 64, "memory grew while the bogus PDU was sent"
+        assert hostile.echo(node.port) == status.SUCCESS
+
+
+def test_huge_p_data_pdu_inside_an_association_is_refused(tmp_path: Path) -> None:
+    """After a valid A-ASSOCIATE-RQ, a P-DATA-TF header declaring 100 MB (max_pdu_size is 256 KiB): the node
+    drops the association instead of buffering, and serves the next one."""
+    with running_node(_config(tmp_path)) as node:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
+            sock.sendall(hostile.associate_rq())
+            assert sock.recv(65536)[0] == 0x02, "no A-ASSOCIATE-AC"
+            sock.sendall(struct.pack(">BBL", 0x04, 0, 100 * MIB))
+            taken = 0
+            with contextlib.suppress(OSError):
+                for _ in range(64):
+                    sock.sendall(bytes(MIB))
+                    taken += MIB
+        assert taken < 32 * MIB, f"the node kept reading {taken / MIB:.0f} MiB of a bogus P-DATA-TF"
         assert hostile.echo(node.port) == status.SUCCESS
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from scp import config, security
+from scp import config, metrics, security
 from scp.config import AllowedCaller
 from scp.errors import ConfigError
 from scp.security import CallerPolicy
@@ -31,12 +31,20 @@ def _stored(tmp_path: Path) -> list[Path]:
 
 
 def test_unknown_calling_ae_is_rejected_and_nothing_is_stored(tmp_path: Path) -> None:
+    def rejected() -> float:
+        value = metrics.REGISTRY.get_sample_value(
+            "scp_associations_rejected_total", {"reason": "calling AE not recognised"}
+        )
+        return value or 0.0
+
+    rejected_before = rejected()
     with running_node(_config(tmp_path, ["CT_SCANNER", {"ae_title": "MR_SCANNER"}])) as node:
         unknown = storescu(node.port, [TEST_FILES / "CT_small.dcm"], extra=["-aet", "INTRUDER"])
         assert not node.spool.incoming()
         known = storescu(node.port, [TEST_FILES / "CT_small.dcm"], extra=["-aet", "CT_SCANNER"])
         wait_for(lambda: len(_stored(tmp_path)) == 1, 30, "the known AE's instance in the folder")
     assert "Association Rejected" in unknown and "Calling AE Title Not Recognized" in unknown, unknown
+    assert rejected() - rejected_before == 1
     assert "Received Store Response (Success)" in known, known
 
 
