@@ -144,3 +144,23 @@ def test_peer_that_stops_mid_pdu_is_dropped_after_network_timeout(tmp_path: Path
                 pass
             assert time.monotonic() - started < 6
         assert hostile.echo(node.port) == status.SUCCESS
+
+
+def test_associations_beyond_max_associations_are_rejected_then_served(tmp_path: Path) -> None:
+    """node.max_associations is enforced (A-ASSOCIATE-RJ, local limit exceeded), and a slot freed is reused."""
+    with running_node(_config(tmp_path, max_associations=2)) as node:
+        held = [hostile.open_association(node.port) for _ in range(2)]
+        try:
+            with pytest.raises(AssertionError, match="refused"):
+                hostile.open_association(node.port)
+        finally:
+            for assoc in held:
+                assoc.release()
+        wait_for(lambda: _echoes(node.port), 10, "a freed association slot")
+
+
+def _echoes(port: int) -> bool:
+    try:
+        return hostile.echo(port) == status.SUCCESS
+    except AssertionError:  # rejected: the released associations' threads have not ended yet
+        return False
