@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests import hostile
 from tests.peers import TEST_FILES, free_port, node_config, running_node, storescu, wait_for
 
 pytestmark = pytest.mark.peers
@@ -69,6 +70,11 @@ def test_metrics_counters_match_what_was_sent(tmp_path: Path) -> None:
             "the forwarded counter",
         )
         after = _scrape(metrics_port)
+        held = hostile.open_association(node.port)
+        try:
+            wait_for(lambda: _total(_scrape(metrics_port), "scp_associations") == 1, 10, "scp_associations 1")
+        finally:
+            held.release()
 
     def delta(name: str, **labels: str) -> float:
         return _total(after, name, **labels) - _total(before, name, **labels)
