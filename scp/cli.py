@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scp import __version__, config
+from scp import __version__, config, notify
 from scp.errors import ScpError
 
 LOGGER = logging.getLogger(__name__)
@@ -180,6 +180,7 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: hangup.set())
     service.start()
+    notify.ready(f"listening on port {service.port}")
     try:
         while not stop.wait(0.2):
             if hangup.is_set():
@@ -187,6 +188,7 @@ def _run(args: argparse.Namespace) -> int:
                 _reload(service, args.config)
     finally:
         LOGGER.info("stopping")
+        notify.stopping()
         finished = service.stop()
     if not finished:
         # Threads still in a C-STORE or an encode: leave now, as after a crash; the spool has their work.
