@@ -203,13 +203,15 @@ def _reload(service: Any, path: Path | None) -> None:
         LOGGER.warning("SIGHUP: running on the built-in configuration, there is no file to re-read")
         return
     LOGGER.info("SIGHUP: re-reading %s", path)
+    notify.reloading()
     try:
         loaded = config.load(path)
     except ScpError as exc:
         LOGGER.error("reload rejected, the running configuration stays in force: %s", exc)
-        return
-    service.reload(loaded)
-    configure_logging(loaded.logging.level)
+    else:
+        service.reload(loaded)
+        configure_logging(loaded.logging.level)
+    notify.ready(f"listening on port {service.port}")
 
 
 def _explain(args: argparse.Namespace) -> int:

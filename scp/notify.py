@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 LOGGER = logging.getLogger(__name__)
 
@@ -31,6 +32,11 @@ def notify(*fields: str) -> bool:
 
 def ready(status: str) -> bool:
     return notify("READY=1", f"STATUS={status}")
+
+
+def reloading() -> bool:
+    """A configuration reload begins; `ready()` ends it (sd_notify(3): MONOTONIC_USEC goes with RELOADING=1)."""
+    return notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
 
 
 def stopping() -> bool:

@@ -135,7 +135,7 @@ def test_node_notifies_ready_watchdog_and_stopping_like_under_systemd(
     tmp_path: Path, notify_socket: socket.socket
 ) -> None:
     """`compressing-scp run` as ExecStart runs it: READY=1 once it listens, WATCHDOG=1 every WatchdogSec/2,
-    STOPPING=1 on SIGTERM, then a clean exit."""
+    RELOADING=1 then READY=1 on SIGHUP (ExecReload=), STOPPING=1 on SIGTERM, then a clean exit."""
     port = free_port()
     data = node_config(tmp_path, {"folder": {"type": "directory", "path": str(tmp_path / "folder")}}, KEEP_RULES)
     data["node"]["port"] = port
@@ -155,6 +155,10 @@ def test_node_notifies_ready_watchdog_and_stopping_like_under_systemd(
         assert f"STATUS=listening on port {port}" in ready.split("\n")
         pings = [at for at, message in _messages(notify_socket, 2.0) if message == "WATCHDOG=1"]
         assert len(pings) >= 4, f"{len(pings)} watchdog pings in 2 s (expected one every 0.3 s)"
+        proc.send_signal(signal.SIGHUP)  # ExecReload=: RELOADING=1 (with MONOTONIC_USEC), then READY=1 again
+        _, reloading = _wait_for_message(notify_socket, "RELOADING=1", 10)
+        assert any(field.startswith("MONOTONIC_USEC=") for field in reloading.split("\n")), reloading
+        _wait_for_message(notify_socket, "READY=1", 10)
         proc.send_signal(signal.SIGTERM)
         _wait_for_message(notify_socket, "STOPPING=1", 10)
         assert proc.wait(30) == 0
