@@ -30,6 +30,9 @@ from scp.errors import ConfigError
 
 KEEP = "keep"
 QUARANTINE_BY_RULE = "by-rule"
+QUARANTINE_UNPROCESSABLE = "unprocessable"
+RESERVED_DESTINATIONS = (QUARANTINE_BY_RULE, QUARANTINE_UNPROCESSABLE)
+"""Quarantine folders that belong to no destination: a rule's `quarantine: true`, and processing that kept failing."""
 """The spool's quarantine folder for instances a rule quarantines; no destination may take this name."""
 
 
@@ -343,8 +346,9 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _forward_names_exist(self) -> Config:
-        if QUARANTINE_BY_RULE in self.destinations:
-            raise ValueError(f"destinations.{QUARANTINE_BY_RULE}: the name is reserved for the rules' quarantine")
+        for reserved in RESERVED_DESTINATIONS:
+            if reserved in self.destinations:
+                raise ValueError(f"destinations.{reserved}: the name is reserved for a quarantine folder")
         named = [(f"rules.{index}", rule) for index, rule in enumerate(self.rules)]
         for where, rule in [*named, *([("default", self.default)] if self.default else [])]:
             names = [route.destination for route in rule.forward]

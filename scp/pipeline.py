@@ -20,7 +20,14 @@ import pydicom
 from pydicom.uid import UID
 
 from scp import compress, metrics, rules
-from scp.config import QUARANTINE_BY_RULE, CompressSpec, Config, DicomDestination, DirectoryDestination
+from scp.config import (
+    QUARANTINE_BY_RULE,
+    QUARANTINE_UNPROCESSABLE,
+    CompressSpec,
+    Config,
+    DicomDestination,
+    DirectoryDestination,
+)
 from scp.forward import Delivery, Forwarder, make_forwarder
 from scp.spool import Job, Spool
 from scp.status import Outcome, is_warning
@@ -204,6 +211,27 @@ class Processor:
             self.counts[{"drop": "dropped", "quarantine": "quarantined"}.get(decision.action, "forwarded")] += 1
         self.spool.finish_received(spool_id)
         return jobs
+
+    def give_up(self, spool_id: str, reason: str) -> Path:
+        """Keep an instance that processing keeps failing on for an operator, in quarantine/unprocessable/<id>/."""
+        source = self.spool.received_path(spool_id)
+        received = self.spool.received_info(spool_id)
+        target = self.spool.quarantine_dir / QUARANTINE_UNPROCESSABLE / spool_id
+        if not target.exists():
+            info: dict[str, object] = {
+                "sop_instance_uid": received.sop_instance_uid,
+                "sop_class_uid": received.sop_class_uid,
+                "transfer_syntax": received.transfer_syntax,
+                "original_transfer_syntax": received.transfer_syntax,
+                "calling_ae": received.calling_ae,
+                "received_at": received.received_at,
+                "rule": "",
+            }
+            job = self.spool.commit_job(spool_id, QUARANTINE_UNPROCESSABLE, source, source, info)
+            target = self.spool.quarantine(job, f"reason: {reason}").path
+        self.spool.finish_received(spool_id)
+        metrics.PROCESSED.labels("", "unprocessable").inc()
+        return target
 
     def _quarantine(self, spool_id: str, source: Path, info: dict[str, object], decision: rules.Decision) -> Path:
         """Keep the instance for an operator in quarantine/by-rule/<id>/ (idempotent after a crash)."""

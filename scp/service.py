@@ -29,6 +29,8 @@ from scp.spool import Spool
 LOGGER = logging.getLogger(__name__)
 
 _STOP = ""
+PROCESSING_ATTEMPTS = 5
+"""Failed processing attempts of one instance before it is quarantined as unprocessable."""
 
 
 @dataclass
@@ -59,6 +61,9 @@ class Service:
         self.server: limits.HardenedServer | None = None
         self.metrics: metrics.Endpoint | None = None
         self._busy: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        """Processing attempts that raised, by spool id (only processor threads touch it, one id at a time)."""
+        self.processing_retry_delay = 5.0
         self._busy_lock = threading.Lock()
 
     @property
@@ -299,15 +304,41 @@ class Service:
             try:
                 with self._working():
                     jobs = self._processor.process(spool_id)
-            except Exception:
-                LOGGER.exception("processing %s failed; it stays in the spool and is tried again", spool_id)
-                if not self._stopping.wait(5.0):
-                    self._work.put(spool_id)
+            except Exception as exc:
+                self._processing_failed(spool_id, exc)
                 continue
+            self._failures.pop(spool_id, None)
             for job in jobs:
                 state = self._destinations.get(job.destination)
                 if state is not None:
                     state.wake.set()
+
+    def _processing_failed(self, spool_id: str, exc: Exception) -> None:
+        """Try a failed instance again later (a full disk passes), up to PROCESSING_ATTEMPTS times, then keep it in
+        quarantine/unprocessable/ for an operator. It never leaves the spool unhandled."""
+        attempts = self._failures[spool_id] = self._failures.get(spool_id, 0) + 1
+        why = f"{type(exc).__name__}: {exc}"
+        if attempts >= PROCESSING_ATTEMPTS:
+            assert self._processor is not None
+            try:
+                where = self._processor.give_up(spool_id, f"processing failed {attempts} times; last: {why}")
+            except Exception:
+                LOGGER.exception("cannot quarantine %s either; it stays in incoming/ and is tried again", spool_id)
+            else:
+                self._failures.pop(spool_id, None)
+                LOGGER.error("quarantined %s: processing failed %d times: %s (%s)", spool_id, attempts, why, where)
+                return
+        LOGGER.warning(
+            "processing %s failed (attempt %d): %s; it stays in the spool and is tried again in %g s",
+            spool_id,
+            attempts,
+            why,
+            self.processing_retry_delay,
+            exc_info=attempts == 1,
+        )
+        retry = threading.Timer(self.processing_retry_delay, self._work.put, [spool_id])
+        retry.daemon = True
+        retry.start()
 
     def _deliver_loop(self, state: _Destination, index: int) -> None:
         while not self._stopping.is_set():
