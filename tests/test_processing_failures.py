@@ -29,10 +29,10 @@ def test_processing_that_keeps_failing_ends_in_quarantine(tmp_path: Path, monkey
     with running_node(node_config(tmp_path, _destinations(tmp_path), RULES)) as node:
         node.processing_retry_delay = 0.05
         assert "Success" in storescu(node.port, [TEST_FILES / "CT_small.dcm"])
-        wait_for(lambda: node.spool.quarantined(), 30, "the instance in quarantine")
+        # the quarantine copy is committed before the incoming one is removed: wait for both steps
+        wait_for(lambda: node.spool.quarantined() and not node.spool.incoming(), 30, "the instance in quarantine")
         (held,) = node.spool.quarantined()
         assert held.destination == "unprocessable"
-        assert node.spool.incoming() == []
         assert len(attempts) == service.PROCESSING_ATTEMPTS
     reason = (held.path / "reason.txt").read_text()
     assert f"processing failed {service.PROCESSING_ATTEMPTS} times" in reason
