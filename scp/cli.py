@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scp import __version__, config
+from scp import __version__, config, notify
 from scp.errors import ScpError
 
 LOGGER = logging.getLogger(__name__)
@@ -147,11 +147,24 @@ def _compress(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _StandardErrorHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is when a record is emitted, not when logging was configured: a command
+    run in-process (tests, embedding) may have replaced and closed the stream it started with."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def configure_logging(level: str) -> None:
     """One line per event on standard error, which journald keeps under systemd."""
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+    handler = _StandardErrorHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
@@ -167,6 +180,7 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: hangup.set())
     service.start()
+    notify.ready(f"listening on port {service.port}")
     try:
         while not stop.wait(0.2):
             if hangup.is_set():
@@ -174,6 +188,7 @@ def _run(args: argparse.Namespace) -> int:
                 _reload(service, args.config)
     finally:
         LOGGER.info("stopping")
+        notify.stopping()
         finished = service.stop()
     if not finished:
         # Threads still in a C-STORE or an encode: leave now, as after a crash; the spool has their work.
@@ -188,13 +203,15 @@ def _reload(service: Any, path: Path | None) -> None:
         LOGGER.warning("SIGHUP: running on the built-in configuration, there is no file to re-read")
         return
     LOGGER.info("SIGHUP: re-reading %s", path)
+    notify.reloading()
     try:
         loaded = config.load(path)
     except ScpError as exc:
         LOGGER.error("reload rejected, the running configuration stays in force: %s", exc)
-        return
-    service.reload(loaded)
-    configure_logging(loaded.logging.level)
+    else:
+        service.reload(loaded)
+        configure_logging(loaded.logging.level)
+    notify.ready(f"listening on port {service.port}")
 
 
 def _explain(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     PrivateAttr,
     ValidationError,
     field_validator,
@@ -29,6 +30,9 @@ from scp.errors import ConfigError
 
 KEEP = "keep"
 QUARANTINE_BY_RULE = "by-rule"
+QUARANTINE_UNPROCESSABLE = "unprocessable"
+RESERVED_DESTINATIONS = (QUARANTINE_BY_RULE, QUARANTINE_UNPROCESSABLE)
+"""Quarantine folders that belong to no destination: a rule's `quarantine: true`, and processing that kept failing."""
 """The spool's quarantine folder for instances a rule quarantines; no destination may take this name."""
 
 
@@ -48,6 +52,35 @@ TransferSyntax = Annotated[str, BeforeValidator(lambda v: syntaxes.resolve(str(v
 """A pydicom UID keyword (`JPEGLSLossless`) or a dotted UID, held as a pydicom UID."""
 
 
+class TlsConfig(_Model):
+    """DICOM TLS (PS3.15 B.9, BCP 195): our certificate and key, and the CA that peers' certificates chain to."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    require_client_cert: bool = False
+    """Receiving only: refuse a peer that presents no certificate signed by `ca`."""
+
+    @model_validator(mode="after")
+    def _ca_for_client_certs(self) -> TlsConfig:
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("require_client_cert needs `ca`: the CA that signs the modalities' certificates")
+        return self
+
+
+class AllowedCaller(_Model):
+    """A calling AE title that may associate, optionally only from some addresses."""
+
+    ae_title: AETitle
+    hosts: list[IPvAnyNetwork] = Field(default_factory=list)
+    """IP addresses or CIDR networks the AE may call from; empty: any address."""
+
+    @field_validator("hosts", mode="before")
+    @classmethod
+    def _one_host(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
 class NodeConfig(_Model):
     """Where and as whom the node listens."""
 
@@ -61,6 +94,24 @@ class NodeConfig(_Model):
     network_timeout: float = Field(60.0, gt=0)
     shutdown_timeout: float = Field(30.0, gt=0)
     """Seconds SIGTERM waits for work in hand before the process exits anyway (the spool keeps the rest)."""
+    tls_handshake_timeout: float = Field(10.0, gt=0)
+    stall_timeout: float = Field(900.0, gt=0)
+    """Seconds one instance may keep a processing or delivery thread busy before the node reports itself
+    unhealthy (and, under systemd, stops the watchdog pings so that it is restarted)."""
+    max_instance_bytes: int = Field(2 * 1024**3, ge=1024)
+    """The largest instance accepted, as received."""
+    max_inflated_bytes: int = Field(64 * 1024**2, ge=1024)
+    """The largest data set a Deflated Explicit VR Little Endian instance may inflate to."""
+    allowed_calling_aets: list[AETitle | AllowedCaller] | None = None
+    """None: any calling AE title may associate; otherwise only these (PS3.8 7.1.1.3)."""
+    tls: TlsConfig | None = None
+
+
+class MetricsConfig(_Model):
+    """The Prometheus endpoint (`/metrics`) and the load balancer's check (`/health`)."""
+
+    port: int = Field(ge=0, le=65535)
+    host: str = "0.0.0.0"
 
 
 class SpoolConfig(_Model):
@@ -103,6 +154,7 @@ class DicomDestination(_Model):
     retry: RetryConfig = RetryConfig()
     accept: list[TransferSyntax] | None = Field(None, min_length=1)
     """The transfer syntaxes it takes, preferred first; None: any syntax it negotiates."""
+    tls: TlsConfig | None = None
 
 
 class DirectoryDestination(_Model):
@@ -290,11 +342,13 @@ class Config(_Model):
     default: DefaultRule | None = None
     """None: the built-in default, keep the encoding and forward to every destination."""
     logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig | None = None
 
     @model_validator(mode="after")
     def _forward_names_exist(self) -> Config:
-        if QUARANTINE_BY_RULE in self.destinations:
-            raise ValueError(f"destinations.{QUARANTINE_BY_RULE}: the name is reserved for the rules' quarantine")
+        for reserved in RESERVED_DESTINATIONS:
+            if reserved in self.destinations:
+                raise ValueError(f"destinations.{reserved}: the name is reserved for a quarantine folder")
         named = [(f"rules.{index}", rule) for index, rule in enumerate(self.rules)]
         for where, rule in [*named, *([("default", self.default)] if self.default else [])]:
             names = [route.destination for route in rule.forward]

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -25,7 +26,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from scp import compress
+from scp import compress, security
 from scp.config import DicomDestination, DirectoryDestination
 from scp.spool import Job, fsync_dir, fsync_file
 from scp.status import Outcome, classify_store_status, describe
@@ -114,6 +115,7 @@ class DicomForwarder:
         self.destination = destination
         self.calling_ae = destination.calling_ae_title or calling_ae
         self.scratch = scratch
+        self.tls_args = (security.client_context(destination.tls), None) if destination.tls else None
         self.linger = linger
         self._local = threading.local()
 
@@ -158,7 +160,7 @@ class DicomForwarder:
         assoc = self._reusable(set(contexts))
         if assoc is None:
             try:
-                assoc = associate(self.destination, self.calling_ae, contexts)
+                assoc = associate(self.destination, self.calling_ae, contexts, self.tls_args)
             except (OSError, RuntimeError) as exc:
                 for job in jobs:
                     yield Delivery(job, Outcome.TRANSIENT, f"cannot reach {where}: {exc}", reached=False)
@@ -259,14 +261,20 @@ def _file_in_syntax(job: Job, syntax: UID, scratch: Path) -> tuple[Path, bool]:
     return path, True
 
 
-def associate(destination: DicomDestination, calling_ae: str, contexts: Sequence[tuple[str, str]]) -> Association:
-    """Request an association proposing one presentation context per (SOP class, transfer syntax)."""
+def associate(
+    destination: DicomDestination,
+    calling_ae: str,
+    contexts: Sequence[tuple[str, str]],
+    tls_args: tuple[ssl.SSLContext, str | None] | None = None,
+) -> Association:
+    """Request an association proposing one presentation context per (SOP class, transfer syntax), over TLS
+    when `tls_args` (pynetdicom's (context, server hostname)) are given."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = destination.timeout
     ae.connection_timeout = destination.timeout
     for sop_class, ts in contexts:
         ae.add_requested_context(sop_class, ts)
-    return ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    return ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
 
 
 def set_nodelay(assoc: Association) -> None:

@@ -19,8 +19,15 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import UID
 
-from scp import compress, rules
-from scp.config import QUARANTINE_BY_RULE, CompressSpec, Config, DicomDestination, DirectoryDestination
+from scp import compress, metrics, rules
+from scp.config import (
+    QUARANTINE_BY_RULE,
+    QUARANTINE_UNPROCESSABLE,
+    CompressSpec,
+    Config,
+    DicomDestination,
+    DirectoryDestination,
+)
 from scp.forward import Delivery, Forwarder, make_forwarder
 from scp.spool import Job, Spool
 from scp.status import Outcome, is_warning
@@ -56,11 +63,11 @@ def produce(
     destinations: Mapping[str, DicomDestination | DirectoryDestination],
     encode: Encode,
     scratch: Callable[[], Path],
-) -> tuple[list[Output], list[Path]]:
+) -> tuple[list[Output], list[tuple[compress.Result, Path]]]:
     """Make each destination's file: the rule's target, or the first syntax of its `accept` list we can make.
 
     Each distinct target is encoded once, whatever the number of destinations wanting it. Returns the outputs
-    and the scratch files made (to delete once the outputs are linked into jobs).
+    and each encode with its scratch file (to delete once the outputs are linked into jobs).
     """
     made: dict[str, tuple[compress.Result, Path]] = {}
     outputs = []
@@ -86,7 +93,7 @@ def produce(
             if result.compressed:
                 name = UID(result.transfer_syntax).name
                 sizes = f"{result.bytes_in} -> {result.bytes_out} bytes"
-                detail = f"re-encoded as {name}: {sizes} (ratio {result.ratio:.2f})"
+                detail = f"re-encoded as {name}: {sizes} (ratio {result.ratio:.2f}) in {result.seconds:.3f} s"
                 output = Output(
                     delivery.destination, path, result.transfer_syntax, True, detail, result.sop_instance_uid
                 )
@@ -98,7 +105,7 @@ def produce(
                 tried.append(f"none of its accepted syntaxes can be made from {UID(source_syntax).name}")
             output = Output(delivery.destination, source, source_syntax, False, "; ".join(tried))
         outputs.append(output)
-    return outputs, [path for _, path in made.values()]
+    return outputs, list(made.values())
 
 
 def _rewrite(source: Path, path: Path, syntax: UID, refused: compress.Result) -> compress.Result:
@@ -113,6 +120,16 @@ def _rewrite(source: Path, path: Path, syntax: UID, refused: compress.Result) ->
         path.unlink(missing_ok=True)
         return replace(refused, reason=f"{refused.reason}; cannot be written as {syntax.name}: {exc}")
     return replace(refused, compressed=True, transfer_syntax=str(syntax), bytes_out=path.stat().st_size)
+
+
+def _observe(rule: str, result: compress.Result) -> None:
+    """Metrics of one encode: ratio and time when it compressed, a count when lossless verification failed."""
+    if result.compressed:
+        syntax = UID(result.transfer_syntax).keyword or result.transfer_syntax
+        metrics.COMPRESSION_RATIO.labels(rule, syntax).observe(result.ratio)
+        metrics.ENCODE_SECONDS.labels(rule, syntax).observe(result.seconds)
+    if result.verify_failed:
+        metrics.VERIFY_FAILED.labels(rule).inc()
 
 
 def read_facts(path: Path, calling_ae: str, called_ae: str, peer_address: str) -> rules.Facts:
@@ -160,6 +177,7 @@ class Processor:
             "rule": decision.rule,
         }
         jobs = []
+        outcome = {"drop": "dropped", "quarantine": "quarantined"}.get(decision.action, "unchanged")
         if decision.action == "drop":
             LOGGER.warning("dropped %s by rule %s (%s)", uid, decision.rule, decision.reason)
         elif decision.action == "quarantine":
@@ -174,21 +192,46 @@ class Processor:
                 self.encoder.transcode,
                 lambda: self.spool.new_tmp_path(".dcm"),
             )
+            if any(output.compressed for output in outputs):
+                outcome = "compressed"
             try:
                 for output in outputs:
-                    why = output.detail if output.compressed else f"unchanged, {output.detail}"
-                    LOGGER.info("%s for %s (rule %s): %s", uid, output.destination, decision.rule, why)
+                    event = "compressed %s for %s" if output.compressed else "passing %s through unchanged for %s"
+                    LOGGER.info(event + " (rule %s): %s", uid, output.destination, decision.rule, output.detail)
                     job_info = {**info, "transfer_syntax": output.transfer_syntax, "compression": output.detail}
                     if output.sop_instance_uid and output.sop_instance_uid != uid:
                         job_info |= {"sop_instance_uid": output.sop_instance_uid, "source_sop_instance_uid": uid}
                     jobs.append(self.spool.commit_job(spool_id, output.destination, output.path, source, job_info))
             finally:
-                for path in made:  # jobs hold their own links; a failed commit (full disk) must not leak them
+                for result, path in made:  # jobs hold their own links; a failed commit (full disk) must not leak
+                    _observe(decision.rule, result)
                     path.unlink(missing_ok=True)
+        metrics.PROCESSED.labels(decision.rule, outcome).inc()
         with self._counts_lock:
             self.counts[{"drop": "dropped", "quarantine": "quarantined"}.get(decision.action, "forwarded")] += 1
         self.spool.finish_received(spool_id)
         return jobs
+
+    def give_up(self, spool_id: str, reason: str) -> Path:
+        """Keep an instance that processing keeps failing on for an operator, in quarantine/unprocessable/<id>/."""
+        source = self.spool.received_path(spool_id)
+        received = self.spool.received_info(spool_id)
+        target = self.spool.quarantine_dir / QUARANTINE_UNPROCESSABLE / spool_id
+        if not target.exists():
+            info: dict[str, object] = {
+                "sop_instance_uid": received.sop_instance_uid,
+                "sop_class_uid": received.sop_class_uid,
+                "transfer_syntax": received.transfer_syntax,
+                "original_transfer_syntax": received.transfer_syntax,
+                "calling_ae": received.calling_ae,
+                "received_at": received.received_at,
+                "rule": "",
+            }
+            job = self.spool.commit_job(spool_id, QUARANTINE_UNPROCESSABLE, source, source, info)
+            target = self.spool.quarantine(job, f"reason: {reason}").path
+        self.spool.finish_received(spool_id)
+        metrics.PROCESSED.labels("", "unprocessable").inc()
+        return target
 
     def _quarantine(self, spool_id: str, source: Path, info: dict[str, object], decision: rules.Decision) -> Path:
         """Keep the instance for an operator in quarantine/by-rule/<id>/ (idempotent after a crash)."""
@@ -196,7 +239,7 @@ class Processor:
         if not target.exists():
             job = self.spool.commit_job(spool_id, QUARANTINE_BY_RULE, source, source, info)
             reason = f"rule: {decision.rule}\nreason: quarantined by rule ({decision.reason})"
-            target = self.spool.quarantine(job, reason)
+            target = self.spool.quarantine(job, reason).path
         return target
 
 
@@ -296,13 +339,17 @@ class Deliverer:
 
     def _settle(self, delivery: Delivery) -> None:
         job, outcome, detail = delivery.job, delivery.outcome, delivery.detail
-        uid = job.info().get("sop_instance_uid")
+        info = job.info()
+        uid = info.get("sop_instance_uid")
         if delivery.reached:
             with self._lock:
                 self._outages = 0
         if outcome is Outcome.DELIVERED:
+            rule, size = str(info.get("rule", "")), job.instance.stat().st_size
             self.spool.delivered(job)
             self._forget(job)
+            metrics.FORWARDED.labels(self.name, rule).inc()
+            metrics.FORWARDED_BYTES.labels(self.name, rule).inc(size)
             if delivery.status is not None and is_warning(delivery.status):
                 LOGGER.warning("forwarded %s to %s with a warning: %s", uid, self.name, detail)
             else:
@@ -320,6 +367,7 @@ class Deliverer:
                     retry.not_before = time.monotonic() + delay
                     if not delivery.reached:
                         self._pause(detail)
+                metrics.RETRIES.labels(self.name).inc()
                 LOGGER.log(
                     logging.WARNING if delivery.reached else logging.DEBUG,  # an outage is logged once, by _pause
                     "delivery of %s to %s failed (attempt %d): %s; retrying in %.1f s",
@@ -333,6 +381,7 @@ class Deliverer:
             detail = f"{detail}; {give_up}"
         self._forget(job)
         where = self.spool.quarantine(job, f"destination: {self.name}\nsop_instance_uid: {uid}\nreason: {detail}")
+        metrics.QUARANTINED.labels(self.name).inc()
         LOGGER.error("quarantined %s for %s: %s (%s)", uid, self.name, detail, where.path)
 
     def _forget(self, job: Job) -> None:

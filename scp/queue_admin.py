@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 
+from scp.config import RESERVED_DESTINATIONS
 from scp.errors import SpoolError
 from scp.spool import Job, Spool, arrival
 
@@ -83,6 +84,13 @@ def retry(spool: Spool, destination: str | None, uids: Sequence[str]) -> tuple[i
     """Send quarantined jobs (all, or those with these UIDs) back to the queue; return (count, problems)."""
     moved, problems = 0, []
     for job in _select(spool.quarantined(destination), uids):
+        if job.destination in RESERVED_DESTINATIONS:
+            problems.append(
+                f"{job.id} was quarantined by a rule or because processing failed, not by a destination: there is "
+                f"no queue to send it back to; fix the cause and send {job.instance} again (e.g. with storescu), "
+                "or purge it"
+            )
+            continue
         try:
             spool.requeue(job)
             moved += 1

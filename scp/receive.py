@@ -1,8 +1,9 @@
 """The SCP: presentation contexts we accept, and the C-STORE handler that only writes to the spool.
 
 The handler does no pixel work (STYLE rule 5): pynetdicom has already streamed the dataset to a file in the
-spool's tmp/ (chunked receive, see service.py); the handler checks the header can be read, commits the file with
-a rename and answers. Any failure to keep the instance answers a failure status, never Success.
+spool's tmp/ (chunked receive, see service.py); the handler reads it defensively (limits.check_instance: size,
+deflate bombs, deep nesting, undecodable values, truncated Pixel Data), commits the file with a rename and answers.
+Any failure to keep the instance answers a failure status, never Success.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pydicom
-from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
-from scp import status, syntaxes
+from scp import limits, metrics, status, syntaxes
+from scp.config import NodeConfig
 from scp.errors import SpoolError
 from scp.forward import set_nodelay
 from scp.spool import Received, Spool
@@ -34,7 +34,9 @@ def add_supported_contexts(ae: AE) -> None:
         ae.add_supported_context(context.abstract_syntax, list(syntaxes.ACCEPTED))
 
 
-def handle_store(event: Event, spool: Spool, on_commit: Callable[[str], None], min_free: int = 0) -> int:
+def handle_store(
+    event: Event, spool: Spool, on_commit: Callable[[str], None], node: NodeConfig, min_free: int = 0
+) -> int:
     """Commit the received instance to the spool; answer Success only once it is durable.
 
     Below `min_free` bytes free on the spool's filesystem the instance is refused with 0xA700 (PS3.4 B.2.3):
@@ -43,12 +45,14 @@ def handle_store(event: Event, spool: Spool, on_commit: Callable[[str], None], m
     """
     path: Path = event.dataset_path
     try:
-        return _store(event, path, spool, on_commit, min_free)
+        return _store(event, path, spool, on_commit, node, min_free)
     finally:
         path.unlink(missing_ok=True)  # pynetdicom leaves it behind when a handler raises
 
 
-def _store(event: Event, path: Path, spool: Spool, on_commit: Callable[[str], None], min_free: int) -> int:
+def _store(
+    event: Event, path: Path, spool: Spool, on_commit: Callable[[str], None], node: NodeConfig, min_free: int
+) -> int:
     request = event.request
     assoc = event.assoc
     calling = assoc.requestor.ae_title
@@ -63,19 +67,19 @@ def _store(event: Event, path: Path, spool: Spool, on_commit: Callable[[str], No
             min_free // 2**20,
             status.OUT_OF_RESOURCES,
         )
+        metrics.REFUSED.labels(f"0x{status.OUT_OF_RESOURCES:04X}").inc()
         return status.OUT_OF_RESOURCES
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True)
-        header.get("SOPInstanceUID")  # first access can raise on a malformed dataset
-    except (InvalidDicomError, ValueError, EOFError, KeyError, OSError, TypeError) as exc:
-        LOGGER.warning(
-            "rejected instance %s from %s: cannot be read (%s); answered 0x%04X",
-            sop_instance_uid,
-            calling,
-            exc,
-            status.CANNOT_UNDERSTAND,
+        limits.check_instance(
+            path, str(event.context.transfer_syntax), node.max_instance_bytes, node.max_inflated_bytes
         )
-        return status.CANNOT_UNDERSTAND
+    except limits.Refused as exc:
+        LOGGER.warning(
+            "refused instance %s from %s: %s; answered 0x%04X", sop_instance_uid, calling, exc.reason, exc.status
+        )
+        metrics.REFUSED.labels(f"0x{exc.status:04X}").inc()
+        return exc.status
+    size = path.stat().st_size
     received = Received(
         calling_ae=calling,
         called_ae=assoc.acceptor.ae_title,
@@ -95,7 +99,10 @@ def _store(event: Event, path: Path, spool: Spool, on_commit: Callable[[str], No
             exc,
             status.OUT_OF_RESOURCES,
         )
+        metrics.REFUSED.labels(f"0x{status.OUT_OF_RESOURCES:04X}").inc()
         return status.OUT_OF_RESOURCES
+    metrics.RECEIVED.labels(calling).inc()
+    metrics.RECEIVED_BYTES.labels(calling).inc(size)
     LOGGER.info(
         "received %s from %s (%s, %s) as %s",
         sop_instance_uid,
@@ -113,9 +120,11 @@ def handle_connection_open(event: Event) -> None:
     set_nodelay(event.assoc)
 
 
-def handlers(spool: Spool, on_commit: Callable[[str], None], min_free: int = 0) -> list[tuple[object, ...]]:
+def handlers(
+    spool: Spool, on_commit: Callable[[str], None], node: NodeConfig, min_free: int = 0
+) -> list[tuple[object, ...]]:
     """The event handlers of the SCP, with their dependencies bound in (STYLE rule 4)."""
     return [
-        (evt.EVT_C_STORE, handle_store, [spool, on_commit, min_free]),
+        (evt.EVT_C_STORE, handle_store, [spool, on_commit, node, min_free]),
         (evt.EVT_CONN_OPEN, handle_connection_open),
     ]

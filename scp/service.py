@@ -16,12 +16,13 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from pynetdicom import AE, _config
-from pynetdicom.transport import ThreadedAssociationServer
 
-from scp import receive
+from scp import limits, metrics, notify, receive, security
 from scp.config import Config
 from scp.forward import make_forwarder
 from scp.pipeline import Deliverer, Encoder, Processor
@@ -30,6 +31,8 @@ from scp.spool import Spool
 LOGGER = logging.getLogger(__name__)
 
 _STOP = ""
+PROCESSING_ATTEMPTS = 5
+"""Failed processing attempts of one instance before it is quarantined as unprocessable."""
 
 
 @dataclass
@@ -57,7 +60,13 @@ class Service:
         self._processor: Processor | None = None
         self._ae: AE | None = None
         self._saved_tempdir: str | None = None
-        self.server: ThreadedAssociationServer | None = None
+        self.server: limits.HardenedServer | None = None
+        self.metrics: metrics.Endpoint | None = None
+        self._busy: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        """Processing attempts that raised, by spool id (only processor threads touch it, one id at a time)."""
+        self.processing_retry_delay = 5.0
+        self._busy_lock = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -95,10 +104,30 @@ class Service:
         ae.network_timeout = node.network_timeout
         receive.add_supported_contexts(ae)
         min_free = int(self.config.spool.min_free_mb * 2**20)
-        self.server = ae.start_server(
-            (node.host, node.port), block=False, evt_handlers=receive.handlers(self.spool, self._received, min_free)
+        handlers: list[Any] = [
+            *security.access_handlers(node.allowed_calling_aets),
+            *receive.handlers(self.spool, self._received, node, min_free),
+        ]
+        server = ae.make_server(
+            (node.host, node.port),
+            ssl_context=security.server_context(node.tls) if node.tls else None,
+            evt_handlers=handlers,
+            server_class=limits.HardenedServer,
+            pdu_limits=limits.PduLimits.for_max_pdu(node.max_pdu_size, node.max_instance_bytes),
+            handshake_timeout=node.tls_handshake_timeout,
         )
-        LOGGER.info("listening as %s on %s:%d", node.ae_title, node.host, self.port)
+        assert isinstance(server, limits.HardenedServer)
+        self.server = server
+        self._spawn("accept", server.serve_forever)
+        if self.config.metrics is not None:
+            self.metrics = metrics.Endpoint(
+                self.config.metrics.host, self.config.metrics.port, self._state_collector(), self.health
+            )
+            self.metrics.start()
+        interval = notify.watchdog_interval()
+        if interval is not None:
+            threading.Thread(target=self._watchdog_loop, args=(interval,), name="watchdog", daemon=True).start()
+        LOGGER.info("listening as %s on %s:%d%s", node.ae_title, node.host, self.port, " (TLS)" if node.tls else "")
 
     def stop(self, timeout: float | None = None) -> bool:
         """Stop within `timeout` seconds (default `node.shutdown_timeout`); True if all work in hand finished.
@@ -130,6 +159,8 @@ class Service:
             return False
         if self._encoder is not None:
             self._encoder.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         LOGGER.info("stopped")
         return True
 
@@ -180,6 +211,63 @@ class Service:
                 self._processor.config = new
         LOGGER.info("reloaded the configuration: %d rules, %d destinations", len(new.rules), len(new.destinations))
 
+    def health(self) -> list[str]:
+        """What is wrong with the node, or an empty list: every thread alive, none stuck on one item."""
+        problems = [f"thread {t.name} has stopped" for t in self._threads if not t.is_alive()]
+        limit = self.config.node.stall_timeout
+        now = time.monotonic()
+        with self._busy_lock:
+            busy = dict(self._busy)
+        problems += [
+            f"thread {name} busy with one item for {now - since:.0f} s (node.stall_timeout {limit:g} s)"
+            for name, since in sorted(busy.items())
+            if now - since > limit
+        ]
+        return problems
+
+    @contextlib.contextmanager
+    def _working(self) -> Iterator[None]:
+        """Mark the calling thread busy with one item, for `health`."""
+        name = threading.current_thread().name
+        with self._busy_lock:
+            self._busy[name] = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._busy_lock:
+                del self._busy[name]
+
+    def _watchdog_loop(self, interval: float) -> None:
+        """Ping systemd's watchdog while healthy; withhold the ping otherwise, so that systemd restarts us."""
+        while not self._stopping.wait(interval):
+            problems = self.health()
+            if problems:
+                LOGGER.error("unhealthy, withholding the watchdog ping: %s", "; ".join(problems))
+            else:
+                notify.watchdog()
+
+    def _state_collector(self) -> metrics.StateCollector:
+        def queues() -> list[tuple[str, int, float | None]]:
+            rows = []
+            for name in self.config.destinations:
+                jobs = self.spool.jobs(name)
+                age = None
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    age = time.time() - float(str(jobs[0].info()["received_at"])) if jobs else None
+                rows.append((name, len(jobs), age))
+            return rows
+
+        def quarantined() -> list[tuple[str, int]]:
+            counts = dict.fromkeys(self.config.destinations, 0)
+            for job in self.spool.quarantined():
+                counts[job.destination] = counts.get(job.destination, 0) + 1
+            return sorted(counts.items())
+
+        def associations() -> int:
+            return len(self.server.active_associations) if self.server is not None else 0
+
+        return metrics.StateCollector(queues, quarantined, associations)
+
     def _received(self, spool_id: str) -> None:
         self._work.put(spool_id)
 
@@ -217,16 +305,43 @@ class Service:
             if spool_id == _STOP or self._stopping.is_set():
                 return  # what is still queued stays in incoming/ for the next start
             try:
-                jobs = self._processor.process(spool_id)
-            except Exception:
-                LOGGER.exception("processing %s failed; it stays in the spool and is tried again", spool_id)
-                if not self._stopping.wait(5.0):
-                    self._work.put(spool_id)
+                with self._working():
+                    jobs = self._processor.process(spool_id)
+            except Exception as exc:
+                self._processing_failed(spool_id, exc)
                 continue
+            self._failures.pop(spool_id, None)
             for job in jobs:
                 state = self._destinations.get(job.destination)
                 if state is not None:
                     state.wake.set()
+
+    def _processing_failed(self, spool_id: str, exc: Exception) -> None:
+        """Try a failed instance again later (a full disk passes), up to PROCESSING_ATTEMPTS times, then keep it in
+        quarantine/unprocessable/ for an operator. It never leaves the spool unhandled."""
+        attempts = self._failures[spool_id] = self._failures.get(spool_id, 0) + 1
+        why = f"{type(exc).__name__}: {exc}"
+        if attempts >= PROCESSING_ATTEMPTS:
+            assert self._processor is not None
+            try:
+                where = self._processor.give_up(spool_id, f"processing failed {attempts} times; last: {why}")
+            except Exception:
+                LOGGER.exception("cannot quarantine %s either; it stays in incoming/ and is tried again", spool_id)
+            else:
+                self._failures.pop(spool_id, None)
+                LOGGER.error("quarantined %s: processing failed %d times: %s (%s)", spool_id, attempts, why, where)
+                return
+        LOGGER.warning(
+            "processing %s failed (attempt %d): %s; it stays in the spool and is tried again in %g s",
+            spool_id,
+            attempts,
+            why,
+            self.processing_retry_delay,
+            exc_info=attempts == 1,
+        )
+        retry = threading.Timer(self.processing_retry_delay, self._work.put, [spool_id])
+        retry.daemon = True
+        retry.start()
 
     def _deliver_loop(self, state: _Destination, index: int) -> None:
         _yield_to_receiving()  # the associations this thread opens run at its priority too
@@ -238,7 +353,8 @@ class Service:
     def _deliver_until_done(self, state: _Destination, index: int) -> None:
         while not self._stopping.is_set():
             try:
-                tried = state.deliverer.run_once()
+                with self._working():
+                    tried = state.deliverer.run_once()
             except Exception:
                 LOGGER.exception("delivery to %s failed unexpectedly; trying again", state.deliverer.name)
                 tried = 0

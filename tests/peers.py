@@ -29,7 +29,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 DEFAULT_PORT = 11112
 
 # pynetdicom installs Python scripts named storescu/storescp that shadow DCMTK's on PATH: use Debian's.
-TOOL_DIRS = (Path("/usr/bin"), Path("/usr/local/bin"), Path("/usr/sbin"))
+TOOL_DIRS = (Path("/usr/bin"), Path("/usr/sbin"), Path("/usr/local/bin"))
 
 
 def tool(name: str) -> str:

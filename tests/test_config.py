@@ -96,3 +96,28 @@ def test_built_in_default() -> None:
     assert first.match == {"modality": ["CT", "MR", "CR", "DX"]}
     assert first.compress.syntax is not None and first.compress.syntax.keyword == "JPEGLSLossless"
     assert rest.match is None and rest.compress.syntax is None
+
+
+def test_logging_follows_the_current_standard_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """A command run in-process logs to the stderr of the moment, even after the one it started with closed."""
+    import io
+    import logging
+    import sys
+
+    from scp.cli import configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    first = io.StringIO()
+    original, sys.stderr = sys.stderr, first
+    try:
+        configure_logging("INFO")
+        sys.stderr = original
+        first.close()
+        logging.getLogger("scp.test").warning("written after the first stream closed")
+    finally:
+        sys.stderr = original
+        root.handlers[:], root.level = saved
+    err = capsys.readouterr().err
+    assert "WARNING scp.test: written after the first stream closed" in err
+    assert "Logging error" not in err

@@ -14,6 +14,7 @@ from pydicom.uid import JPEGLSLossless
 from tests.peers import (
     DEFAULT_PORT,
     TEST_FILES,
+    complete_files,
     listening,
     node_config,
     node_process,
@@ -40,8 +41,8 @@ CT_MR_RULES = [
 
 
 def _by_uid(folder: Path) -> dict[str, Path]:
-    files = [p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".log")]
-    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in files}
+    """The files a peer has finished writing into `folder`, by SOP Instance UID."""
+    return {uid: Path(str(ds.filename)) for uid, ds in complete_files(folder).items()}
 
 
 def _attributes(ds: Dataset, skip: set[str]) -> dict[str, object]:

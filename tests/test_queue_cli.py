@@ -21,9 +21,9 @@ RULES = [{"name": "all", "compress": "keep", "forward": ["archive"]}]
 
 
 def _queue(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """Exit code and standard output (the node running in this process logs to standard error)."""
     code = cli.main(["queue", *args])
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    return code, capsys.readouterr().out
 
 
 def test_status_list_retry_purge_while_the_node_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -85,6 +85,21 @@ def test_purge_needs_uids_or_all(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_queue_on_a_missing_spool_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = _queue(capsys, "status", "--spool", str(tmp_path / "nowhere"))
-    assert code == 1
-    assert "no spool at" in out and not (tmp_path / "nowhere").exists()
+    assert cli.main(["queue", "status", "--spool", str(tmp_path / "nowhere")]) == 1
+    assert "no spool at" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
+
+
+def test_retry_leaves_instances_quarantined_by_a_rule_and_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `quarantine: true` rule's instance has no destination queue: retry must not strand it in outgoing/."""
+    destinations = {"archive": {"type": "directory", "path": str(tmp_path / "folder")}}
+    rules = [{"name": "hold", "quarantine": True}]
+    made = make_instances(tmp_path / "modality", 1)
+    with running_node(node_config(tmp_path, destinations, rules)) as node:
+        storescu(node.port, list(made))
+        wait_for(lambda: len(node.spool.quarantined()) == 1, 30, "the instance quarantined by the rule")
+        assert cli.main(["queue", "retry", "--spool", str(node.spool.root)]) == 1
+        assert "quarantined by a rule" in capsys.readouterr().err
+        assert len(node.spool.quarantined()) == 1
+        assert node.spool.jobs() == []

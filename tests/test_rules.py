@@ -289,4 +289,4 @@ def test_each_distinct_target_is_encoded_once_and_shared(tmp_path: Path) -> None
     assert by_name["plain"].path == by_name["jls-or-explicit"].path and by_name["plain"].compressed
     assert by_name["explicit-only"].transfer_syntax == ExplicitVRLittleEndian
     assert pydicom.dcmread(by_name["explicit-only"].path).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
-    assert sorted(made) == sorted({o.path for o in outputs})
+    assert sorted(path for _, path in made) == sorted({o.path for o in outputs})

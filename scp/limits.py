@@ -1,0 +1,228 @@
+"""Guards against hostile or broken input, closing weak spots of pynetdicom 3.0.4 and pydicom 3.0.2.
+
+On the wire (`HardenedServer`):
+- pynetdicom wraps each accepted socket in TLS inside the accept loop, so one peer that connects and never sends a
+  ClientHello stalls every other TLS association. Here the handshake runs in the connection's own thread, with a
+  timeout.
+- pynetdicom reads whatever length a PDU header declares before anything is checked. Here an A-ASSOCIATE-RQ (or any
+  other control PDU) longer than `CONTROL_PDU_LIMIT`, or a P-DATA-TF longer than our maximum PDU size, ends the
+  connection after its 6-byte header.
+- an accepted socket has no timeout, so a peer that stops in the middle of a PDU holds a thread forever. Here
+  every read and write times out after `network_timeout`.
+
+In a received instance (`check_instance`, run by the C-STORE handler before it answers): larger than allowed,
+a Deflated data set that inflates past the limit (read in bounded steps, never whole), nesting that exhausts the
+recursion limit, an unreadable file or UIDs, and native Pixel Data shorter than its attributes say.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import ssl
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from socketserver import BaseServer
+from typing import Any
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from scp import status
+
+LOGGER = logging.getLogger(__name__)
+
+P_DATA_TF = 0x04
+CONTROL_PDU_LIMIT = 1024 * 1024
+"""The largest A-ASSOCIATE-RQ (or other non-data PDU) read: 128 contexts x 40 syntaxes fit in well under 1 MiB."""
+PDV_ALLOWANCE = 1024
+"""Peers count the PDV item headers against the maximum length differently (PS3.8 D.1); allow for it."""
+INFLATE_STEP = 1024 * 1024
+PIXEL_DATA = 0x7FE00010
+UNDEFINED_LENGTH = 0xFFFFFFFF
+META_PREFIX = 128 + 4 + 12  # preamble, "DICM", the (0002,0000) element (PS3.10 7.1)
+
+
+@dataclass(frozen=True)
+class PduLimits:
+    """The largest PDU bodies read from a peer, by PDU type."""
+
+    data: int
+    control: int = CONTROL_PDU_LIMIT
+
+    @classmethod
+    def for_max_pdu(cls, max_pdu_size: int, max_instance_bytes: int) -> PduLimits:
+        """P-DATA-TF up to our Maximum Length Received (0: unlimited, then up to the largest instance)."""
+        return cls(max_pdu_size + PDV_ALLOWANCE if max_pdu_size else max_instance_bytes)
+
+    def allows(self, pdu_type: int, length: int) -> bool:
+        return length <= (self.data if pdu_type == P_DATA_TF else self.control)
+
+
+class _GuardedSocket(AssociationSocket):
+    """An AssociationSocket that refuses to buffer a PDU longer than its limits.
+
+    pynetdicom's DUL reads a PDU as `recv(6)` (type, reserved, length) and then `recv(length)`; the header is kept
+    so the body read can be checked before a byte of it is buffered.
+    """
+
+    pdu_limits: PduLimits
+    _header: bytes | None
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        header, self._header = self._header, None
+        if header is None:
+            data = super().recv(nr_bytes)
+            if nr_bytes == 6 and len(data) == 6:
+                self._header = bytes(data)
+            return data
+        pdu_type = header[0]
+        if not self.pdu_limits.allows(pdu_type, nr_bytes):
+            LOGGER.warning(
+                "closing the connection from %s: a PDU of type 0x%02X declares %d bytes (limit %d)",
+                self.assoc.requestor.address,
+                pdu_type,
+                nr_bytes,
+                self.pdu_limits.data if pdu_type == P_DATA_TF else self.pdu_limits.control,
+            )
+            raise OSError(f"PDU of type 0x{pdu_type:02X} declares {nr_bytes} bytes, over the limit")
+        return super().recv(nr_bytes)
+
+
+class _HardenedRequestHandler(RequestHandler):
+    server: HardenedServer
+
+    def handle(self) -> None:
+        sock = self.request
+        assert isinstance(sock, socket.socket)
+        if isinstance(sock, ssl.SSLSocket):
+            sock.settimeout(self.server.handshake_timeout)
+            try:
+                sock.do_handshake()
+            except (OSError, ssl.SSLError) as exc:
+                LOGGER.warning("TLS handshake with %s failed: %s", self.client_address[0], exc)
+                self.server.shutdown_request(sock)
+                return
+        sock.settimeout(self.server.ae.network_timeout)
+        super().handle()
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        assert sock is not None
+        # The socket was made by pynetdicom's handler (its constructor also queues the connection event, so it
+        # cannot be made twice); giving it our subclass changes nothing but `recv`.
+        sock.__class__ = _GuardedSocket
+        assert isinstance(sock, _GuardedSocket)
+        sock.pdu_limits = self.server.pdu_limits
+        sock._header = None
+        return assoc
+
+
+class HardenedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the TLS handshake moved off the accept loop and PDU lengths capped."""
+
+    def __init__(self, *args: Any, pdu_limits: PduLimits, handshake_timeout: float, **kwargs: Any) -> None:
+        self.pdu_limits = pdu_limits
+        self.handshake_timeout = handshake_timeout
+        kwargs["request_handler"] = _HardenedRequestHandler
+        super().__init__(*args, **kwargs)
+
+    def shutdown(self) -> None:
+        """Stop serving and close the socket (made by `AE.make_server`, so not in the AE's own server list)."""
+        BaseServer.shutdown(self)  # ends serve_forever
+        self.server_close()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept, and wrap in TLS without shaking hands: the request's thread does that (with a timeout)."""
+        assert self.socket is not None
+        client_socket, address = self.socket.accept()
+        if self.ssl_context:
+            client_socket = self.ssl_context.wrap_socket(client_socket, server_side=True, do_handshake_on_connect=False)
+        return client_socket, address
+
+
+class Refused(Exception):
+    """An instance the node will not keep; `status` is the DIMSE status to answer (PS3.4 B.2.3)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def check_instance(path: Path, transfer_syntax: str, max_bytes: int, max_inflated: int) -> None:
+    """Read a received Part 10 file defensively (Pixel Data deferred); raise Refused if the node must not keep it.
+
+    Over a size limit: 0xA700 (out of resources); anything unreadable: 0xC210 (cannot understand).
+    """
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise Refused(status.OUT_OF_RESOURCES, f"{size} bytes, over node.max_instance_bytes ({max_bytes})")
+    deflated = transfer_syntax == DeflatedExplicitVRLittleEndian
+    try:
+        if deflated and _inflated_size(path, max_inflated) is None:
+            raise Refused(
+                status.OUT_OF_RESOURCES,
+                f"the Deflated data set inflates past node.max_inflated_bytes ({max_inflated})",
+            )
+        ds = pydicom.dcmread(path, defer_size=4096)
+        # pydicom converts values lazily and a bad one raises on first access: touch what the node relies on.
+        # Other values are carried through as received (a stray bad value is not worth refusing an image for).
+        ds.get("SOPInstanceUID")
+        ds.get("SOPClassUID")
+        _check_pixel_data(ds, size, deflated)
+    except Refused:
+        raise
+    except RecursionError:
+        raise Refused(status.CANNOT_UNDERSTAND, "sequences nested too deeply to read") from None
+    except Exception as exc:  # pydicom raises many types on hostile bytes (NotImplementedError for a bogus VR…)
+        raise Refused(status.CANNOT_UNDERSTAND, f"cannot be read ({type(exc).__name__}: {exc})") from exc
+
+
+def _inflated_size(path: Path, limit: int) -> int | None:
+    """The size of the inflated data set of a Deflated file, or None once it passes `limit` (PS3.5 A.5)."""
+    with open(path, "rb") as f:
+        f.seek(META_PREFIX - 4)
+        (group_length,) = struct.unpack("<L", f.read(4))
+        f.seek(META_PREFIX + group_length)
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        while chunk := f.read(INFLATE_STEP):
+            while chunk:
+                total += len(inflater.decompress(chunk, INFLATE_STEP))
+                if total > limit:
+                    return None
+                chunk = inflater.unconsumed_tail
+            if inflater.eof:
+                break
+        total += len(inflater.flush())
+    return total if total <= limit else None
+
+
+def _check_pixel_data(ds: Dataset, file_size: int, deflated: bool) -> None:
+    """Native Pixel Data must hold every frame its attributes describe, and must not run past the file's end."""
+    raw = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    if not isinstance(raw, RawDataElement) or raw.length == UNDEFINED_LENGTH:  # absent, or encapsulated
+        return
+    declared = int(raw.length)
+    if not deflated and raw.value_tell + declared > file_size:
+        raise ValueError(f"Pixel Data declares {declared} bytes but the file ends {file_size - raw.value_tell} in")
+    if any(ds.get(keyword) is None for keyword in ("Rows", "Columns", "BitsAllocated")):
+        return  # not an image the codecs could touch: it is forwarded unchanged
+    frames = int(ds.get("NumberOfFrames") or 1)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    if samples == 3 and ds.get("PhotometricInterpretation") == "YBR_FULL_422":
+        samples = 2  # two chrominance samples per pair of pixels (PS3.3 C.7.6.3.1.2)
+    expected = math.ceil(int(ds.Rows) * int(ds.Columns) * samples * frames * int(ds.BitsAllocated) / 8)
+    if declared < expected:
+        raise ValueError(
+            f"Pixel Data has {declared} bytes but Rows x Columns x Samples x Frames x Bits Allocated say {expected}",
+        )

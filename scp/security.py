@@ -1,0 +1,136 @@
+"""Who may talk to the node: calling-AE access control, and TLS contexts for DICOM TLS (PS3.15 B.9, BCP 195).
+
+BCP 195 (RFC 9325) asks for TLS 1.2 or later with forward-secret AEAD cipher suites only; the contexts below
+allow exactly that and nothing older, on both sides of the node.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pynetdicom import evt
+from pynetdicom.events import Event
+
+from scp import metrics
+from scp.config import AllowedCaller, TlsConfig
+from scp.errors import ConfigError
+
+LOGGER = logging.getLogger(__name__)
+
+# PS3.8 9.3.4: A-ASSOCIATE-RJ result 1 (permanent), source 1 (service user), reason 3 (calling AE not recognised)
+REJECTED_PERMANENT = 0x01
+SOURCE_SERVICE_USER = 0x01
+CALLING_AE_NOT_RECOGNISED = 0x03
+
+# TLS 1.2 suites of RFC 9325 4.2 (ECDHE with AES-GCM or ChaCha20-Poly1305); TLS 1.3 suites are all AEAD.
+BCP195_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-AES128-GCM-SHA256",
+    )
+)
+
+
+@dataclass(frozen=True)
+class CallerPolicy:
+    """The calling AE titles allowed to associate, each with the networks it may call from (empty: any)."""
+
+    allowed: dict[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]]
+
+    @classmethod
+    def from_config(cls, entries: Sequence[str | AllowedCaller]) -> CallerPolicy:
+        allowed: dict[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]] = {}
+        for entry in entries:
+            if isinstance(entry, str):
+                allowed[entry] = ()
+            else:
+                allowed[entry.ae_title] = tuple(entry.hosts)
+        return cls(allowed)
+
+    def permits(self, calling_ae: str, address: str) -> bool:
+        """Whether `calling_ae` may associate from `address`."""
+        if calling_ae not in self.allowed:
+            return False
+        networks = self.allowed[calling_ae]
+        if not networks:
+            return True
+        try:
+            peer = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+            peer = peer.ipv4_mapped
+        return any(peer in network for network in networks)
+
+
+def handle_requested(event: Event, policy: CallerPolicy) -> None:
+    """EVT_REQUESTED: reject an unknown calling AE (or a known one from the wrong address) before negotiation,
+    so nothing it sends is ever read as a dataset."""
+    assoc = event.assoc
+    request = assoc.requestor.primitive
+    assert request is not None, "EVT_REQUESTED comes with the A-ASSOCIATE request"
+    calling = str(request.calling_ae_title).strip()
+    address = str(assoc.requestor.address)
+    if policy.permits(calling, address):
+        return
+    LOGGER.warning("rejected association from %s at %s: calling AE not recognised", calling, address)
+    metrics.REJECTED.labels("calling AE not recognised").inc()
+    assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, CALLING_AE_NOT_RECOGNISED)
+    # As pynetdicom's own ACSE rejection does: let the DUL deliver the A-ASSOCIATE-RJ before the socket closes.
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()
+
+
+def access_handlers(entries: Sequence[str | AllowedCaller] | None) -> list[tuple[object, ...]]:
+    """The EVT_REQUESTED handler enforcing `node.allowed_calling_aets`, or none when every AE may call."""
+    if entries is None:
+        return []
+    return [(evt.EVT_REQUESTED, handle_requested, [CallerPolicy.from_config(entries)])]
+
+
+def _bcp195(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(BCP195_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    return context
+
+
+def server_context(tls: TlsConfig) -> ssl.SSLContext:
+    """The context of our TLS listener; asks for (and with `require_client_cert`, insists on) a peer certificate."""
+    context = _bcp195(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    _load(context, tls)
+    if tls.ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    return context
+
+
+def client_context(tls: TlsConfig) -> ssl.SSLContext:
+    """The context for associations to a destination: its certificate must chain to `ca` (or the system's CAs);
+    ours is presented when the archive asks. Host names are not checked: DICOM peers are known by address and
+    AE title, and their certificates rarely name them (PS3.15 B.9 leaves identity checking to the site)."""
+    context = _bcp195(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    context.check_hostname = False
+    _load(context, tls)
+    context.verify_mode = ssl.CERT_REQUIRED
+    if tls.ca is None:
+        context.load_default_certs()
+    return context
+
+
+def _load(context: ssl.SSLContext, tls: TlsConfig) -> None:
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+        if tls.ca is not None:
+            context.load_verify_locations(cafile=tls.ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls: cannot load certificate {tls.cert}, key {tls.key} or ca {tls.ca}: {exc}") from exc

@@ -1,0 +1,166 @@
+"""The weak spots of the stack, each closed: huge PDU lengths, deflate bombs, deep nesting, truncated Pixel Data,
+oversized instances. After each the node answers a failure status (or drops the connection) and keeps serving."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from scp import limits, status
+from tests import hostile
+from tests.peers import TEST_FILES, node_config, running_node, wait_for
+
+pytestmark = pytest.mark.peers
+
+KEEP_RULES = [{"name": "all", "compress": "keep", "forward": ["folder"]}]
+MIB = 1024 * 1024
+
+
+def _config(tmp_path: Path, **node: object) -> dict:
+    destinations = {"folder": {"type": "directory", "path": str(tmp_path / "folder")}}
+    return node_config(tmp_path, destinations, KEEP_RULES, node=node)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _push(port: int, first: bytes, total: int) -> int:
+    """Send `first`, then zeros up to `total` bytes, until the node stops reading; return the bytes it took."""
+    sent = 0
+    chunk = bytes(MIB)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        try:
+            sock.sendall(first)
+            sent = len(first)
+            while sent < total:
+                sent += sock.send(chunk)
+        except OSError:  # reset, broken pipe, or a send timeout once the node stopped reading
+            pass
+    return sent
+
+
+def test_huge_pdu_length_is_refused_before_buffering(tmp_path: Path) -> None:
+    """An A-ASSOCIATE-RQ header declaring 400 MB: the node closes the connection after the header instead of
+    buffering what follows, and serves the next association."""
+    with running_node(_config(tmp_path)) as node:
+        before = _peak_rss_mib()
+        taken = _push(node.port, struct.pack(">BBL", 0x01, 0, 400 * MIB), 256 * MIB)
+        assert taken < 32 * MIB, f"the node kept reading {taken / MIB:.0f} MiB of a bogus PDU"
+        assert _peak_rss_mib() - before < 64, "memory grew while the bogus PDU was sent"
+        assert hostile.echo(node.port) == status.SUCCESS
+
+
+def test_huge_p_data_pdu_inside_an_association_is_refused(tmp_path: Path) -> None:
+    """After a valid A-ASSOCIATE-RQ, a P-DATA-TF header declaring 100 MB (max_pdu_size is 256 KiB): the node
+    drops the association instead of buffering, and serves the next one."""
+    with running_node(_config(tmp_path)) as node:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
+            sock.sendall(hostile.associate_rq())
+            assert sock.recv(65536)[0] == 0x02, "no A-ASSOCIATE-AC"
+            sock.sendall(struct.pack(">BBL", 0x04, 0, 100 * MIB))
+            taken = 0
+            with contextlib.suppress(OSError):
+                for _ in range(64):
+                    sock.sendall(bytes(MIB))
+                    taken += MIB
+        assert taken < 32 * MIB, f"the node kept reading {taken / MIB:.0f} MiB of a bogus P-DATA-TF"
+        assert hostile.echo(node.port) == status.SUCCESS
+
+
+def test_pdu_limits_by_type() -> None:
+    pdu = limits.PduLimits.for_max_pdu(16_384, 2**31)
+    assert pdu.allows(0x04, 16_384) and not pdu.allows(0x04, 16_384 + limits.PDV_ALLOWANCE + 1)
+    assert pdu.allows(0x01, 300_000) and not pdu.allows(0x01, limits.CONTROL_PDU_LIMIT + 1)
+    assert limits.PduLimits.for_max_pdu(0, 5000).allows(0x04, 5000)
+
+
+def test_deflate_bomb_is_refused_without_inflating_it(tmp_path: Path) -> None:
+    """A ~250 KB Deflated file that inflates to 256 MiB: 0xA700, memory flat, and the node keeps serving."""
+    uid = generate_uid()
+    bomb = hostile.deflate_bomb(tmp_path / "bomb.dcm", uid, 256 * MIB)
+    assert bomb.stat().st_size < 2 * MIB
+    with running_node(_config(tmp_path)) as node:
+        before = _peak_rss_mib()
+        answered = hostile.store(node.port, bomb)
+        assert _peak_rss_mib() - before < 64, "the bomb was inflated in memory"
+        assert answered == status.OUT_OF_RESOURCES
+        assert hostile.echo(node.port) == status.SUCCESS
+        assert not node.spool.incoming()
+
+
+def test_small_deflated_instance_is_accepted(tmp_path: Path) -> None:
+    uid = generate_uid()
+    small = hostile.deflate_bomb(tmp_path / "small.dcm", uid, 2 * MIB)
+    with running_node(_config(tmp_path)) as node:
+        assert hostile.store(node.port, small) == status.SUCCESS
+        wait_for(lambda: (tmp_path / "folder" / f"{uid}.dcm").exists(), 30, "the deflated instance delivered")
+
+
+def test_deeply_nested_sequences_are_refused(tmp_path: Path) -> None:
+    uid = generate_uid()
+    path = hostile.part10(tmp_path / "nested.dcm", uid, hostile.header(uid) + hostile.nested_sequences(5000))
+    with running_node(_config(tmp_path)) as node:
+        assert hostile.store(node.port, path) == status.CANNOT_UNDERSTAND
+        assert hostile.echo(node.port) == status.SUCCESS
+        assert not node.spool.incoming()
+
+
+def test_pixel_data_shorter_than_rows_times_columns_is_refused(tmp_path: Path) -> None:
+    uid = generate_uid()
+    short = hostile.part10(tmp_path / "short.dcm", uid, hostile.header(uid) + hostile.image(64, 64, bytes(1000)))
+    whole_uid = generate_uid()
+    whole = hostile.part10(
+        tmp_path / "whole.dcm", whole_uid, hostile.header(whole_uid) + hostile.image(8, 8, bytes(64))
+    )
+    with running_node(_config(tmp_path)) as node:
+        assert hostile.store(node.port, short) == status.CANNOT_UNDERSTAND
+        assert hostile.store(node.port, TEST_FILES / "MR_truncated.dcm") == status.CANNOT_UNDERSTAND
+        assert hostile.store(node.port, whole) == status.SUCCESS
+        wait_for(lambda: (tmp_path / "folder" / f"{whole_uid}.dcm").exists(), 30, "the whole image delivered")
+    assert [p.name for p in (tmp_path / "folder").iterdir()] == [f"{whole_uid}.dcm"]
+
+
+def test_instance_over_max_instance_bytes_is_refused(tmp_path: Path) -> None:
+    with running_node(_config(tmp_path, max_instance_bytes=16_384)) as node:
+        assert hostile.store(node.port, TEST_FILES / "CT_small.dcm") == status.OUT_OF_RESOURCES
+        assert not node.spool.incoming()
+
+
+def test_peer_that_stops_mid_pdu_is_dropped_after_network_timeout(tmp_path: Path) -> None:
+    """A peer that sends half a PDU and then nothing holds its thread only for node.network_timeout."""
+    with running_node(_config(tmp_path, network_timeout=1.5, acse_timeout=1.5)) as node:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+            sock.sendall(struct.pack(">BBL", 0x01, 0, 200) + bytes(20))
+            started = time.monotonic()
+            while sock.recv(1024):  # an A-ABORT may come first; then the node closes the connection
+                pass
+            assert time.monotonic() - started < 6
+        assert hostile.echo(node.port) == status.SUCCESS
+
+
+def test_associations_beyond_max_associations_are_rejected_then_served(tmp_path: Path) -> None:
+    """node.max_associations is enforced (A-ASSOCIATE-RJ, local limit exceeded), and a slot freed is reused."""
+    with running_node(_config(tmp_path, max_associations=2)) as node:
+        held = [hostile.open_association(node.port) for _ in range(2)]
+        try:
+            with pytest.raises(AssertionError, match="refused"):
+                hostile.open_association(node.port)
+        finally:
+            for assoc in held:
+                assoc.release()
+        wait_for(lambda: _echoes(node.port), 10, "a freed association slot")
+
+
+def _echoes(port: int) -> bool:
+    try:
+        return hostile.echo(port) == status.SUCCESS
+    except AssertionError:  # rejected: the released associations' threads have not ended yet
+        return False

@@ -1,0 +1,122 @@
+"""`/metrics` counts what was sent; `/health` answers a load balancer's check."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests import hostile
+from tests.peers import TEST_FILES, free_port, node_config, running_node, storescu, wait_for
+
+pytestmark = pytest.mark.peers
+
+SENT = ("CT_small.dcm", "MR_small.dcm", "rtdose.dcm", "test-SR.dcm")
+RULES = [
+    {"name": "ct-mr", "match": {"modality": ["CT", "MR"]}, "compress": "JPEGLSLossless", "forward": ["folder"]},
+    {"name": "everything-else", "compress": "keep", "forward": ["folder"]},
+]
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _scrape(port: int) -> Samples:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _total(samples: Samples, name: str, **labels: str) -> float:
+    return sum(
+        value
+        for (sample, sample_labels), value in samples.items()
+        if sample == name and all((k, v) in sample_labels for k, v in labels.items())
+    )
+
+
+def _health(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_metrics_counters_match_what_was_sent(tmp_path: Path) -> None:
+    metrics_port = free_port()
+    destinations = {"folder": {"type": "directory", "path": str(tmp_path / "folder")}}
+    data = node_config(tmp_path, destinations, RULES, metrics={"port": metrics_port, "host": "127.0.0.1"})
+    with running_node(data) as node:
+        before = _scrape(metrics_port)
+        assert _health(metrics_port) == (200, "ok\n")
+        storescu(node.port, [TEST_FILES / name for name in SENT])
+        wait_for(lambda: len(list((tmp_path / "folder").glob("*.dcm"))) == len(SENT), 60, "all instances delivered")
+        wait_for(
+            lambda: (
+                _total(_scrape(metrics_port), "scp_instances_forwarded_total")
+                - _total(before, "scp_instances_forwarded_total")
+                == len(SENT)
+            ),
+            10,
+            "the forwarded counter",
+        )
+        after = _scrape(metrics_port)
+        held = hostile.open_association(node.port)
+        try:
+            wait_for(lambda: _total(_scrape(metrics_port), "scp_associations") == 1, 10, "scp_associations 1")
+        finally:
+            held.release()
+
+    def delta(name: str, **labels: str) -> float:
+        return _total(after, name, **labels) - _total(before, name, **labels)
+
+    assert delta("scp_instances_received_total", calling_ae="STORESCU") == len(SENT)
+    assert delta("scp_instances_processed_total", rule="ct-mr", outcome="compressed") == 2
+    assert delta("scp_instances_processed_total", rule="everything-else", outcome="unchanged") == 2
+    assert delta("scp_instances_forwarded_total", destination="folder", rule="ct-mr") == 2
+    assert delta("scp_instances_forwarded_total", destination="folder", rule="everything-else") == 2
+    assert delta("scp_compression_ratio_count", rule="ct-mr") == 2
+    assert delta("scp_encode_seconds_count", rule="ct-mr") == 2
+    assert delta("scp_compression_ratio_sum", rule="ct-mr") > 2  # CT and MR both shrink under JPEG-LS
+    delivered = sum(p.stat().st_size for p in (tmp_path / "folder").glob("*.dcm"))
+    assert delta("scp_forwarded_bytes_total", destination="folder") == delivered
+    received = delta("scp_received_bytes_total", calling_ae="STORESCU")
+    assert received > delivered  # two of the four were compressed on the way
+    assert _total(after, "scp_queue_depth", destination="folder") == 0
+    assert _total(after, "scp_quarantine_size", destination="folder") == 0
+    assert ("scp_associations", ()) in after
+
+
+def test_health_reports_a_stuck_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/health answers 503 naming the thread while one instance keeps a worker busy past node.stall_timeout."""
+    metrics_port = free_port()
+    destinations = {"folder": {"type": "directory", "path": str(tmp_path / "folder")}}
+    data = node_config(
+        tmp_path, destinations, RULES, node={"stall_timeout": 0.5}, metrics={"port": metrics_port, "host": "127.0.0.1"}
+    )
+    release = threading.Event()
+    with running_node(data) as node:
+        processor = node._processor
+        assert processor is not None
+        real_process = processor.process
+
+        def hang(spool_id: str) -> object:
+            release.wait(30)
+            return real_process(spool_id)
+
+        monkeypatch.setattr(processor, "process", hang)
+        storescu(node.port, [TEST_FILES / "CT_small.dcm"])
+        time.sleep(1.0)
+        code, body = _health(metrics_port)
+        release.set()
+        wait_for(lambda: _health(metrics_port)[0] == 200, 10, "/health to recover")
+    assert code == 503 and "processor-0" in body, body

@@ -1,0 +1,117 @@
+"""Calling-AE access control (optionally bound to addresses), and logs that never name the patient."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from scp import config, metrics, security
+from scp.config import AllowedCaller
+from scp.errors import ConfigError
+from scp.security import CallerPolicy
+from tests.peers import TEST_FILES, node_config, running_node, storescu, wait_for
+
+pytestmark = pytest.mark.peers
+
+KEEP_RULE = {"name": "all", "compress": "keep", "forward": ["folder"]}
+KEEP_RULES = [KEEP_RULE]
+
+
+def _config(tmp_path: Path, allowed: list[object]) -> dict:
+    destinations = {"folder": {"type": "directory", "path": str(tmp_path / "folder")}}
+    return node_config(tmp_path, destinations, KEEP_RULES, node={"allowed_calling_aets": allowed})
+
+
+def _stored(tmp_path: Path) -> list[Path]:
+    folder = tmp_path / "folder"
+    return sorted(folder.glob("*.dcm")) if folder.exists() else []
+
+
+def test_unknown_calling_ae_is_rejected_and_nothing_is_stored(tmp_path: Path) -> None:
+    def rejected() -> float:
+        value = metrics.REGISTRY.get_sample_value(
+            "scp_associations_rejected_total", {"reason": "calling AE not recognised"}
+        )
+        return value or 0.0
+
+    rejected_before = rejected()
+    with running_node(_config(tmp_path, ["CT_SCANNER", {"ae_title": "MR_SCANNER"}])) as node:
+        unknown = storescu(node.port, [TEST_FILES / "CT_small.dcm"], extra=["-aet", "INTRUDER"])
+        assert not node.spool.incoming()
+        known = storescu(node.port, [TEST_FILES / "CT_small.dcm"], extra=["-aet", "CT_SCANNER"])
+        wait_for(lambda: len(_stored(tmp_path)) == 1, 30, "the known AE's instance in the folder")
+    assert "Association Rejected" in unknown and "Calling AE Title Not Recognized" in unknown, unknown
+    assert rejected() - rejected_before == 1
+    assert "Received Store Response (Success)" in known, known
+
+
+def test_calling_ae_bound_to_addresses(tmp_path: Path) -> None:
+    """An AE allowed only from another network is rejected from loopback; one allowed from 127.0.0.0/8 is not."""
+    allowed = [
+        {"ae_title": "WARD_CR", "hosts": ["10.1.2.0/24"]},
+        {"ae_title": "LOCAL_CT", "hosts": ["192.0.2.7", "127.0.0.0/8"]},
+    ]
+    with running_node(_config(tmp_path, allowed)) as node:
+        elsewhere = storescu(node.port, [TEST_FILES / "CT_small.dcm"], extra=["-aet", "WARD_CR"])
+        local = storescu(node.port, [TEST_FILES / "MR_small.dcm"], extra=["-aet", "LOCAL_CT"])
+        wait_for(lambda: len(_stored(tmp_path)) == 1, 30, "LOCAL_CT's instance in the folder")
+    assert "Calling AE Title Not Recognized" in elsewhere, elsewhere
+    assert "Received Store Response (Success)" in local, local
+    uid = str(pydicom.dcmread(TEST_FILES / "MR_small.dcm", stop_before_pixels=True).SOPInstanceUID)
+    assert _stored(tmp_path)[0].name == f"{uid}.dcm"
+
+
+def test_policy_matches_ipv4_mapped_addresses() -> None:
+    policy = CallerPolicy.from_config(["ANY"])
+    assert policy.permits("ANY", "203.0.113.9") and not policy.permits("OTHER", "127.0.0.1")
+    bound = CallerPolicy.from_config([AllowedCaller(ae_title="CT", hosts=["10.0.0.0/8"])])
+    assert bound.permits("CT", "::ffff:10.1.1.1") and not bound.permits("CT", "11.0.0.1")
+    assert not bound.permits("CT", "not an address")
+
+
+def test_logs_never_name_the_patient(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every instance event is logged with UIDs and AE titles; the patient's name and ID appear in none."""
+    ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    ds.PatientName = "Zzyzx^Quintessa"
+    ds.PatientID = "PID-8675309"
+    source = tmp_path / "named.dcm"
+    ds.save_as(source)
+    rules = [{"name": "ct", "compress": "JPEGLSLossless", "forward": ["folder"]}]
+    destinations = {"folder": {"type": "directory", "path": str(tmp_path / "folder")}}
+    caplog.set_level(logging.DEBUG)
+    with running_node(node_config(tmp_path, destinations, rules)) as node:
+        storescu(node.port, [source])
+        wait_for(lambda: len(_stored(tmp_path)) == 1, 60, "the instance in the folder")
+    text = caplog.text
+    for event in ("received", "compressed", "forwarded"):
+        assert f"{event} {ds.SOPInstanceUID}" in text, f"no '{event}' line"
+    for secret in ("Zzyzx", "Quintessa", "8675309"):
+        assert secret not in text, f"{secret} was logged"
+
+
+@pytest.mark.parametrize(
+    ("node", "expected"),
+    [
+        ({"tls": {"cert": "c.pem", "key": "k.pem", "require_client_cert": True}}, "require_client_cert needs `ca`"),
+        ({"allowed_calling_aets": [{"ae_title": "CT", "hosts": ["10.0.0.300/8"]}]}, "node.allowed_calling_aets.0"),
+        ({"allowed_calling_aets": ["A\\B"]}, "node.allowed_calling_aets.0"),
+    ],
+)
+def test_bad_security_settings_name_the_key(node: dict, expected: str) -> None:
+    data = {
+        "node": node,
+        "destinations": {"f": {"type": "directory", "path": "x"}},
+        "rules": [{**KEEP_RULE, "forward": ["f"]}],
+    }
+    with pytest.raises(ConfigError) as raised:
+        config.parse(data)
+    assert expected in str(raised.value), raised.value
+
+
+def test_unreadable_certificate_fails_at_start_naming_the_files(tmp_path: Path) -> None:
+    tls = {"cert": str(tmp_path / "missing.pem"), "key": str(tmp_path / "missing.key")}
+    with pytest.raises(ConfigError, match=r"tls: cannot load certificate .*missing\.pem"):
+        security.server_context(config.TlsConfig(**tls))

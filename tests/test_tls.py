@@ -1,0 +1,156 @@
+"""DICOM TLS (PS3.15 B.9, BCP 195) with DCMTK's TLS-enabled storescu and storescp on both sides of the node."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.peers import TEST_FILES, node_config, running_node, storescp, tool, wait_for
+
+pytestmark = pytest.mark.peers
+
+SENT = (TEST_FILES / "CT_small.dcm", TEST_FILES / "MR_small.dcm")
+KEEP_RULES = [{"name": "all", "compress": "keep", "forward": ["archive"]}]
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _write(folder: Path, name: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> tuple[str, str]:
+    key_path, cert_path = folder / f"{name}.key", folder / f"{name}.pem"
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return str(key_path), str(cert_path)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
+    """A test CA and certificates it signed for the node, a modality and an archive: name → (key, cert)."""
+    folder = tmp_path_factory.mktemp("pki")
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("test CA"))
+        .issuer_name(_name("test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    made = {"ca": _write(folder, "ca", ca_key, ca)}
+    for name in ("node", "modality", "archive"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(name))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
+        made[name] = _write(folder, name, key, cert)
+    return made
+
+
+def _node_tls(pki: dict[str, tuple[str, str]], **extra: object) -> dict[str, object]:
+    key, cert = pki["node"]
+    return {"cert": cert, "key": key, "ca": pki["ca"][1], **extra}
+
+
+def _storescu_tls(port: int, files: tuple[Path, ...], pki: dict[str, tuple[str, str]], *tls: str) -> str:
+    args = [tool("storescu"), "-v", "-aec", "COMPRESS_SCP", *tls, "127.0.0.1", str(port), *map(str, files)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+    return done.stdout + done.stderr
+
+
+def _modality_tls(pki: dict[str, tuple[str, str]]) -> list[str]:
+    key, cert = pki["modality"]
+    return ["+tls", key, cert, "+cf", pki["ca"][1]]
+
+
+def _uids(folder: Path) -> set[str]:
+    files = [p for p in folder.glob("*") if p.is_file() and p.suffix != ".log" and not p.name.startswith(".")]
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+
+
+def _expected() -> set[str]:
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in SENT}
+
+
+def test_tls_store_works_and_plain_tcp_fails(tmp_path: Path, pki: dict[str, tuple[str, str]]) -> None:
+    """storescu +tls with a client certificate is stored; plain storescu, or TLS without a certificate, is not."""
+    destinations = {"archive": {"type": "directory", "path": str(tmp_path / "folder")}}
+    data = node_config(tmp_path, destinations, KEEP_RULES, node={"tls": _node_tls(pki, require_client_cert=True)})
+    with running_node(data) as node:
+        plain = _storescu_tls(node.port, SENT, pki)
+        no_cert = _storescu_tls(node.port, SENT, pki, "+tla", "+cf", pki["ca"][1])
+        assert not node.spool.incoming() and not (tmp_path / "folder").exists(), "something was stored"
+        output = _storescu_tls(node.port, SENT, pki, *_modality_tls(pki))
+        wait_for(lambda: _uids(tmp_path / "folder") == _expected(), 30, "both instances in the folder")
+    assert output.count("Received Store Response (Success)") == len(SENT), output
+    assert "Received Store Response" not in plain and "Association Request Failed" in plain, plain
+    assert "Received Store Response" not in no_cert, no_cert
+
+
+def test_idle_connection_does_not_stall_tls_associations(tmp_path: Path, pki: dict[str, tuple[str, str]]) -> None:
+    """A TCP connection that never sends a ClientHello (pynetdicom's accept loop would wait on it forever) neither
+    delays a real TLS store nor stays open past node.tls_handshake_timeout."""
+    destinations = {"archive": {"type": "directory", "path": str(tmp_path / "folder")}}
+    node_settings = {"tls": _node_tls(pki), "tls_handshake_timeout": 3}
+    with running_node(node_config(tmp_path, destinations, KEEP_RULES, node=node_settings)) as node:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as idle:
+            time.sleep(0.2)  # let the accept loop take the idle connection first
+            started = time.monotonic()
+            output = _storescu_tls(node.port, SENT, pki, *_modality_tls(pki))
+            elapsed = time.monotonic() - started
+            assert output.count("Received Store Response (Success)") == len(SENT), output
+            assert elapsed < 2.5, f"the TLS store took {elapsed:.1f} s behind an idle connection"
+            assert idle.recv(1) == b"", "the node did not close the idle connection"
+            waited = time.monotonic() - started
+        wait_for(lambda: _uids(tmp_path / "folder") == _expected(), 30, "both instances in the folder")
+    assert waited < 8, f"the idle connection was closed only after {waited:.1f} s"
+
+
+def test_forwarding_over_tls_to_dcmtk_storescp(tmp_path: Path, pki: dict[str, tuple[str, str]]) -> None:
+    """A destination with `tls` is reached over TLS: storescp +tls requires and verifies our certificate."""
+    key, cert = pki["archive"]
+    archive_tls = ["+tls", key, cert, "+cf", pki["ca"][1], "-rc"]
+    with storescp(tmp_path / "archive", extra=archive_tls) as archive_port:
+        node_key, node_cert = pki["node"]
+        destination = {
+            "type": "dicom",
+            "ae_title": "ARCHIVE",
+            "host": "127.0.0.1",
+            "port": archive_port,
+            "tls": {"cert": node_cert, "key": node_key, "ca": pki["ca"][1]},
+        }
+        with running_node(node_config(tmp_path, {"archive": destination}, KEEP_RULES)) as node:
+            _storescu_tls(node.port, SENT, pki)
+            wait_for(lambda: _uids(tmp_path / "archive") == _expected(), 60, "both instances at storescp +tls")
