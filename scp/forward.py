@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import re
 import shutil
 import socket
@@ -25,6 +26,7 @@ from typing import Protocol
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import P_DATA
 
 from scp import compress, security
 from scp.config import DicomDestination, DirectoryDestination
@@ -176,6 +178,7 @@ class DicomForwarder:
                     yield Delivery(job, Outcome.TRANSIENT, f"association to {where} {why}", reached=False)
                 return
             set_nodelay(assoc)
+            limit_send_queue(assoc, self.destination.timeout)
             self._local.open = _Open(assoc, frozenset(contexts), time.monotonic())
         finished = False
         try:
@@ -302,6 +305,46 @@ def set_nodelay(assoc: Association) -> None:
         return recv(nr_bytes)
 
     transport.recv = recv_acking_at_once
+
+
+class SendWindow(queue.Queue):  # type: ignore[type-arg]
+    """pynetdicom's queue of PDUs to send, with back-pressure on P-DATA.
+
+    pynetdicom reads a file being sent in PDU-sized pieces but queues them all at once (an unbounded queue its
+    reactor drains): a 1 GiB instance would sit in memory whole. Here the sending thread waits while `limit` PDUs
+    are queued. If the reactor stops draining for `patience` seconds (a dead peer; pynetdicom then aborts),
+    the queue stops waiting for good, so no thread hangs on it. Other primitives (release, abort) never wait.
+    """
+
+    def __init__(self, limit: int, patience: float) -> None:
+        super().__init__()
+        self.limit = limit
+        self.patience = patience
+        self._stalled = False
+
+    def put(self, item: object, block: bool = True, timeout: float | None = None) -> None:
+        if isinstance(item, P_DATA) and not self._stalled:
+            deadline = time.monotonic() + self.patience
+            with self.not_full:  # notified by every get()
+                while self._qsize() >= self.limit and not self._stalled:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        self._stalled = True
+                    else:
+                        self.not_full.wait(remaining)
+        super().put(item, block, timeout)
+
+
+SEND_WINDOW_PDUS = 16
+"""P-DATA PDUs an association queues for sending before the sender waits (16 x max PDU: 2 MiB at 128 KiB)."""
+
+
+def limit_send_queue(assoc: Association, patience: float) -> None:
+    """Bound the memory an association's sending takes (see SendWindow); call before its first DIMSE message.
+
+    The queue is swapped only while empty (just after establishment the reactor holds nothing in it)."""
+    if assoc.dul.to_provider_queue.empty():
+        assoc.dul.to_provider_queue = SendWindow(SEND_WINDOW_PDUS, patience)
 
 
 def make_forwarder(destination: DicomDestination | DirectoryDestination, calling_ae: str, scratch: Path) -> Forwarder:
