@@ -100,7 +100,8 @@ class Codec:
     plugins: list[Plugin] = field(default_factory=list)
     verify_with: tuple[str, ...] = ()
     """pydicom decoding plugins to check lossless output with, fastest first; pydicom's default when none is
-    available. Each is a decode of the bytes written, by a decoder other than the encoder's code path."""
+    available. Each decodes the bytes actually written; for JPEG-LS that is CharLS again (the encoder's library,
+    chosen for speed: ~4x pylibjpeg-libjpeg), for HTJ2K OpenJPEG (an implementation other than the encoder's)."""
 
     @property
     def available(self) -> bool:
