@@ -170,9 +170,11 @@ def configure_logging(level: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from scp.service import Service  # imported here: check-config must not need the network stack
+    from scp.workers import skip_value_validation
 
     loaded = config.load(args.config)
     configure_logging(loaded.logging.level)
+    skip_value_validation()
     service = Service(loaded)
     stop = threading.Event()
     hangup = threading.Event()
