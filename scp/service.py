@@ -388,7 +388,9 @@ def _yield_to_receiving() -> None:
     """Lower the calling thread's priority: a modality waiting for its C-STORE response comes first."""
     if sys.platform.startswith("linux"):  # elsewhere this would lower the whole process
         with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
+            thread = threading.get_native_id()
+            # never raise a priority: a node started at a niceness above this keeps it (root could lower it)
+            os.setpriority(os.PRIO_PROCESS, thread, max(BACKGROUND_NICENESS, os.getpriority(os.PRIO_PROCESS, thread)))
 
 
 def _use_spool_for_received_files(spool: Spool) -> str | None:
