@@ -245,7 +245,7 @@ def _encode_file(src: Path, header: Dataset, dst: Path, spec: CompressSpec) -> _
     samples = 0
     lengths: list[int] = []
     # Small outputs stay in memory; past FRAMES_IN_MEMORY the frames go to an unnamed file next to dst.
-    with tempfile.SpooledTemporaryFile(FRAMES_IN_MEMORY, dir=dst.parent) as fragments:
+    with tempfile.SpooledTemporaryFile(FRAMES_IN_MEMORY, dir=str(dst.parent)) as fragments:
         for index, frame in enumerate(frames):
             encoded = codec.encode(frame, info, options)
             if not lossless or spec.verify:
