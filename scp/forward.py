@@ -18,7 +18,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, cast
@@ -306,7 +306,7 @@ def set_nodelay(assoc: Association) -> None:
     quickack = getattr(socket, "TCP_QUICKACK", None)  # Linux only
     if quickack is None:
         return
-    recv = transport.recv
+    recv: Callable[[int], bytearray] = transport.recv  # pynetdicom's AssociationSocket.recv
 
     def recv_acking_at_once(nr_bytes: int) -> bytearray:
         with contextlib.suppress(OSError):
