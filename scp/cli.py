@@ -151,7 +151,7 @@ class _StandardErrorHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever `sys.stderr` is when a record is emitted, not when logging was configured: a command
     run in-process (tests, embedding) may have replaced and closed the stream it started with."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stderr
 

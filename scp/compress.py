@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.filewriter import write_dataset
 from pydicom.pixels import convert_color_space, get_decoder, iter_pixels
+from pydicom.pixels.decoders.base import Decoder
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
@@ -245,7 +246,7 @@ def _encode_file(src: Path, header: Dataset, dst: Path, spec: CompressSpec) -> _
     samples = 0
     lengths: list[int] = []
     # Small outputs stay in memory; past FRAMES_IN_MEMORY the frames go to an unnamed file next to dst.
-    with tempfile.SpooledTemporaryFile(FRAMES_IN_MEMORY, dir=dst.parent) as fragments:
+    with tempfile.SpooledTemporaryFile(FRAMES_IN_MEMORY, dir=str(dst.parent)) as fragments:
         for index, frame in enumerate(frames):
             encoded = codec.encode(frame, info, options)
             if not lossless or spec.verify:
@@ -275,14 +276,18 @@ def _encode_file(src: Path, header: Dataset, dst: Path, spec: CompressSpec) -> _
     return _Encoded(str(header.SOPInstanceUID), psnr)
 
 
-def _decode(decoder: Any, encoded: bytes, info: codecs.FrameInfo, index: int, plugin: str = "") -> np.ndarray:
+def _decode(decoder: Decoder, encoded: bytes, info: codecs.FrameInfo, index: int, plugin: str = "") -> np.ndarray:
     """Decode one frame just encoded, as an archive would (pydicom's decoders, no colour conversion).
 
     `plugin` names the pydicom decoding plugin (the codec's verification decoder); "" lets pydicom choose.
     """
     try:
+        # pydicom annotates as_array's **kwargs as DecodeOptions where it means Unpack[DecodeOptions]
         decoded, _ = decoder.as_array(
-            encapsulate([encoded]), as_rgb=False, decoding_plugin=plugin, **info.pixel_keywords()
+            encapsulate([encoded]),
+            as_rgb=False,  # type: ignore[arg-type]
+            decoding_plugin=plugin,
+            **info.pixel_keywords(),
         )
     except Exception as exc:
         raise CompressionError(f"frame {index} cannot be decoded back from {decoder.UID.name}: {exc}") from exc

@@ -17,6 +17,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetPydanticSchema,
     IPvAnyNetwork,
     PrivateAttr,
     ValidationError,
@@ -48,7 +49,12 @@ def _ae_title(value: str) -> str:
 
 
 AETitle = Annotated[str, AfterValidator(_ae_title)]
-TransferSyntax = Annotated[str, BeforeValidator(lambda v: syntaxes.resolve(str(v))), AfterValidator(UID)]
+TransferSyntax = Annotated[
+    UID,
+    GetPydanticSchema(lambda _, handler: handler(str)),  # validated as the str it is; pydantic knows no UID
+    BeforeValidator(lambda v: syntaxes.resolve(str(v))),
+    AfterValidator(UID),
+]
 """A pydicom UID keyword (`JPEGLSLossless`) or a dotted UID, held as a pydicom UID."""
 
 

@@ -18,10 +18,10 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
@@ -182,7 +182,10 @@ class DicomForwarder:
             self._local.open = _Open(assoc, frozenset(contexts), time.monotonic())
         finished = False
         try:
-            accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+            # an accepted context always has the abstract syntax we proposed; pynetdicom types it Optional
+            accepted: set[tuple[str, str]] = {
+                (cast(UID, cx.abstract_syntax), cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
+            }
             for job in jobs:
                 if not assoc.is_established:
                     yield Delivery(job, Outcome.TRANSIENT, f"association to {where} ended early")
@@ -277,7 +280,13 @@ def associate(
     ae.connection_timeout = destination.timeout
     for sop_class, ts in contexts:
         ae.add_requested_context(sop_class, ts)
-    return ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    # pynetdicom types the hostname str, but passes it on to SSLContext.wrap_socket, which takes None (no SNI)
+    return ae.associate(
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        tls_args=tls_args,  # type: ignore[arg-type]
+    )
 
 
 def set_nodelay(assoc: Association) -> None:
@@ -290,14 +299,14 @@ def set_nodelay(assoc: Association) -> None:
     """
     transport = getattr(assoc.dul, "socket", None)
     sock = getattr(transport, "socket", None)
-    if sock is None:
+    if transport is None or sock is None:
         return
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     quickack = getattr(socket, "TCP_QUICKACK", None)  # Linux only
     if quickack is None:
         return
-    recv = transport.recv
+    recv: Callable[[int], bytearray] = transport.recv  # pynetdicom's AssociationSocket.recv
 
     def recv_acking_at_once(nr_bytes: int) -> bytearray:
         with contextlib.suppress(OSError):

@@ -408,7 +408,7 @@ class Deliverer:
     def _backoff(self, attempts: int) -> float:
         """Exponential backoff with full jitter in its upper half."""
         policy = self.destination.retry
-        ceiling = min(policy.max_delay, policy.initial_delay * 2 ** min(attempts - 1, 32))
+        ceiling: float = min(policy.max_delay, policy.initial_delay * 2 ** min(attempts - 1, 32))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     def next_wake(self) -> float:

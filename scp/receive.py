@@ -12,11 +12,14 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
+from pydicom.uid import UID
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # its SOP class names are made at import
 
 from scp import limits, metrics, status, syntaxes
 from scp.config import NodeConfig
@@ -31,7 +34,8 @@ def add_supported_contexts(ae: AE) -> None:
     """Accept Verification and every storage SOP class in every transfer syntax pydicom knows."""
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, list(syntaxes.ACCEPTED))
+        # every context of pynetdicom's storage list names its SOP class; the attribute is typed Optional
+        ae.add_supported_context(cast(UID, context.abstract_syntax), list(syntaxes.ACCEPTED))
 
 
 def handle_store(
@@ -53,7 +57,7 @@ def handle_store(
 def _store(
     event: Event, path: Path, spool: Spool, on_commit: Callable[[str], None], node: NodeConfig, min_free: int
 ) -> int:
-    request = event.request
+    request = cast(C_STORE, event.request)  # the handler is bound to EVT_C_STORE only
     assoc = event.assoc
     calling = assoc.requestor.ae_title
     sop_instance_uid = str(request.AffectedSOPInstanceUID)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install everything the tests need (Debian peers and Python packages), then lint and run the whole suite.
+# Install everything the tests need (Debian peers and Python packages), then lint, type-check and run the whole suite.
 # Used by .ci/run and by the README's Quickstart. Needs root (or sudo) for apt-get on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,4 +20,5 @@ fi
 python3 -m pip install -q --disable-pip-version-check -e ".[test,bench]"
 python3 -m ruff check scp tests benchmarks
 python3 -m ruff format --check scp tests benchmarks
+python3 -m mypy scp
 python3 -m pytest "$@"
