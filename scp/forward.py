@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Protocol, cast
 
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import P_DATA
 
@@ -120,6 +120,9 @@ class DicomForwarder:
         self.tls_args = (security.client_context(destination.tls), None) if destination.tls else None
         self.linger = linger
         self._local = threading.local()
+        # send_c_store(path) then reads the file in PDU-sized pieces instead of decoding and re-encoding it whole
+        # (a pynetdicom setting for the whole process)
+        _config.STORE_SEND_CHUNKED_DATASET = True
 
     def idle(self) -> None:
         """Release this thread's association if it has not been used for `linger` seconds."""
@@ -178,7 +181,7 @@ class DicomForwarder:
                     yield Delivery(job, Outcome.TRANSIENT, f"association to {where} {why}", reached=False)
                 return
             set_nodelay(assoc)
-            limit_send_queue(assoc, self.destination.timeout)
+            bound_sending(assoc, self.destination.timeout)
             self._local.open = _Open(assoc, frozenset(contexts), time.monotonic())
         finished = False
         try:
@@ -218,6 +221,9 @@ class DicomForwarder:
             )
         try:
             response = assoc.send_c_store(path)
+        except SendStalled as exc:
+            assoc.abort()  # half a message was sent: the association cannot carry another one
+            return Delivery(job, Outcome.TRANSIENT, f"sending failed: {exc}; association aborted")
         except (OSError, RuntimeError) as exc:
             return Delivery(job, Outcome.TRANSIENT, f"sending failed: {exc}")
         except ValueError as exc:  # pynetdicom refuses the file itself (unreadable, syntax mismatch)
@@ -321,39 +327,49 @@ class SendWindow(queue.Queue):  # type: ignore[type-arg]
 
     pynetdicom reads a file being sent in PDU-sized pieces but queues them all at once (an unbounded queue its
     reactor drains): a 1 GiB instance would sit in memory whole. Here the sending thread waits while `limit` PDUs
-    are queued. If the reactor stops draining for `patience` seconds (a dead peer; pynetdicom then aborts),
-    the queue stops waiting for good, so no thread hangs on it. Other primitives (release, abort) never wait.
+    are queued. If nothing is drained for `patience` seconds (a peer that stopped reading, or a dead reactor),
+    `put` raises SendStalled in the sending thread, which aborts the association. Other primitives (release,
+    abort) never wait.
     """
 
     def __init__(self, limit: int, patience: float) -> None:
         super().__init__()
         self.limit = limit
         self.patience = patience
-        self._stalled = False
 
     def put(self, item: object, block: bool = True, timeout: float | None = None) -> None:
-        if isinstance(item, P_DATA) and not self._stalled:
+        if isinstance(item, P_DATA):
             deadline = time.monotonic() + self.patience
             with self.not_full:  # notified by every get()
-                while self._qsize() >= self.limit and not self._stalled:
+                while self._qsize() >= self.limit:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        self._stalled = True
-                    else:
-                        self.not_full.wait(remaining)
+                        raise SendStalled(f"the peer took nothing for {self.patience:g} s")
+                    self.not_full.wait(remaining)
         super().put(item, block, timeout)
+
+
+class SendStalled(RuntimeError):
+    """The peer stopped taking PDUs in the middle of a message: the association is no use any more."""
 
 
 SEND_WINDOW_PDUS = 16
 """P-DATA PDUs an association queues for sending before the sender waits (16 x max PDU: 2 MiB at 128 KiB)."""
 
 
-def limit_send_queue(assoc: Association, patience: float) -> None:
-    """Bound the memory an association's sending takes (see SendWindow); call before its first DIMSE message.
+def bound_sending(assoc: Association, timeout: float) -> None:
+    """Bound what sending can cost an association we requested; call before its first DIMSE message.
 
-    The queue is swapped only while empty (just after establishment the reactor holds nothing in it)."""
+    Memory: pynetdicom's PDU queue becomes a SendWindow (swapped only while empty: just after establishment the
+    reactor holds nothing in it). Time: pynetdicom connects with a timeout and then clears it, so a peer that
+    stops reading would block the reactor's send (and the association) for ever; the socket gets `timeout` back.
+    """
     if assoc.dul.to_provider_queue.empty():
-        assoc.dul.to_provider_queue = SendWindow(SEND_WINDOW_PDUS, patience)
+        assoc.dul.to_provider_queue = SendWindow(SEND_WINDOW_PDUS, timeout)
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.settimeout(timeout)
 
 
 def make_forwarder(destination: DicomDestination | DirectoryDestination, calling_ae: str, scratch: Path) -> Forwarder:

@@ -400,7 +400,6 @@ def _use_spool_for_received_files(spool: Spool) -> str | None:
     """
     multiprocessing.util.get_temp_dir()  # pins the fork server's socket folder to the system's temp dir first
     _config.STORE_RECV_CHUNKED_DATASET = True
-    _config.STORE_SEND_CHUNKED_DATASET = True
     previous = tempfile.tempdir
     tempfile.tempdir = str(spool.tmp)
     return previous

@@ -25,6 +25,11 @@ class FakeArchive:
     sop_classes: Sequence[str] | None = None
     delay: float = 0.0
     require_calling_aet: Sequence[str] = ()
+    freeze_after_pdus: int = 0
+    """Stop reading the connection after this many PDUs (0: never) until `thaw` is set: a peer gone silent."""
+    frozen: threading.Event = field(default_factory=threading.Event)
+    thaw: threading.Event = field(default_factory=threading.Event)
+    _pdus: int = 0
     received: list[tuple[str, UID]] = field(default_factory=list)
     associations: int = 0
     max_concurrent: int = 0
@@ -38,6 +43,12 @@ class FakeArchive:
         if self.delay:
             time.sleep(self.delay)
         return self.answer(index)
+
+    def _pdu_received(self, event: Event) -> None:
+        self._pdus += 1  # only the reactor thread of the one association counts
+        if self._pdus == self.freeze_after_pdus:
+            self.frozen.set()
+            self.thaw.wait(60)  # the reactor reads nothing more meanwhile
 
     def _accepted(self, event: Event) -> None:
         with self._lock:
@@ -74,6 +85,7 @@ class FakeArchive:
             (evt.EVT_ACCEPTED, self._accepted),
             (evt.EVT_RELEASED, self._ended),
             (evt.EVT_ABORTED, self._ended),
+            *([(evt.EVT_PDU_RECV, self._pdu_received)] if self.freeze_after_pdus else []),
         ]
         server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
         try:

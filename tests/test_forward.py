@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -291,3 +292,40 @@ def test_status_descriptions_for_reason_files() -> None:
     assert status.describe(0xA900) == "0xA900 (Failure: Data Set Does Not Match SOP Class)"
     assert status.describe(0x0000) == "0x0000 (Success)"
     assert status.describe(0x1234) == "0x1234 (Unknown: not a storage status)"
+
+
+def _rss() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_an_archive_that_stops_reading_mid_instance_costs_a_retry_not_memory(tmp_path: Path) -> None:
+    """The archive stops reading a few PDUs into a 32 MiB instance: the sender neither hangs nor queues the file
+    in memory; the association is aborted, the job waits, and is delivered once the archive reads again."""
+    spool = Spool(tmp_path / "spool")
+    ((path, uid),) = make_instances(tmp_path / "modality", 1, rows=4096).items()
+    info = {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "transfer_syntax": ExplicitVRLittleEndian}
+    job_info = {**info, "original_transfer_syntax": ExplicitVRLittleEndian, "sop_instance_uid": uid}
+    spool.commit_job("00000000000000000001-test", "archive", path, path, job_info | {"received_at": 0})
+    archive = FakeArchive(freeze_after_pdus=4)
+    with archive.serving() as port:
+        parsed = config.parse(node_config(tmp_path, _archive(port, timeout=2), JPEG_LS))
+        deliverer = Deliverer("archive", parsed.destinations["archive"], spool, "COMPRESS_SCP")
+        try:
+            before = peak = _rss()
+            sending = threading.Thread(target=deliverer.run_once)
+            sending.start()
+            assert archive.frozen.wait(30), "the archive never got the first PDUs"
+            deadline = time.monotonic() + 30
+            while sending.is_alive() and time.monotonic() < deadline:
+                peak = max(peak, _rss())
+                time.sleep(0.01)
+            assert not sending.is_alive(), "the sending thread hangs on a peer that stopped reading"
+        finally:
+            archive.thaw.set()
+        assert peak - before < 16 << 20, f"RSS grew by {(peak - before) >> 20} MiB while sending a 32 MiB file"
+        assert [job.id for job in spool.jobs()] == ["00000000000000000001-test"]
+        assert not spool.quarantined()
+        assert archive.uids() == set()
+        wait_for(lambda: deliverer.run_once() == 1 and not spool.jobs(), 60, "delivery after the archive woke up")
+        deliverer.close()
+    assert archive.uids() == {uid}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from pynetdicom.pdu_primitives import A_ABORT, P_DATA
 
-from scp.forward import SendWindow
+from scp.forward import SendStalled, SendWindow
 
 
 def test_the_sender_waits_while_the_window_is_full() -> None:
@@ -28,14 +29,16 @@ def test_the_sender_waits_while_the_window_is_full() -> None:
     assert deepest <= 4
 
 
-def test_a_window_nobody_drains_stops_waiting_after_its_patience() -> None:
+def test_a_window_nobody_drains_raises_after_its_patience() -> None:
+    """A peer that stopped reading must not hang the sending thread, nor let the file pile up in memory."""
     window = SendWindow(limit=2, patience=0.2)
+    window.put(P_DATA())
+    window.put(P_DATA())
     start = time.monotonic()
-    for _ in range(10):
+    with pytest.raises(SendStalled):
         window.put(P_DATA())
-    # one wait of `patience`, then never again: a dead reactor must not hang the sending thread per PDU
-    assert time.monotonic() - start < 1.5
-    assert window.qsize() == 10
+    assert 0.15 < time.monotonic() - start < 1.5
+    assert window.qsize() == 2
 
 
 def test_abort_and_release_never_wait() -> None:
