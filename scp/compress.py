@@ -294,11 +294,6 @@ def _decode(decoder: Decoder, encoded: bytes, info: codecs.FrameInfo, index: int
     return decoded
 
 
-def frames_spool(dst: Path) -> Path:
-    """Where older versions kept the encoded frames of `dst` (now an unnamed file that a crash cannot leave)."""
-    return dst.with_name(f".{dst.name}.frames")
-
-
 def _prepare_header(header: Dataset, target: UID, info: codecs.FrameInfo, nframes: int) -> None:
     """Set what the target syntax dictates (PS3.5 8.2) and nothing else."""
     header.file_meta.TransferSyntaxUID = target

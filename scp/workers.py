@@ -100,8 +100,7 @@ class Encoder:
             with self._lock:
                 self.crashes += 1
             LOGGER.error("the encoder process crashed on %s; forwarding the original", src.name)
-            dst.unlink(missing_ok=True)
-            compress.frames_spool(dst).unlink(missing_ok=True)  # a dead process leaves its scratch behind
+            dst.unlink(missing_ok=True)  # what the dead process wrote of it (its frames were in an unnamed file)
             size = src.stat().st_size
             return compress.Result(False, "the encoder process crashed on this image", "", size, size, 0.0)
         finally:
