@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -54,17 +52,3 @@ def write_image(
     ds["PixelData"].VR = "OW" if ds.BitsAllocated > 8 else "OB"
     ds.save_as(path, enforce_file_format=True)
     return path
-
-
-def tool(name: str) -> str:
-    """The absolute path of an external program (never PATH: pynetdicom's scripts shadow DCMTK's).
-
-    Skips when it is missing, except under CI, where a missing peer is a failure.
-    """
-    candidate = Path("/usr/bin") / name
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return str(candidate)
-    message = f"{name} is not installed (Debian packages dcmtk, libgdcm-tools, dicom3tools)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)

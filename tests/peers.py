@@ -124,6 +124,21 @@ def node_config(tmp_path: Path, destinations: dict[str, Any], rules: list[dict[s
     return data
 
 
+def archive_destination(port: int, retry: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """`destinations` with one DICOM archive on loopback (AE ARCHIVE, 10 s timeout) and fast retries."""
+    return {
+        "archive": {
+            "type": "dicom",
+            "ae_title": "ARCHIVE",
+            "host": "127.0.0.1",
+            "port": port,
+            "timeout": 10,
+            "retry": retry or {"initial_delay": 0.2, "max_delay": 0.5},
+            **extra,
+        }
+    }
+
+
 @contextlib.contextmanager
 def running_node(data: dict[str, Any]) -> Iterator[Service]:
     """The node in this process; yields the started Service (its `.port` is the bound port)."""

@@ -15,7 +15,8 @@ from pydicom.uid import UID
 
 from scp import compress
 from scp.config import CompressSpec
-from tests.images import bundled_files, tool
+from tests.images import bundled_files
+from tests.peers import tool
 
 pytestmark = pytest.mark.peers
 

@@ -9,7 +9,6 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
@@ -19,6 +18,7 @@ from tests.fake_archive import FakeArchive
 from tests.instances import Arrivals, acknowledged, make_instances
 from tests.peers import (
     NodeProcess,
+    archive_destination,
     free_port,
     listening,
     node_config,
@@ -33,20 +33,6 @@ pytestmark = pytest.mark.peers
 
 JPEG_LS_RULES = [{"name": "all", "compress": "JPEGLSLossless", "forward": ["archive"]}]
 FAST_RETRY = {"initial_delay": 0.3, "max_delay": 2.0}
-
-
-def _archive(port: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "archive": {
-            "type": "dicom",
-            "ae_title": "ARCHIVE",
-            "host": "127.0.0.1",
-            "port": port,
-            "timeout": 10,
-            "retry": FAST_RETRY,
-            **extra,
-        }
-    }
 
 
 def _spool_counts(spool: Path) -> tuple[int, int, int]:
@@ -68,7 +54,7 @@ def test_kill_9_while_storescu_streams_300_instances(tmp_path: Path) -> None:
     made = make_instances(tmp_path / "modality", 300)
     arrivals = Arrivals(tmp_path / "archive")
     with storescp(tmp_path / "archive") as archive_port:
-        data = node_config(tmp_path, _archive(archive_port), JPEG_LS_RULES)
+        data = node_config(tmp_path, archive_destination(archive_port, FAST_RETRY), JPEG_LS_RULES)
         data["node"]["port"] = free_port()
         node = NodeProcess(tmp_path, data)
         node.start()
@@ -101,7 +87,7 @@ def test_kill_9_while_encoding(tmp_path: Path) -> None:
     made = make_instances(tmp_path / "modality", 3, rows=2048)
     arrivals = Arrivals(tmp_path / "archive")
     with storescp(tmp_path / "archive") as archive_port:
-        data = node_config(tmp_path, _archive(archive_port), JPEG_LS_RULES)
+        data = node_config(tmp_path, archive_destination(archive_port, FAST_RETRY), JPEG_LS_RULES)
         data["node"]["port"] = free_port()
         node = NodeProcess(tmp_path, data)
         node.start()
@@ -132,7 +118,9 @@ def test_archive_down_while_200_arrive_then_up(tmp_path: Path) -> None:
     archive_port = free_port()
     arrivals = Arrivals(tmp_path / "archive")
     spool = tmp_path / "spool"
-    data = node_config(tmp_path, _archive(archive_port, associations=2, batch_size=32), JPEG_LS_RULES)
+    data = node_config(
+        tmp_path, archive_destination(archive_port, FAST_RETRY, associations=2, batch_size=32), JPEG_LS_RULES
+    )
     with running_node(data) as node:
         started = time.monotonic()
         output = storescu(node.port, list(made))
@@ -157,7 +145,9 @@ def test_full_spool_answers_out_of_resources_and_recovers(tmp_path: Path) -> Non
     archive_port = free_port()
     arrivals = Arrivals(tmp_path / "archive")
     with _tmpfs(tmp_path / "small", "6m") as small:
-        data = node_config(tmp_path, _archive(archive_port), JPEG_LS_RULES, spool={"path": str(small / "spool")})
+        data = node_config(
+            tmp_path, archive_destination(archive_port, FAST_RETRY), JPEG_LS_RULES, spool={"path": str(small / "spool")}
+        )
         data["spool"]["min_free_mb"] = 2
         with running_node(data) as node:
             output = storescu(node.port, list(made), extra=["--no-halt"])
@@ -202,7 +192,7 @@ def test_sigterm_stops_within_the_bound(tmp_path: Path) -> None:
     made = make_instances(tmp_path / "modality", 150)
     slow = FakeArchive(delay=0.3)
     with slow.serving() as archive_port:
-        data = node_config(tmp_path, _archive(archive_port, associations=1), JPEG_LS_RULES)
+        data = node_config(tmp_path, archive_destination(archive_port, FAST_RETRY, associations=1), JPEG_LS_RULES)
         data["node"].update(port=free_port(), shutdown_timeout=4)
         node = NodeProcess(tmp_path, data)
         node.start()
@@ -226,7 +216,7 @@ def test_sigterm_stops_within_the_bound(tmp_path: Path) -> None:
             node.stop()
     fast = FakeArchive()
     with fast.serving() as archive_port:
-        data["destinations"] = _archive(archive_port)
+        data["destinations"] = archive_destination(archive_port, FAST_RETRY)
         node = NodeProcess(tmp_path, data)
         node.start()
         try:
@@ -245,7 +235,7 @@ def test_sigterm_exits_within_the_bound_even_with_a_stuck_c_store(tmp_path: Path
     made = make_instances(tmp_path / "modality", 2)
     stuck = FakeArchive(delay=20)
     with stuck.serving() as archive_port:
-        data = node_config(tmp_path, _archive(archive_port, timeout=60), JPEG_LS_RULES)
+        data = node_config(tmp_path, archive_destination(archive_port, FAST_RETRY, timeout=60), JPEG_LS_RULES)
         data["node"].update(port=free_port(), shutdown_timeout=2)
         node = NodeProcess(tmp_path, data)
         node.start()

@@ -6,7 +6,6 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -20,7 +19,16 @@ from scp.spool import Spool
 from scp.status import Outcome
 from tests.fake_archive import FakeArchive
 from tests.instances import Arrivals, make_instances
-from tests.peers import TEST_FILES, free_port, node_config, running_node, storescp, storescu, wait_for
+from tests.peers import (
+    TEST_FILES,
+    archive_destination,
+    free_port,
+    node_config,
+    running_node,
+    storescp,
+    storescu,
+    wait_for,
+)
 
 pytestmark = pytest.mark.peers
 
@@ -51,21 +59,6 @@ def test_store_status_classification(code: int, outcome: Outcome) -> None:
     assert status.classify_store_status(code) is outcome
 
 
-def _archive(port: int, **extra: Any) -> dict[str, Any]:
-    retry = extra.pop("retry", {"initial_delay": 0.2, "max_delay": 0.5})
-    return {
-        "archive": {
-            "type": "dicom",
-            "ae_title": "ARCHIVE",
-            "host": "127.0.0.1",
-            "port": port,
-            "timeout": 10,
-            "retry": retry,
-            **extra,
-        }
-    }
-
-
 def _quarantined(spool: Spool) -> dict[str, str]:
     return {str(job.info()["sop_instance_uid"]): job.reason() for job in spool.quarantined()}
 
@@ -77,7 +70,7 @@ def test_uncompressed_only_archive_gets_decompressed_instances(tmp_path: Path) -
     arrivals = Arrivals(tmp_path / "archive")
     with (
         storescp(tmp_path / "archive", accept="") as port,
-        running_node(node_config(tmp_path, _archive(port), JPEG_LS)) as node,
+        running_node(node_config(tmp_path, archive_destination(port), JPEG_LS)) as node,
     ):
         storescu(node.port, list(made))
         wait_for(lambda: arrivals.uids() == set(made.values()), 60, "10 instances at storescp")
@@ -95,7 +88,7 @@ def test_permanent_failure_is_quarantined_with_its_reason(tmp_path: Path, code: 
     """An archive answering a permanent failure: each instance is sent once and quarantined with the status."""
     made = make_instances(tmp_path / "modality", 3)
     archive = FakeArchive(answer=lambda n: code)
-    with archive.serving() as port, running_node(node_config(tmp_path, _archive(port), JPEG_LS)) as node:
+    with archive.serving() as port, running_node(node_config(tmp_path, archive_destination(port), JPEG_LS)) as node:
         storescu(node.port, list(made))
         wait_for(lambda: len(node.spool.quarantined()) == 3, 30, "three quarantined jobs")
         quarantined = _quarantined(node.spool)
@@ -109,7 +102,7 @@ def test_permanent_failure_is_quarantined_with_its_reason(tmp_path: Path, code: 
 def test_warning_counts_as_delivered(tmp_path: Path) -> None:
     made = make_instances(tmp_path / "modality", 2)
     archive = FakeArchive(answer=lambda n: 0xB000)
-    with archive.serving() as port, running_node(node_config(tmp_path, _archive(port), JPEG_LS)) as node:
+    with archive.serving() as port, running_node(node_config(tmp_path, archive_destination(port), JPEG_LS)) as node:
         storescu(node.port, list(made))
         wait_for(lambda: archive.uids() == set(made.values()), 30, "two instances")
         wait_for(lambda: not node.spool.jobs(), 10, "an empty queue")
@@ -121,7 +114,7 @@ def test_out_of_resources_is_retried_until_accepted(tmp_path: Path) -> None:
     """0xA700 twice, then Success: delivered, not quarantined."""
     made = make_instances(tmp_path / "modality", 1)
     archive = FakeArchive(answer=lambda n: status.OUT_OF_RESOURCES if n < 2 else status.SUCCESS)
-    with archive.serving() as port, running_node(node_config(tmp_path, _archive(port), JPEG_LS)) as node:
+    with archive.serving() as port, running_node(node_config(tmp_path, archive_destination(port), JPEG_LS)) as node:
         storescu(node.port, list(made))
         wait_for(lambda: len(archive.received) == 3, 30, "two refusals and a success")
         wait_for(lambda: not node.spool.jobs(), 10, "an empty queue")
@@ -131,7 +124,7 @@ def test_out_of_resources_is_retried_until_accepted(tmp_path: Path) -> None:
 def test_max_attempts_quarantines_a_transient_failure(tmp_path: Path) -> None:
     made = make_instances(tmp_path / "modality", 1)
     archive = FakeArchive(answer=lambda n: status.OUT_OF_RESOURCES)
-    destinations = _archive(0, retry={"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": 3})
+    destinations = archive_destination(0, retry={"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": 3})
     with archive.serving() as port:
         destinations["archive"]["port"] = port
         with running_node(node_config(tmp_path, destinations, JPEG_LS)) as node:
@@ -145,7 +138,7 @@ def test_max_attempts_quarantines_a_transient_failure(tmp_path: Path) -> None:
 def test_unreachable_destination_pauses_and_max_age_quarantines(tmp_path: Path) -> None:
     """Connection refused is transient; after max_age the job goes to quarantine, saying why."""
     made = make_instances(tmp_path / "modality", 2)
-    destinations = _archive(free_port(), retry={"initial_delay": 0.1, "max_delay": 0.3, "max_age": 1.5})
+    destinations = archive_destination(free_port(), retry={"initial_delay": 0.1, "max_delay": 0.3, "max_age": 1.5})
     with running_node(node_config(tmp_path, destinations, JPEG_LS)) as node:
         storescu(node.port, list(made))
         wait_for(lambda: len(node.spool.quarantined()) == 2, 30, "two quarantined jobs")
@@ -159,7 +152,7 @@ def test_a_response_timeout_is_transient(tmp_path: Path) -> None:
     max_attempts), never a delivery."""
     made = make_instances(tmp_path / "modality", 1)
     archive = FakeArchive(delay=2.5)
-    destinations = _archive(0, retry={"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": 2})
+    destinations = archive_destination(0, retry={"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": 2})
     with archive.serving() as port:
         destinations["archive"].update(port=port, timeout=1)
         with running_node(node_config(tmp_path, destinations, JPEG_LS)) as node:
@@ -175,7 +168,7 @@ def test_rejected_association_is_retried_then_gives_up(tmp_path: Path) -> None:
     once max_attempts is reached."""
     made = make_instances(tmp_path / "modality", 1)
     archive = FakeArchive(require_calling_aet=["SOMEONE_ELSE"])
-    destinations = _archive(0, retry={"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": 3})
+    destinations = archive_destination(0, retry={"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": 3})
     with archive.serving() as port:
         destinations["archive"]["port"] = port
         with running_node(node_config(tmp_path, destinations, JPEG_LS)) as node:
@@ -190,7 +183,7 @@ def test_no_acceptable_presentation_context_is_permanent(tmp_path: Path) -> None
     """An archive that supports only MR storage gets CT: nothing to negotiate, quarantined (not retried)."""
     made = make_instances(tmp_path / "modality", 2)
     archive = FakeArchive(sop_classes=[MRImageStorage])
-    with archive.serving() as port, running_node(node_config(tmp_path, _archive(port), JPEG_LS)) as node:
+    with archive.serving() as port, running_node(node_config(tmp_path, archive_destination(port), JPEG_LS)) as node:
         storescu(node.port, list(made))
         wait_for(lambda: len(node.spool.quarantined()) == 2, 30, "two quarantined jobs")
         reasons = list(_quarantined(node.spool).values())
@@ -198,19 +191,28 @@ def test_no_acceptable_presentation_context_is_permanent(tmp_path: Path) -> None
     assert archive.associations <= 2
 
 
+def _queue_job(spool: Spool, index: int, path: Path, uid: str) -> None:
+    """Commit an Explicit VR Little Endian CT instance as job `index` for the archive, as processing would."""
+    info = {
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "sop_instance_uid": uid,
+        "transfer_syntax": ExplicitVRLittleEndian,
+        "original_transfer_syntax": ExplicitVRLittleEndian,
+        "received_at": 0,
+    }
+    spool.commit_job(f"{index:020d}-test", "archive", path, path, info)
+
+
 def test_batches_reuse_associations_and_run_in_parallel(tmp_path: Path) -> None:
     """60 jobs, batch_size 10, 3 delivery threads, a slowish archive: each thread keeps one association for all
     its batches, and the three run at once."""
     spool = Spool(tmp_path / "spool")
     made = make_instances(tmp_path / "modality", 60)
-    info = {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "transfer_syntax": ExplicitVRLittleEndian}
     for index, (path, uid) in enumerate(made.items()):
-        spool_id = f"{index:020d}-test"
-        job_info = {**info, "original_transfer_syntax": ExplicitVRLittleEndian, "sop_instance_uid": uid}
-        spool.commit_job(spool_id, "archive", path, path, job_info | {"received_at": 0})
+        _queue_job(spool, index, path, uid)
     archive = FakeArchive(delay=0.02)
     with archive.serving() as port:
-        parsed = config.parse(node_config(tmp_path, _archive(port, associations=3, batch_size=10), JPEG_LS))
+        parsed = config.parse(node_config(tmp_path, archive_destination(port, associations=3, batch_size=10), JPEG_LS))
         deliverer = Deliverer("archive", parsed.destinations["archive"], spool, "COMPRESS_SCP")
         threads = [threading.Thread(target=_drain, args=(deliverer,)) for _ in range(3)]
         for thread in threads:
@@ -238,16 +240,13 @@ def test_an_idle_association_is_released_after_the_linger(tmp_path: Path) -> Non
     """The association kept after a batch serves the next one; once idle for `linger` seconds it is released."""
     spool = Spool(tmp_path / "spool")
     made = list(make_instances(tmp_path / "modality", 4).items())
-    info = {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "transfer_syntax": ExplicitVRLittleEndian}
 
     def queue(index: int) -> None:
-        path, uid = made[index]
-        job_info = {**info, "original_transfer_syntax": ExplicitVRLittleEndian, "sop_instance_uid": uid}
-        spool.commit_job(f"{index:020d}-test", "archive", path, path, job_info | {"received_at": 0})
+        _queue_job(spool, index, *made[index])
 
     archive = FakeArchive()
     with archive.serving() as port:
-        parsed = config.parse(node_config(tmp_path, _archive(port, associations=1, batch_size=1), JPEG_LS))
+        parsed = config.parse(node_config(tmp_path, archive_destination(port, associations=1, batch_size=1), JPEG_LS))
         deliverer = Deliverer("archive", parsed.destinations["archive"], spool, "COMPRESS_SCP")
         deliverer.forwarder.linger = 0.3  # type: ignore[attr-defined]
         for index in range(2):
@@ -266,11 +265,11 @@ def test_an_idle_association_is_released_after_the_linger(tmp_path: Path) -> Non
     assert len(archive.uids()) == 3
 
 
-def test_receiving_is_not_blocked_by_a_slow_archive(tmp_path: Path) -> None:
+def test_receiving_is_not_blocked_by_a_slowarchive_destination(tmp_path: Path) -> None:
     """An archive taking 0.5 s per instance does not slow down the modality."""
     made = make_instances(tmp_path / "modality", 20)
     archive = FakeArchive(delay=0.5)
-    with archive.serving() as port, running_node(node_config(tmp_path, _archive(port), JPEG_LS)) as node:
+    with archive.serving() as port, running_node(node_config(tmp_path, archive_destination(port), JPEG_LS)) as node:
         started = time.monotonic()
         storescu(node.port, list(made))
         took = time.monotonic() - started
@@ -280,7 +279,7 @@ def test_receiving_is_not_blocked_by_a_slow_archive(tmp_path: Path) -> None:
 
 def test_backoff_doubles_with_jitter_up_to_max_delay(tmp_path: Path) -> None:
     retry = {"initial_delay": 1.0, "max_delay": 10.0}
-    parsed = config.parse(node_config(tmp_path, _archive(free_port(), retry=retry), JPEG_LS))
+    parsed = config.parse(node_config(tmp_path, archive_destination(free_port(), retry=retry), JPEG_LS))
     deliverer = Deliverer("archive", parsed.destinations["archive"], Spool(tmp_path / "spool"), "COMPRESS_SCP")
     for attempts, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 10.0), (500, 10.0)]:
         delays = [deliverer._backoff(attempts) for _ in range(200)]
@@ -303,12 +302,10 @@ def test_an_archive_that_stops_reading_mid_instance_costs_a_retry_not_memory(tmp
     in memory; the association is aborted, the job waits, and is delivered once the archive reads again."""
     spool = Spool(tmp_path / "spool")
     ((path, uid),) = make_instances(tmp_path / "modality", 1, rows=4096).items()
-    info = {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "transfer_syntax": ExplicitVRLittleEndian}
-    job_info = {**info, "original_transfer_syntax": ExplicitVRLittleEndian, "sop_instance_uid": uid}
-    spool.commit_job("00000000000000000001-test", "archive", path, path, job_info | {"received_at": 0})
+    _queue_job(spool, 1, path, uid)
     archive = FakeArchive(freeze_after_pdus=4)
     with archive.serving() as port:
-        parsed = config.parse(node_config(tmp_path, _archive(port, timeout=2), JPEG_LS))
+        parsed = config.parse(node_config(tmp_path, archive_destination(port, timeout=2), JPEG_LS))
         deliverer = Deliverer("archive", parsed.destinations["archive"], spool, "COMPRESS_SCP")
         try:
             before = peak = _rss()
