@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,8 +44,29 @@ def _spool_counts(spool: Path) -> tuple[int, int, int]:
     return incoming, outgoing, quarantined
 
 
-def _received_lines(log: Path) -> int:
-    return log.read_text(errors="replace").count(" INFO scp.receive: received ") if log.exists() else 0
+class _Modality:
+    """`storescu -v` sending in the background; its output is read as it comes, so a test can act on the n-th
+    Success response the modality has actually seen (the node logs a reception before its response arrives)."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.append(line)
+
+    def successes(self) -> int:
+        return sum("Received Store Response (Success)" in line for line in list(self._lines))
+
+    def finish(self, timeout: float) -> str:
+        """Wait for storescu to end; return all it printed."""
+        self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return "".join(self._lines)
 
 
 @pytest.mark.slow
@@ -60,10 +82,10 @@ def test_kill_9_while_storescu_streams_300_instances(tmp_path: Path) -> None:
         node.start()
         try:
             args = [tool("storescu"), "-v", "-aec", "COMPRESS_SCP", "127.0.0.1", str(node.port), *map(str, made)]
-            with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as modality:
-                wait_for(lambda: _received_lines(node.log) >= 100, 60, "100 instances received", interval=0.02)
-                node.kill()
-                output, _ = modality.communicate(timeout=60)
+            modality = _Modality(args)
+            wait_for(lambda: modality.successes() >= 100, 60, "100 instances acknowledged", interval=0.01)
+            node.kill()
+            output = modality.finish(timeout=60)
             acked = {made[path] for path in acknowledged(output)}
             assert 100 <= len(acked) < 300, output[-2000:]
             left = _spool_counts(tmp_path / "spool")
@@ -93,10 +115,10 @@ def test_kill_9_while_encoding(tmp_path: Path) -> None:
         node.start()
         try:
             args = [tool("storescu"), "-v", "-aec", "COMPRESS_SCP", "127.0.0.1", str(node.port), *map(str, made)]
-            with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as modality:
-                wait_for(lambda: _received_lines(node.log) >= 1, 60, "the first instance", interval=0.01)
-                node.kill()
-                output, _ = modality.communicate(timeout=60)
+            modality = _Modality(args)
+            wait_for(lambda: modality.successes() >= 1, 60, "the first instance acknowledged", interval=0.005)
+            node.kill()
+            output = modality.finish(timeout=60)
             first_run = node.log.read_text()
             acked = {made[path] for path in acknowledged(output)}
             assert acked, output[-2000:]
