@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import re
 import shutil
 import socket
@@ -28,8 +27,9 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import P_DATA
 
-from scp import compress, security
+from scp import compress, reactors, security
 from scp.config import DicomDestination, DirectoryDestination
+from scp.reactors import WakingQueue
 from scp.spool import Job, fsync_dir, fsync_file
 from scp.status import Outcome, classify_store_status, describe
 
@@ -281,6 +281,7 @@ def associate(
 ) -> Association:
     """Request an association proposing one presentation context per (SOP class, transfer syntax), over TLS
     when `tls_args` (pynetdicom's (context, server hostname)) are given."""
+    reactors.install()
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = destination.timeout
     ae.connection_timeout = destination.timeout
@@ -322,18 +323,18 @@ def set_nodelay(assoc: Association) -> None:
     transport.recv = recv_acking_at_once
 
 
-class SendWindow(queue.Queue):  # type: ignore[type-arg]
+class SendWindow(WakingQueue):
     """pynetdicom's queue of PDUs to send, with back-pressure on P-DATA.
 
     pynetdicom reads a file being sent in PDU-sized pieces but queues them all at once (an unbounded queue its
     reactor drains): a 1 GiB instance would sit in memory whole. Here the sending thread waits while `limit` PDUs
     are queued. If nothing is drained for `patience` seconds (a peer that stopped reading, or a dead reactor),
     `put` raises SendStalled in the sending thread, which aborts the association. Other primitives (release,
-    abort) never wait.
+    abort) never wait. Every put rings `wake` (the event-driven DUL reactor sleeps until then).
     """
 
-    def __init__(self, limit: int, patience: float) -> None:
-        super().__init__()
+    def __init__(self, limit: int, patience: float, wake: Callable[[], None] = lambda: None) -> None:
+        super().__init__(wake)
         self.limit = limit
         self.patience = patience
 
@@ -364,8 +365,10 @@ def bound_sending(assoc: Association, timeout: float) -> None:
     reactor holds nothing in it). Time: pynetdicom connects with a timeout and then clears it, so a peer that
     stops reading would block the reactor's send (and the association) for ever; the socket gets `timeout` back.
     """
-    if assoc.dul.to_provider_queue.empty():
-        assoc.dul.to_provider_queue = SendWindow(SEND_WINDOW_PDUS, timeout)
+    queued = assoc.dul.to_provider_queue
+    if queued.empty():
+        wake = queued.wake if isinstance(queued, WakingQueue) else lambda: None
+        assoc.dul.to_provider_queue = SendWindow(SEND_WINDOW_PDUS, timeout, wake)
     sock = getattr(assoc.dul.socket, "socket", None)
     if sock is not None:
         with contextlib.suppress(OSError):

@@ -22,7 +22,7 @@ from typing import Any
 
 from pynetdicom import AE, _config
 
-from scp import limits, metrics, notify, receive, security
+from scp import limits, metrics, notify, reactors, receive, security
 from scp.config import Config
 from scp.forward import make_forwarder
 from scp.pipeline import Deliverer, Encoder, Processor
@@ -77,6 +77,7 @@ class Service:
     def start(self) -> None:
         """Sweep the spool, start workers and deliverers, and listen; return once listening."""
         self.spool.sweep()
+        reactors.install()
         self._saved_tempdir = _use_spool_for_received_files(self.spool)
         self._encoder = Encoder(self.config.workers.processes)
         self._processor = Processor(self.config, self.spool, self._encoder)

@@ -48,3 +48,12 @@ def test_abort_and_release_never_wait() -> None:
     window.put(A_ABORT())
     assert time.monotonic() - start < 1
     assert window.qsize() == 2
+
+
+def test_every_put_rings_the_reactor() -> None:
+    """The event-driven DUL reactor sleeps until a PDU is queued: the window must wake it for each one."""
+    rings = []
+    window = SendWindow(limit=4, patience=1, wake=lambda: rings.append(1))
+    window.put(P_DATA())
+    window.put(A_ABORT())
+    assert len(rings) == 2
