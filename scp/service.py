@@ -31,6 +31,11 @@ from scp.spool import Spool
 LOGGER = logging.getLogger(__name__)
 
 _STOP = ""
+PROCESSING_THREADS_PER_PROCESS = 2
+"""Processing threads per encoder process. A thread spends part of each instance outside the encoder (reading
+the header for the rules, committing the jobs: three fsyncs); with one thread per process an encoder process
+would wait meanwhile. Measured side by side, JPEG-LS, 300 CT slices, 3 runs each: end-to-end 31 -> 36 MB/s
+(medians); the modality side unchanged."""
 PROCESSING_ATTEMPTS = 5
 """Failed processing attempts of one instance before it is quarantined as unprocessable."""
 
@@ -83,7 +88,7 @@ class Service:
         self._processor = Processor(self.config, self.spool, self._encoder)
         for spool_id in self.spool.incoming():
             self._work.put(spool_id)
-        for index in range(self.config.workers.processes):
+        for index in range(self._processing_threads()):
             self._spawn(f"processor-{index}", self._process_loop)
         for name, destination in self.config.destinations.items():
             self._add_destination(name, destination)
@@ -144,7 +149,7 @@ class Service:
         self._end_inbound(time.monotonic() + budget / 2)
         tempfile.tempdir = self._saved_tempdir
         self._stopping.set()
-        for _ in range(self.config.workers.processes):
+        for _ in range(self._processing_threads()):
             self._work.put(_STOP)
         for destination in self._destinations.values():
             destination.wake.set()
@@ -246,6 +251,9 @@ class Service:
                 LOGGER.error("unhealthy, withholding the watchdog ping: %s", "; ".join(problems))
             else:
                 notify.watchdog()
+
+    def _processing_threads(self) -> int:
+        return PROCESSING_THREADS_PER_PROCESS * self.config.workers.processes
 
     def _state_collector(self) -> metrics.StateCollector:
         def queues() -> list[tuple[str, int, float | None]]:
