@@ -181,7 +181,12 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: hangup.set())
-    service.start()
+    try:
+        service.start()
+    except OSError as exc:  # the port is taken, the TLS files are unreadable...
+        service.stop(timeout=5)
+        print(f"compressing-scp: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     notify.ready(f"listening on port {service.port}")
     try:
         while not stop.wait(0.2):

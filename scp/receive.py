@@ -3,16 +3,16 @@
 The handler does no pixel work (STYLE rule 5): pynetdicom has already streamed the dataset to a file in the
 spool's tmp/ (chunked receive, see service.py); the handler reads it defensively (limits.check_instance: size,
 deflate bombs, deep nesting, undecodable values, truncated Pixel Data), commits the file with a rename and answers.
-Any failure to keep the instance answers a failure status, never Success.
+Any failure to keep the instance answers a failure status, never Success. What it kept or refused goes to a
+Reporter (the SCP runs in a process of its own: see inbound.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast
 
 from pydicom.uid import UID
 from pynetdicom import AE, evt
@@ -21,13 +21,24 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # its SOP class names are made at import
 
-from scp import limits, metrics, status, syntaxes
+from scp import limits, status, syntaxes
 from scp.config import NodeConfig
 from scp.errors import SpoolError
 from scp.forward import set_nodelay
 from scp.spool import Received, Spool
 
 LOGGER = logging.getLogger(__name__)
+
+
+class Reporter(Protocol):
+    """Told of every instance the handler kept (after it is durable, before Success is sent) or refused, and of
+    every association refused for its calling AE."""
+
+    def received(self, spool_id: str, calling_ae: str, size: int) -> None: ...
+
+    def refused(self, status: int) -> None: ...
+
+    def rejected(self, reason: str) -> None: ...
 
 
 def add_supported_contexts(ae: AE) -> None:
@@ -38,9 +49,7 @@ def add_supported_contexts(ae: AE) -> None:
         ae.add_supported_context(cast(UID, context.abstract_syntax), list(syntaxes.ACCEPTED))
 
 
-def handle_store(
-    event: Event, spool: Spool, on_commit: Callable[[str], None], node: NodeConfig, min_free: int = 0
-) -> int:
+def handle_store(event: Event, spool: Spool, reporter: Reporter, node: NodeConfig, min_free: int = 0) -> int:
     """Commit the received instance to the spool; answer Success only once it is durable.
 
     Below `min_free` bytes free on the spool's filesystem the instance is refused with 0xA700 (PS3.4 B.2.3):
@@ -49,14 +58,12 @@ def handle_store(
     """
     path: Path = event.dataset_path
     try:
-        return _store(event, path, spool, on_commit, node, min_free)
+        return _store(event, path, spool, reporter, node, min_free)
     finally:
         path.unlink(missing_ok=True)  # pynetdicom leaves it behind when a handler raises
 
 
-def _store(
-    event: Event, path: Path, spool: Spool, on_commit: Callable[[str], None], node: NodeConfig, min_free: int
-) -> int:
+def _store(event: Event, path: Path, spool: Spool, reporter: Reporter, node: NodeConfig, min_free: int) -> int:
     request = cast(C_STORE, event.request)  # the handler is bound to EVT_C_STORE only
     assoc = event.assoc
     calling = assoc.requestor.ae_title
@@ -71,7 +78,7 @@ def _store(
             min_free // 2**20,
             status.OUT_OF_RESOURCES,
         )
-        metrics.REFUSED.labels(f"0x{status.OUT_OF_RESOURCES:04X}").inc()
+        reporter.refused(status.OUT_OF_RESOURCES)
         return status.OUT_OF_RESOURCES
     try:
         limits.check_instance(
@@ -81,7 +88,7 @@ def _store(
         LOGGER.warning(
             "refused instance %s from %s: %s; answered 0x%04X", sop_instance_uid, calling, exc.reason, exc.status
         )
-        metrics.REFUSED.labels(f"0x{exc.status:04X}").inc()
+        reporter.refused(exc.status)
         return exc.status
     size = path.stat().st_size
     received = Received(
@@ -103,10 +110,8 @@ def _store(
             exc,
             status.OUT_OF_RESOURCES,
         )
-        metrics.REFUSED.labels(f"0x{status.OUT_OF_RESOURCES:04X}").inc()
+        reporter.refused(status.OUT_OF_RESOURCES)
         return status.OUT_OF_RESOURCES
-    metrics.RECEIVED.labels(calling).inc()
-    metrics.RECEIVED_BYTES.labels(calling).inc(size)
     LOGGER.info(
         "received %s from %s (%s, %s) as %s",
         sop_instance_uid,
@@ -115,7 +120,7 @@ def _store(
         received.transfer_syntax,
         spool_id,
     )
-    on_commit(spool_id)
+    reporter.received(spool_id, calling, size)
     return status.SUCCESS
 
 
@@ -124,11 +129,9 @@ def handle_connection_open(event: Event) -> None:
     set_nodelay(event.assoc)
 
 
-def handlers(
-    spool: Spool, on_commit: Callable[[str], None], node: NodeConfig, min_free: int = 0
-) -> list[tuple[object, ...]]:
+def handlers(spool: Spool, reporter: Reporter, node: NodeConfig, min_free: int = 0) -> list[tuple[object, ...]]:
     """The event handlers of the SCP, with their dependencies bound in (STYLE rule 4)."""
     return [
-        (evt.EVT_C_STORE, handle_store, [spool, on_commit, node, min_free]),
+        (evt.EVT_C_STORE, handle_store, [spool, reporter, node, min_free]),
         (evt.EVT_CONN_OPEN, handle_connection_open),
     ]

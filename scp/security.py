@@ -9,13 +9,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pynetdicom import evt
 from pynetdicom.events import Event
 
-from scp import metrics
 from scp.config import AllowedCaller, TlsConfig
 from scp.errors import ConfigError
 
@@ -73,9 +72,9 @@ class CallerPolicy:
         return any(peer in network for network in networks)
 
 
-def handle_requested(event: Event, policy: CallerPolicy) -> None:
+def handle_requested(event: Event, policy: CallerPolicy, on_reject: Callable[[str], None]) -> None:
     """EVT_REQUESTED: reject an unknown calling AE (or a known one from the wrong address) before negotiation,
-    so nothing it sends is ever read as a dataset."""
+    so nothing it sends is ever read as a dataset; `on_reject` is told why."""
     assoc = event.assoc
     request = assoc.requestor.primitive
     assert request is not None, "EVT_REQUESTED comes with the A-ASSOCIATE request"
@@ -84,18 +83,20 @@ def handle_requested(event: Event, policy: CallerPolicy) -> None:
     if policy.permits(calling, address):
         return
     LOGGER.warning("rejected association from %s at %s: calling AE not recognised", calling, address)
-    metrics.REJECTED.labels("calling AE not recognised").inc()
+    on_reject("calling AE not recognised")
     assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, CALLING_AE_NOT_RECOGNISED)
     # As pynetdicom's own ACSE rejection does: let the DUL deliver the A-ASSOCIATE-RJ before the socket closes.
     evt.trigger(assoc, evt.EVT_REJECTED, {})
     assoc.kill()
 
 
-def access_handlers(entries: Sequence[str | AllowedCaller] | None) -> list[tuple[object, ...]]:
+def access_handlers(
+    entries: Sequence[str | AllowedCaller] | None, on_reject: Callable[[str], None]
+) -> list[tuple[object, ...]]:
     """The EVT_REQUESTED handler enforcing `node.allowed_calling_aets`, or none when every AE may call."""
     if entries is None:
         return []
-    return [(evt.EVT_REQUESTED, handle_requested, [CallerPolicy.from_config(entries)])]
+    return [(evt.EVT_REQUESTED, handle_requested, [CallerPolicy.from_config(entries), on_reject])]
 
 
 def _bcp195(context: ssl.SSLContext) -> ssl.SSLContext:

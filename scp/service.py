@@ -1,30 +1,26 @@
 """One lifecycle for production and tests: `Service.start()` returns once the node listens (STYLE rule 13).
 
-It owns the SCP, the processor threads (which hand pixel work to the encoder processes) and one set of
-delivery threads per destination. Signal handling lives in cli.py and only sets flags.
+It owns the receiving process (inbound.py: the SCP), the processor threads (which hand pixel work to the encoder
+processes) and one set of delivery threads per destination. Signal handling lives in cli.py and only sets flags.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing.util
 import os
 import queue
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
-from pynetdicom import AE, _config
-
-from scp import limits, metrics, notify, reactors, receive, security
+from scp import metrics, notify
 from scp.config import Config
 from scp.forward import make_forwarder
+from scp.inbound import Inbound
 from scp.pipeline import Deliverer, Encoder, Processor
 from scp.spool import Spool
 
@@ -63,9 +59,7 @@ class Service:
         self._reload_lock = threading.RLock()
         self._encoder: Encoder | None = None
         self._processor: Processor | None = None
-        self._ae: AE | None = None
-        self._saved_tempdir: str | None = None
-        self.server: limits.HardenedServer | None = None
+        self._inbound: Inbound | None = None
         self.metrics: metrics.Endpoint | None = None
         self._busy: dict[str, float] = {}
         self._failures: dict[str, int] = {}
@@ -76,14 +70,12 @@ class Service:
     @property
     def port(self) -> int:
         """The port the node listens on (useful when the configuration said 0)."""
-        assert self.server is not None, "the service is not started"
-        return int(self.server.server_address[1])
+        assert self._inbound is not None, "the service is not started"
+        return self._inbound.port
 
     def start(self) -> None:
         """Sweep the spool, start workers and deliverers, and listen; return once listening."""
         self.spool.sweep()
-        reactors.install()
-        self._saved_tempdir = _use_spool_for_received_files(self.spool)
         self._encoder = Encoder(self.config.workers.processes)
         self._processor = Processor(self.config, self.spool, self._encoder)
         for spool_id in self.spool.incoming():
@@ -102,29 +94,8 @@ class Service:
             )
         self._spawn("spool-janitor", self._janitor_loop)
         node = self.config.node
-        ae = self._ae = AE(ae_title=node.ae_title)
-        ae.maximum_associations = node.max_associations
-        ae.maximum_pdu_size = node.max_pdu_size
-        ae.acse_timeout = node.acse_timeout
-        ae.dimse_timeout = node.dimse_timeout
-        ae.network_timeout = node.network_timeout
-        receive.add_supported_contexts(ae)
-        min_free = int(self.config.spool.min_free_mb * 2**20)
-        handlers: list[Any] = [
-            *security.access_handlers(node.allowed_calling_aets),
-            *receive.handlers(self.spool, self._received, node, min_free),
-        ]
-        server = ae.make_server(
-            (node.host, node.port),
-            ssl_context=security.server_context(node.tls) if node.tls else None,
-            evt_handlers=handlers,
-            server_class=limits.HardenedServer,
-            pdu_limits=limits.PduLimits.for_max_pdu(node.max_pdu_size, node.max_instance_bytes),
-            handshake_timeout=node.tls_handshake_timeout,
-        )
-        assert isinstance(server, limits.HardenedServer)
-        self.server = server
-        self._spawn("accept", server.serve_forever)
+        self._inbound = Inbound(self.config, self._received)
+        self._inbound.start()
         if self.config.metrics is not None:
             self.metrics = metrics.Endpoint(
                 self.config.metrics.host, self.config.metrics.port, self._state_collector(), self.health
@@ -144,10 +115,8 @@ class Service:
         """
         budget = self.config.node.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
-        if self.server is not None:
-            self.server.shutdown()
-        self._end_inbound(time.monotonic() + budget / 2)
-        tempfile.tempdir = self._saved_tempdir
+        if self._inbound is not None:
+            self._inbound.stop(time.monotonic() + budget / 2)
         self._stopping.set()
         for _ in range(self._processing_threads()):
             self._work.put(_STOP)
@@ -169,21 +138,6 @@ class Service:
             self.metrics.stop()
         LOGGER.info("stopped")
         return True
-
-    def _end_inbound(self, deadline: float) -> None:
-        """Wait for established inbound associations to end until `deadline`, then abort the rest (including
-        connections that never sent an association request)."""
-        if self._ae is None:
-            return
-        while any(a.is_established for a in self._ae.active_associations) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for assoc in self._ae.active_associations:
-            LOGGER.warning(
-                "aborting the association from %s (%s) to stop",
-                assoc.requestor.ae_title or "no AE title yet",
-                assoc.requestor.address,
-            )
-            assoc.abort()
 
     def reload(self, new: Config) -> None:
         """Apply a validated configuration to instances processed from now on; open associations stay.
@@ -220,6 +174,9 @@ class Service:
     def health(self) -> list[str]:
         """What is wrong with the node, or an empty list: every thread alive, none stuck on one item."""
         problems = [f"thread {t.name} has stopped" for t in self._threads if not t.is_alive()]
+        receiving = self._inbound.problem() if self._inbound is not None else None
+        if receiving is not None:
+            problems.append(receiving)
         limit = self.config.node.stall_timeout
         now = time.monotonic()
         with self._busy_lock:
@@ -273,7 +230,7 @@ class Service:
             return sorted(counts.items())
 
         def associations() -> int:
-            return len(self.server.active_associations) if self.server is not None else 0
+            return self._inbound.associations if self._inbound is not None else 0
 
         return metrics.StateCollector(queues, quarantined, associations)
 
@@ -400,15 +357,3 @@ def _yield_to_receiving() -> None:
             thread = threading.get_native_id()
             # never raise a priority: a node started at a niceness above this keeps it (root could lower it)
             os.setpriority(os.PRIO_PROCESS, thread, max(BACKGROUND_NICENESS, os.getpriority(os.PRIO_PROCESS, thread)))
-
-
-def _use_spool_for_received_files(spool: Spool) -> str | None:
-    """Stream received datasets to files in the spool's tmp/ (flat memory; committing is a rename).
-
-    pynetdicom asks `tempfile` for the folder, so this is process-wide; returns the folder it replaces.
-    """
-    multiprocessing.util.get_temp_dir()  # pins the fork server's socket folder to the system's temp dir first
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    previous = tempfile.tempdir
-    tempfile.tempdir = str(spool.tmp)
-    return previous

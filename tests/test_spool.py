@@ -6,6 +6,8 @@ import errno
 import io
 import os
 import socket
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -13,18 +15,18 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage
 
-from scp import config
+from scp import config, inbound
 from scp.errors import SpoolError
 from scp.pipeline import Processor
 from scp.spool import Job, Received, Spool, arrival
 from scp.workers import Encoder
-from tests.peers import TEST_FILES, node_config, running_node, storescu, wait_for
+from tests.peers import TEST_FILES, free_port, node_config, running_node, storescu, wait_for
 
 RECEIVED = Received("MODALITY", "COMPRESS_SCP", "127.0.0.1", "1.2.3", "1.2.3.4", ExplicitVRLittleEndian, 0.0)
 
@@ -150,19 +152,47 @@ def test_sweep_at_start_and_abandoned_receives_while_running(tmp_path: Path) -> 
 RULES = [{"name": "all", "compress": "keep", "forward": ["folder"]}]
 
 
+class _Told:
+    """A receive.Reporter that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.kept: list[str] = []
+        self.refusals: list[int] = []
+
+    def received(self, spool_id: str, calling_ae: str, size: int) -> None:
+        self.kept.append(spool_id)
+
+    def refused(self, status: int) -> None:
+        self.refusals.append(status)
+
+    def rejected(self, reason: str) -> None:
+        raise AssertionError(f"no calling AE is refused here ({reason})")
+
+
 def test_a_raising_handler_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """pynetdicom keeps its temporary file when the handler raises; ours removes it (and never says Success)."""
-    destinations = {"folder": {"type": "directory", "path": str(tmp_path / "folder")}}
-    with running_node(node_config(tmp_path, destinations, RULES)) as node:
+    """pynetdicom keeps its temporary file when the handler raises; ours removes it (and never says Success).
 
-        def broken(*args: object) -> str:
-            raise RuntimeError("simulated bug")
+    The node's SCP runs in a child process; to make its handler raise, the same SCP runs here."""
+    spool = Spool(tmp_path / "spool")
 
-        monkeypatch.setattr(node.spool, "commit_received", broken)
+    def broken(*args: object) -> str:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(spool, "commit_received", broken)
+    monkeypatch.setattr(tempfile, "tempdir", str(spool.tmp))
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)
+    node = config.NodeConfig(port=free_port(), host="127.0.0.1")
+    told = _Told()
+    _, server = inbound.make_server(node, spool, told, min_free=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
         output = storescu(node.port, [TEST_FILES / "CT_small.dcm"])
-        assert "Received Store Response (Success)" not in output, output
-        assert "Failed" in output or "Error" in output, output
-        assert not list(node.spool.tmp.glob("tmp*.dcm"))
+    finally:
+        server.shutdown()
+    assert "Received Store Response (Success)" not in output, output
+    assert "Failed" in output or "Error" in output, output
+    assert not list(spool.tmp.glob("tmp*.dcm"))
+    assert spool.incoming() == [] and told.kept == []
 
 
 def test_a_peer_dying_mid_transfer_leaves_nothing(tmp_path: Path) -> None:

@@ -1,0 +1,259 @@
+"""Receiving in a process of its own.
+
+The service process applies the rules, commits the jobs and forwards: pynetdicom and pydicom, Python code under
+one GIL. Receiving in that process competed for the GIL, and a modality waiting for its C-STORE response waited
+for it (measured, 300 CT slices: the node received at 45-55 MB/s with processing and forwarding running and at
+81-96 MB/s with them stopped). So the SCP runs in a child process: it commits each instance to the spool exactly
+as before (durable before Success) and then tells the service its spool id; counters and log records travel the
+same pipe, so metrics and logs look as if it were one process.
+
+The child ends when told to (`stop`), and at once when the service's end of the pipe closes: a service killed
+with -9 leaves no listener behind. If the child dies, `problem` says so; the service then reports itself
+unhealthy (systemd's watchdog restarts the node). Whatever the child acknowledged is in the spool either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.sharedctypes import Synchronized
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE, _config
+
+from scp import limits, metrics, reactors, receive, security
+from scp.config import Config, NodeConfig
+from scp.spool import Spool
+from scp.workers import skip_value_validation
+
+LOGGER = logging.getLogger(__name__)
+_CONTEXT = multiprocessing.get_context("spawn")  # a clean process: no threads or locks copied mid-use
+ASSOCIATIONS_REFRESH = 0.5
+"""Seconds between two updates of the open-association count the child shares with the service."""
+
+
+class Inbound:
+    """The receiving process, seen from the service."""
+
+    def __init__(self, config: Config, on_received: Callable[[str], None]) -> None:
+        self.config = config
+        self.on_received = on_received
+        self.port = 0
+        self._associations: Synchronized[int] = _CONTEXT.Value("i", 0)
+        self._conn, child_conn = _CONTEXT.Pipe()
+        wanted = _ChildConfig(
+            config.node, config.spool.path, int(config.spool.min_free_mb * 2**20), config.logging.level
+        )
+        self._process = _CONTEXT.Process(
+            target=_serve, args=(wanted, child_conn, self._associations), name="receiver", daemon=True
+        )
+        self._child_conn = child_conn
+        self._started = threading.Event()
+        self._start_error: str | None = None
+        self._stopping = False
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the child and return once it listens; raise OSError if it cannot (port in use, bad TLS files)."""
+        self._process.start()
+        self._child_conn.close()  # only the child holds its end now: its death reads as EOF here
+        threading.Thread(target=self._read, name="receiver-pipe", daemon=True).start()
+        if not self._started.wait(timeout):
+            self._kill()
+            raise OSError(f"the receiving process did not start listening within {timeout:g} s")
+        if self._start_error is not None:
+            self._process.join(5)
+            raise OSError(self._start_error)
+
+    @property
+    def associations(self) -> int:
+        """Open associations (refreshed every ASSOCIATIONS_REFRESH seconds)."""
+        return int(self._associations.value)
+
+    def problem(self) -> str | None:
+        """Why receiving is not working, or None."""
+        if self._stopping or self._process.is_alive():
+            return None
+        return f"the receiving process has exited (exit code {self._process.exitcode})"
+
+    def stop(self, deadline: float) -> None:
+        """Stop accepting; let open associations end until `deadline` (then abort them); wait for the child."""
+        self._stopping = True
+        with contextlib.suppress(OSError, ValueError):
+            self._conn.send(("stop", max(0.0, deadline - time.monotonic())))
+        self._process.join(max(0.0, deadline - time.monotonic()) + 5)
+        self._kill()
+
+    def _kill(self) -> None:
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+
+    def _read(self) -> None:
+        """Apply what the child reports until its end of the pipe closes."""
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                self._started.set()  # a child that died before listening must not keep start() waiting
+                return
+            self._apply(message)
+
+    def _apply(self, message: tuple[Any, ...]) -> None:
+        kind, *args = message
+        if kind == "received":
+            spool_id, calling_ae, size = args
+            metrics.RECEIVED.labels(calling_ae).inc()
+            metrics.RECEIVED_BYTES.labels(calling_ae).inc(size)
+            self.on_received(spool_id)
+        elif kind == "refused":
+            metrics.REFUSED.labels(f"0x{args[0]:04X}").inc()
+        elif kind == "rejected":
+            metrics.REJECTED.labels(args[0]).inc()
+        elif kind == "log":
+            name, level, text, where = args
+            record = {"name": name, "levelno": level, "levelname": logging.getLevelName(level), "msg": text}
+            logging.getLogger(name).handle(logging.makeLogRecord(record | where))
+        elif kind == "listening":
+            self.port = int(args[0])
+            self._started.set()
+        elif kind == "failed":
+            self._start_error = str(args[0])
+            self._started.set()
+
+
+@dataclass(frozen=True)
+class _ChildConfig:
+    """What the child needs of the configuration (the rules are not picklable, and not its business)."""
+
+    node: NodeConfig
+    spool: Path
+    min_free: int
+    log_level: str
+
+
+class _PipeReporter:
+    """The handler's Reporter in the child: each event is one message to the service."""
+
+    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
+        self.send = send
+
+    def received(self, spool_id: str, calling_ae: str, size: int) -> None:
+        self.send(("received", spool_id, calling_ae, size))
+
+    def refused(self, status: int) -> None:
+        self.send(("refused", status))
+
+    def rejected(self, reason: str) -> None:
+        self.send(("rejected", reason))
+
+
+class _PipeLogHandler(logging.Handler):
+    """Sends the child's log records to the service, which logs them as its own."""
+
+    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
+        super().__init__()
+        self.send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_info:
+                text += "\n" + logging.Formatter().formatException(record.exc_info)
+            where = {"pathname": record.pathname, "lineno": record.lineno, "funcName": record.funcName}
+            self.send(("log", record.name, record.levelno, text, where))
+        except Exception:
+            self.handleError(record)
+
+
+def _serve(config: _ChildConfig, conn: Connection, associations: Synchronized[int]) -> None:
+    """The child: listen, report, and end when told to or when the service is gone."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)  # the service decides when receiving stops
+    lock = threading.Lock()
+
+    def send(message: tuple[Any, ...]) -> None:
+        with lock, contextlib.suppress(OSError, ValueError):  # the service is gone: nothing left to tell
+            conn.send(message)
+
+    level = config.log_level
+    logging.basicConfig(level=level, handlers=[_PipeLogHandler(send)], force=True)
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    skip_value_validation()
+    reactors.install()
+    spool = Spool(config.spool)
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    tempfile.tempdir = str(spool.tmp)  # pynetdicom streams each dataset there: committing is a rename
+    try:
+        ae, server = make_server(config.node, spool, _PipeReporter(send), config.min_free)
+    except Exception as exc:
+        send(("failed", f"cannot listen on {config.node.host}:{config.node.port}: {exc}"))
+        return
+    threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
+    threading.Thread(target=_count_associations, args=(server, associations), daemon=True).start()
+    send(("listening", server.server_address[1]))
+    try:
+        command = conn.recv()
+    except (EOFError, OSError):  # the service died: stop at once
+        command = ("stop", 0.0)
+    server.shutdown()
+    _end_inbound(ae, time.monotonic() + float(command[1]))
+
+
+def make_server(
+    node: NodeConfig, spool: Spool, reporter: receive.Reporter, min_free: int
+) -> tuple[AE, limits.HardenedServer]:
+    """The SCP as configured in `node` (not yet serving), committing to `spool` and telling `reporter`.
+
+    Received datasets are streamed to files in pynetdicom's temp folder: the caller points `tempfile` at the
+    spool's tmp/ and turns chunked receiving on (process-wide settings, as `_serve` does).
+    """
+    ae = AE(ae_title=node.ae_title)
+    ae.maximum_associations = node.max_associations
+    ae.maximum_pdu_size = node.max_pdu_size
+    ae.acse_timeout = node.acse_timeout
+    ae.dimse_timeout = node.dimse_timeout
+    ae.network_timeout = node.network_timeout
+    receive.add_supported_contexts(ae)
+    handlers: list[Any] = [
+        *security.access_handlers(node.allowed_calling_aets, reporter.rejected),
+        *receive.handlers(spool, reporter, node, min_free),
+    ]
+    server = ae.make_server(
+        (node.host, node.port),
+        ssl_context=security.server_context(node.tls) if node.tls else None,
+        evt_handlers=handlers,
+        server_class=limits.HardenedServer,
+        pdu_limits=limits.PduLimits.for_max_pdu(node.max_pdu_size, node.max_instance_bytes),
+        handshake_timeout=node.tls_handshake_timeout,
+    )
+    assert isinstance(server, limits.HardenedServer)
+    return ae, server
+
+
+def _count_associations(server: limits.HardenedServer, associations: Synchronized[int]) -> None:
+    while True:
+        associations.value = len(server.active_associations)
+        time.sleep(ASSOCIATIONS_REFRESH)
+
+
+def _end_inbound(ae: AE, deadline: float) -> None:
+    """Wait for established inbound associations to end until `deadline`, then abort the rest (including
+    connections that never sent an association request)."""
+    while any(a.is_established for a in ae.active_associations) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for assoc in ae.active_associations:
+        LOGGER.warning(
+            "aborting the association from %s (%s) to stop",
+            assoc.requestor.ae_title or "no AE title yet",
+            assoc.requestor.address,
+        )
+        assoc.abort()

@@ -1,0 +1,93 @@
+"""The receiving process: it lives and dies with the service, and the service notices when it is gone."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.peers import (
+    PROJECT,
+    TEST_FILES,
+    free_port,
+    listening,
+    node_config,
+    node_process,
+    running_node,
+    storescu,
+    wait_for,
+)
+
+RULES = [{"name": "all", "compress": "keep", "forward": ["folder"]}]
+
+
+def _config(tmp_path: Path, port: int = 0) -> dict[str, object]:
+    destinations = {"folder": {"type": "directory", "path": str(tmp_path / "folder")}}
+    return node_config(tmp_path, destinations, RULES, node={"port": port})
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    found: list[int] = []
+    for task in tasks.iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_the_receiving_process_dies_with_the_service(tmp_path: Path) -> None:
+    """kill -9 of the service must not leave a listener behind that acknowledges what nobody will process."""
+    port = free_port()
+    with node_process(tmp_path, _config(tmp_path, port)) as node:
+        assert node.proc is not None
+        children = _children(node.proc.pid)
+        assert children, "the node started no child process"
+        node.kill()
+        wait_for(lambda: not any(_alive(pid) for pid in children), 10, "the node's children to end")
+        assert not listening(port)
+
+
+def test_a_dead_receiving_process_makes_the_node_unhealthy(tmp_path: Path) -> None:
+    with running_node(_config(tmp_path)) as node:
+        assert node.health() == []
+        output = storescu(node.port, [TEST_FILES / "CT_small.dcm"])
+        assert "Received Store Response (Success)" in output, output
+        (receiver,) = [p for p in multiprocessing.active_children() if p.name == "receiver"]
+        assert receiver.pid is not None
+        os.kill(receiver.pid, signal.SIGKILL)
+        wait_for(lambda: node.health(), 10, "the node to notice")
+        assert any("receiving process has exited" in problem for problem in node.health())
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config_path = tmp_path / "node.yaml"
+        config_path.write_text(yaml.safe_dump(_config(tmp_path, port)))
+        env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+        done = subprocess.run(
+            [sys.executable, "-m", "scp", "run", "--config", str(config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=tmp_path,
+        )
+    assert done.returncode == 1, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
