@@ -177,6 +177,11 @@ class EventDrivenAssociation(Association):
             self._is_paused = True
             self._reactor_checkpoint.wait()
             self._is_paused = False
+            if not self._reactor_checkpoint.is_set():
+                # Paused again before this thread ran on: the sender saw _is_paused still True and is already
+                # waiting for its response, which get_msg would steal (pynetdicom's race: its send_* then wait
+                # for the DIMSE timeout, "Received unexpected ... service message"). Go round and wait.
+                continue
 
             context_id, msg = self.dimse.get_msg(block=False)
             busy = msg is not None

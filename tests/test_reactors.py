@@ -134,3 +134,38 @@ def test_ended_associations_leave_no_file_descriptors_behind(server: Server) -> 
     wait_for(lambda: not server.server.active_associations, 5, "the server's associations to end")
     time.sleep(0.2)
     assert len(os.listdir("/proc/self/fd")) <= before + 2
+
+
+def test_a_late_reactor_does_not_steal_the_response_its_sender_waits_for(server: Server) -> None:
+    """pynetdicom's race (its issues #435, #875): the sender releases the paused reactor, and before that thread
+    has run on it pauses it again for its next request, sees `_is_paused` still True and sends. The reactor,
+    running on late, must not take that request's response off the queue: the sender would wait for its DIMSE
+    timeout and abort. Here the reactor thread is made late on purpose, then runs on just as a response lands."""
+    ae = AE("CLIENT")
+    ae.add_requested_context(Verification)
+    ae.dimse_timeout = 2
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="SERVER")
+    checkpoint = assoc._reactor_checkpoint
+    on_time = checkpoint.wait
+
+    def late(timeout: float | None = None) -> bool:
+        passed = on_time(timeout)
+        if threading.current_thread() is assoc:
+            deadline = time.monotonic() + 0.2
+            while checkpoint.is_set() and time.monotonic() < deadline:
+                pass  # late: the sender pauses the reactor again for its next request meanwhile
+            while not checkpoint.is_set() and assoc.dimse.msg_queue.empty() and time.monotonic() < deadline:
+                pass  # and its response lands
+        return passed
+
+    checkpoint.wait = late  # type: ignore[method-assign]
+    statuses = []
+    try:
+        for _ in range(10):
+            if not assoc.is_established:
+                break
+            statuses.append(assoc.send_c_echo().get("Status"))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    assert statuses == [0x0000] * 10, f"{len(statuses)} echoes answered {statuses}"
