@@ -45,7 +45,6 @@ class Inbound:
     """The receiving process, seen from the service."""
 
     def __init__(self, config: Config, on_received: Callable[[str], None]) -> None:
-        self.config = config
         self.on_received = on_received
         self.port = 0
         self._associations: Synchronized[int] = _CONTEXT.Value("i", 0)
@@ -58,6 +57,7 @@ class Inbound:
         )
         self._child_conn = child_conn
         self._started = threading.Event()
+        self._listening = False
         self._start_error: str | None = None
         self._stopping = False
 
@@ -69,14 +69,19 @@ class Inbound:
         if not self._started.wait(timeout):
             self._kill()
             raise OSError(f"the receiving process did not start listening within {timeout:g} s")
-        if self._start_error is not None:
+        if not self._listening:
             self._process.join(5)
-            raise OSError(self._start_error)
+            raise OSError(self._start_error or f"the receiving process exited (exit code {self._process.exitcode})")
 
     @property
     def associations(self) -> int:
         """Open associations (refreshed every ASSOCIATIONS_REFRESH seconds)."""
         return int(self._associations.value)
+
+    def set_log_level(self, level: str) -> None:
+        """Log at `level` from now on (a reload)."""
+        with contextlib.suppress(OSError, ValueError):
+            self._conn.send(("log_level", level))
 
     def problem(self) -> str | None:
         """Why receiving is not working, or None."""
@@ -124,6 +129,7 @@ class Inbound:
             logging.getLogger(name).handle(logging.makeLogRecord(record | where))
         elif kind == "listening":
             self.port = int(args[0])
+            self._listening = True
             self._started.set()
         elif kind == "failed":
             self._start_error = str(args[0])
@@ -184,9 +190,8 @@ def _serve(config: _ChildConfig, conn: Connection, associations: Synchronized[in
         with lock, contextlib.suppress(OSError, ValueError):  # the service is gone: nothing left to tell
             conn.send(message)
 
-    level = config.log_level
-    logging.basicConfig(level=level, handlers=[_PipeLogHandler(send)], force=True)
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    logging.basicConfig(handlers=[_PipeLogHandler(send)], force=True)
+    _set_log_level(config.log_level)
     skip_value_validation()
     reactors.install()
     spool = Spool(config.spool)
@@ -200,12 +205,24 @@ def _serve(config: _ChildConfig, conn: Connection, associations: Synchronized[in
     threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
     threading.Thread(target=_count_associations, args=(server, associations), daemon=True).start()
     send(("listening", server.server_address[1]))
-    try:
-        command = conn.recv()
-    except (EOFError, OSError):  # the service died: stop at once
-        command = ("stop", 0.0)
+    patience = 0.0
+    while True:
+        try:
+            command, argument = conn.recv()
+        except (EOFError, OSError):  # the service died: stop at once
+            break
+        if command == "log_level":
+            _set_log_level(str(argument))
+        elif command == "stop":
+            patience = float(argument)
+            break
     server.shutdown()
-    _end_inbound(ae, time.monotonic() + float(command[1]))
+    _end_inbound(ae, time.monotonic() + patience)
+
+
+def _set_log_level(level: str) -> None:
+    logging.getLogger().setLevel(level)
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def make_server(

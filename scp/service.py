@@ -169,6 +169,8 @@ class Service:
             self.config = new
             if self._processor is not None:
                 self._processor.config = new
+            if self._inbound is not None:
+                self._inbound.set_log_level(new.logging.level)
         LOGGER.info("reloaded the configuration: %d rules, %d destinations", len(new.rules), len(new.destinations))
 
     def health(self) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -10,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
+from scp import config
 from tests.peers import (
     PROJECT,
     TEST_FILES,
@@ -91,3 +94,26 @@ def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _receive_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "scp.receive"]
+
+
+def test_a_reload_changes_what_the_receiving_process_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)  # this process passes on whatever the child sends
+    quiet = _config(tmp_path)
+    quiet["logging"] = {"level": "WARNING"}
+    made = [TEST_FILES / "CT_small.dcm", TEST_FILES / "MR_small.dcm"]
+    with running_node(quiet) as node:
+        storescu(node.port, made[:1])
+        wait_for(lambda: not node.spool.incoming() and not node.spool.jobs(), 30, "the first instance delivered")
+        assert not _receive_lines(caplog)
+        node.reload(config.parse({**quiet, "logging": {"level": "INFO"}}))
+        storescu(node.port, made[1:])
+        wait_for(
+            lambda: [r for r in caplog.records if r.name == "scp.receive"], 30, "the receiving process's INFO line"
+        )
+    (line,) = [r for r in caplog.records if r.name == "scp.receive"]
+    assert line.levelno == logging.INFO and "received" in line.getMessage()
+    assert line.pathname.endswith("receive.py") and line.lineno > 0  # where the child logged it
