@@ -1,9 +1,9 @@
 """Memory: one huge multi-frame instance through the node while /proc samples the node's processes.
 
 The instance is written frame by frame (never whole in this process's memory), sent by DCMTK storescu, re-encoded
-by the node and forwarded to DCMTK storescp. The node's processes (the service and its encoder processes) are
-sampled every 50 ms: peak summed RSS (shared pages counted once per process: an upper bound) and peak summed
-PSS (shared pages shared out).
+by the node and forwarded to DCMTK storescp. The node's processes (the service, its receiving process and its
+encoder processes) are sampled every 50 ms: peak summed RSS (shared pages counted once per process: an upper
+bound) and peak summed PSS (shared pages shared out).
 """
 
 from __future__ import annotations

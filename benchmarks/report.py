@@ -363,8 +363,8 @@ work competed for the CPU and every figure here understates what the machine can
 - **end-to-end**: from the same start until the archive (DCMTK `storescp`) folder holds every instance.
 - **ratio**: bytes sent / bytes the archive holds. **in target syntax**: whether every archived instance is in
   the transfer syntax the scenario asked for (a node that passes instances through would show ratio 1.0 here).
-- **receiver CPU s/MB**: user + system CPU of the receiver's process tree (for the node: the service and its
-  encoder processes), per MB sent.
+- **receiver CPU s/MB**: user + system CPU of the receiver's process tree (for the node: the service, its
+  receiving process and its encoder processes), per MB sent.
 - **peak RSS**: summed over the receiver's processes, sampled every 50 ms.
 
 Scenarios: *pass-through pynetdicom receiver* (baseline 1: a minimal pynetdicom SCP that streams each dataset to
