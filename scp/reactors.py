@@ -31,7 +31,13 @@ from pynetdicom import dul as dul_module
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import InvalidEventError
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import A_P_ABORT
+
+_FROM_LOCAL_PRIMITIVES = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+"""State machine events that stand for a primitive the local user queued (PS3.8 9.2, DULServiceProvider's
+_process_recv_primitive); the state machine's action takes the primitive off the queue."""
 
 IDLE_CHECK = 0.05
 """Seconds an idle reactor sleeps at most before it looks at its timers and kill flag again."""
@@ -71,6 +77,9 @@ class EventDrivenDUL(DULServiceProvider):
         self._bell.setblocking(False)
         self._bell_rope.setblocking(False)
         self.to_provider_queue = WakingQueue(self.wake)
+        self.finished = threading.Event()
+        """Set when the reactor has ended: nothing queued for sending after that will ever be sent."""
+        self._finishing = threading.Lock()
 
     def wake(self) -> None:
         """Wake the reactor if it sleeps (safe from any thread, and after the reactor has ended)."""
@@ -94,12 +103,33 @@ class EventDrivenDUL(DULServiceProvider):
             while self._bell.recv(4096):
                 pass
 
+    def send_pdu(self, primitive: Any) -> None:
+        """Queue a primitive for sending; once the reactor has ended, tell the sender the association is gone
+        instead (pynetdicom would queue it for nobody, and a release would wait for its ACSE timeout)."""
+        with self._finishing:
+            if not self.finished.is_set():
+                super().send_pdu(primitive)
+                return
+        self._tell_gone()
+
     def run_reactor(self) -> None:
         try:
             self._run_reactor()
         finally:
+            with self._finishing:
+                self.finished.set()
+                unsent = not self.to_provider_queue.empty()
+            if unsent:
+                self._tell_gone()
             self._bell.close()
             self._bell_rope.close()
+            if isinstance(self.assoc, EventDrivenAssociation):
+                self.assoc.wake()  # so that it ends now, not at its next check
+
+    def _tell_gone(self) -> None:
+        gone = A_P_ABORT()
+        gone.provider_reason = 0x00
+        self.to_user_queue.put(gone)
 
     def _run_reactor(self) -> None:
         """pynetdicom 3.0's DULServiceProvider.run_reactor, sleeping in _sleep_until_work."""
@@ -129,8 +159,23 @@ class EventDrivenDUL(DULServiceProvider):
             except queue.Empty:
                 sleep = True
                 continue
-            self.state_machine.do_action(event)
+            try:
+                self.state_machine.do_action(event)
+            except InvalidEventError as exc:
+                self._drop_late_primitive(event, exc)
             sleep = False
+
+    def _drop_late_primitive(self, event: str, exc: InvalidEventError) -> None:
+        """A local primitive the state can no longer take, such as a release requested while our abort is
+        closing the connection (Evt11 in Sta13). pynetdicom lets the exception end this thread, and the thread
+        that asked then waits for its ACSE timeout. Here the primitive is dropped and its sender told that the
+        association is gone (an A-P-ABORT indication), while the state machine finishes closing."""
+        if event not in _FROM_LOCAL_PRIMITIVES:
+            raise exc
+        dul_module.LOGGER.info("%s: the association has ended, dropping the request", exc)
+        with contextlib.suppress(queue.Empty):
+            self.to_provider_queue.get(block=False)
+        self._tell_gone()
 
     def _abort_at_once(self, exc: Exception) -> None:
         """As pynetdicom does on an error in its reactor: send an A-ABORT bypassing the state machine, and stop
@@ -158,6 +203,10 @@ class EventDrivenAssociation(Association):
         self._reactor_checkpoint.set()
         self.dimse.msg_queue = WakingQueue(self._wake.set)
         self.dul.to_user_queue = WakingQueue(self._wake.set)
+
+    def wake(self) -> None:
+        """Wake the reactor to look at its queues and its DUL now."""
+        self._wake.set()
 
     def kill(self) -> None:
         self._kill = True
@@ -211,7 +260,7 @@ class EventDrivenAssociation(Association):
             evt.trigger(self, evt.EVT_ABORTED, {})
             self.kill()
             return True
-        if not self.dul.is_alive():
+        if cast(EventDrivenDUL, self.dul).finished.is_set() or not self.dul.is_alive():
             self.kill()
             return True
         if self.dul.idle_timer_expired():

@@ -1,7 +1,7 @@
 """The SCP: presentation contexts we accept, and the C-STORE handler that only writes to the spool.
 
 The handler does no pixel work (STYLE rule 5): pynetdicom has already streamed the dataset to a file in the
-spool's tmp/ (chunked receive, see service.py); the handler reads it defensively (limits.check_instance: size,
+spool's tmp/ (chunked receive, see inbound.py); the handler reads it defensively (limits.check_instance: size,
 deflate bombs, deep nesting, undecodable values, truncated Pixel Data), commits the file with a rename and answers.
 Any failure to keep the instance answers a failure status, never Success. What it kept or refused goes to a
 Reporter (the SCP runs in a process of its own: see inbound.py).

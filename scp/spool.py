@@ -194,7 +194,7 @@ class Spool:
     def commit_received(self, written: Path, received: Received) -> str:
         """Make a fully written file in tmp/ durable in incoming/; return its spool id.
 
-        `written` must be on the spool's filesystem (pynetdicom's chunked files are, see service.py).
+        `written` must be on the spool's filesystem (pynetdicom's chunked files are, see inbound.py).
         """
         spool_id = new_id()
         fsync_file(written)

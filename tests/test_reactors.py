@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_P_ABORT, A_RELEASE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -169,3 +170,41 @@ def test_a_late_reactor_does_not_steal_the_response_its_sender_waits_for(server:
         if assoc.is_established:
             assoc.release()
     assert statuses == [0x0000] * 10, f"{len(statuses)} echoes answered {statuses}"
+
+
+def _closing_association(port: int) -> Association:
+    """An association whose DUL we put in Sta13 (our abort is closing the connection), as the user sees it still
+    established."""
+    ae = AE("CLIENT")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = 10
+    assoc = ae.associate("127.0.0.1", port, ae_title="SERVER")
+    assert assoc.is_established
+    time.sleep(0.1)  # the DUL thread sleeps: it takes the state below together with what comes next
+    assoc.dul.state_machine.current_state = "Sta13"
+    return assoc
+
+
+def test_a_release_arriving_as_the_connection_closes_ends_at_once(server: Server) -> None:
+    """Evt11 (a local A-RELEASE request) in Sta13 made pynetdicom's DUL thread die with InvalidEventError while
+    the releasing thread waited for its ACSE timeout."""
+    for _ in range(5):
+        assoc = _closing_association(server.port)
+        start = time.monotonic()
+        assoc.release()
+        assert time.monotonic() - start < 2, "the release waited for the ACSE timeout"
+        assert assoc.is_aborted and not assoc.is_established
+        assoc.dul.join(2)
+        assert not assoc.dul.is_alive()
+
+
+def test_a_request_after_the_dul_has_ended_is_answered_at_once(server: Server) -> None:
+    """Queued for a DUL thread that has ended, a request would wait for nobody; its sender is told the
+    association is gone instead."""
+    assoc = _closing_association(server.port)
+    dul = assoc.dul
+    assert isinstance(dul, reactors.EventDrivenDUL)
+    assert dul.finished.wait(2), "the DUL did not end after closing the connection"
+    wait_for(lambda: not assoc.is_established, 2, "the association to notice")
+    dul.send_pdu(A_RELEASE())
+    assert isinstance(dul.receive_pdu(wait=True, timeout=2), A_P_ABORT)
