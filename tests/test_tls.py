@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.peers import TEST_FILES, node_config, running_node, storescp, tool, wait_for
+from tests.peers import TEST_FILES, complete_files, node_config, running_node, storescp, tool, wait_for
 
 pytestmark = pytest.mark.peers
 
@@ -96,8 +96,8 @@ def _modality_tls(pki: dict[str, tuple[str, str]]) -> list[str]:
 
 
 def _uids(folder: Path) -> set[str]:
-    files = [p for p in folder.glob("*") if p.is_file() and p.suffix != ".log" and not p.name.startswith(".")]
-    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+    """The instances a peer has finished writing there (storescp's file may be read while it writes it)."""
+    return set(complete_files(folder))
 
 
 def _expected() -> set[str]:
