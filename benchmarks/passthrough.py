@@ -29,24 +29,17 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from scp import reactors
+from scp.spool import fsync_dir, fsync_file
 
 
 def _store(event: Event, folder: Path, durable: bool) -> int:
     path = event.dataset_path
     if durable:
-        _fsync(path)
+        fsync_file(path)
     os.replace(path, folder / f"{event.request.AffectedSOPInstanceUID}.dcm")
     if durable:
-        _fsync(folder)
+        fsync_dir(folder)
     return 0x0000
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _nodelay(event: Event) -> None:

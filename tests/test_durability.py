@@ -69,6 +69,28 @@ class _Modality:
         return "".join(self._lines)
 
 
+def _node_process(tmp_path: Path, archive_port: int) -> NodeProcess:
+    """The node as a process on a free port, compressing as JPEG-LS for the archive; started."""
+    data = node_config(tmp_path, archive_destination(archive_port, FAST_RETRY), JPEG_LS_RULES)
+    data["node"]["port"] = free_port()
+    node = NodeProcess(tmp_path, data)
+    node.start()
+    return node
+
+
+def _kill_once_acknowledged(
+    node: NodeProcess, made: dict[Path, str], count: int, interval: float
+) -> tuple[str, set[str]]:
+    """Stream `made` to the node with DCMTK storescu and SIGKILL the node once storescu has seen `count`
+    Successes; return storescu's output and the UIDs it saw acknowledged."""
+    args = [tool("storescu"), "-v", "-aec", "COMPRESS_SCP", "127.0.0.1", str(node.port), *map(str, made)]
+    modality = _Modality(args)
+    wait_for(lambda: modality.successes() >= count, 60, f"{count} instance(s) acknowledged", interval=interval)
+    node.kill()
+    output = modality.finish(timeout=60)
+    return output, {made[path] for path in acknowledged(output)}
+
+
 @pytest.mark.slow
 def test_kill_9_while_storescu_streams_300_instances(tmp_path: Path) -> None:
     """SIGKILL the node mid-stream (and mid-compression); after a restart on the same spool every instance
@@ -76,17 +98,9 @@ def test_kill_9_while_storescu_streams_300_instances(tmp_path: Path) -> None:
     made = make_instances(tmp_path / "modality", 300)
     arrivals = Arrivals(tmp_path / "archive")
     with storescp(tmp_path / "archive") as archive_port:
-        data = node_config(tmp_path, archive_destination(archive_port, FAST_RETRY), JPEG_LS_RULES)
-        data["node"]["port"] = free_port()
-        node = NodeProcess(tmp_path, data)
-        node.start()
+        node = _node_process(tmp_path, archive_port)
         try:
-            args = [tool("storescu"), "-v", "-aec", "COMPRESS_SCP", "127.0.0.1", str(node.port), *map(str, made)]
-            modality = _Modality(args)
-            wait_for(lambda: modality.successes() >= 100, 60, "100 instances acknowledged", interval=0.01)
-            node.kill()
-            output = modality.finish(timeout=60)
-            acked = {made[path] for path in acknowledged(output)}
+            output, acked = _kill_once_acknowledged(node, made, 100, interval=0.01)
             assert 100 <= len(acked) < 300, output[-2000:]
             left = _spool_counts(tmp_path / "spool")
             assert left[0] + left[1] > 0, "the kill came too late to leave work in the spool"
@@ -109,18 +123,10 @@ def test_kill_9_while_encoding(tmp_path: Path) -> None:
     made = make_instances(tmp_path / "modality", 3, rows=2048)
     arrivals = Arrivals(tmp_path / "archive")
     with storescp(tmp_path / "archive") as archive_port:
-        data = node_config(tmp_path, archive_destination(archive_port, FAST_RETRY), JPEG_LS_RULES)
-        data["node"]["port"] = free_port()
-        node = NodeProcess(tmp_path, data)
-        node.start()
+        node = _node_process(tmp_path, archive_port)
         try:
-            args = [tool("storescu"), "-v", "-aec", "COMPRESS_SCP", "127.0.0.1", str(node.port), *map(str, made)]
-            modality = _Modality(args)
-            wait_for(lambda: modality.successes() >= 1, 60, "the first instance acknowledged", interval=0.005)
-            node.kill()
-            output = modality.finish(timeout=60)
+            output, acked = _kill_once_acknowledged(node, made, 1, interval=0.005)
             first_run = node.log.read_text()
-            acked = {made[path] for path in acknowledged(output)}
             assert acked, output[-2000:]
             assert any(f"compressed {uid}" not in first_run for uid in acked), "the kill came after the encoding"
             node.start()

@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -121,16 +122,23 @@ def test_out_of_resources_is_retried_until_accepted(tmp_path: Path) -> None:
         assert not node.spool.quarantined()
 
 
-def test_max_attempts_quarantines_a_transient_failure(tmp_path: Path) -> None:
+def _quarantine_reason(tmp_path: Path, archive: FakeArchive, max_attempts: int, **destination: Any) -> str:
+    """Send one instance through the node to `archive` (a destination with `destination`'s settings, retried
+    quickly up to `max_attempts`); return the reason it was quarantined with."""
     made = make_instances(tmp_path / "modality", 1)
-    archive = FakeArchive(answer=lambda n: status.OUT_OF_RESOURCES)
-    destinations = archive_destination(0, retry={"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": 3})
+    retry = {"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": max_attempts}
+    destinations = archive_destination(0, retry=retry)
     with archive.serving() as port:
-        destinations["archive"]["port"] = port
+        destinations["archive"].update(port=port, **destination)
         with running_node(node_config(tmp_path, destinations, JPEG_LS)) as node:
             storescu(node.port, list(made))
             wait_for(lambda: len(node.spool.quarantined()) == 1, 30, "a quarantined job")
-            reason = node.spool.quarantined()[0].reason()
+            return node.spool.quarantined()[0].reason()
+
+
+def test_max_attempts_quarantines_a_transient_failure(tmp_path: Path) -> None:
+    archive = FakeArchive(answer=lambda n: status.OUT_OF_RESOURCES)
+    reason = _quarantine_reason(tmp_path, archive, max_attempts=3)
     assert len(archive.received) == 3
     assert "0xA700" in reason and "gave up after 3 attempts" in reason, reason
 
@@ -150,15 +158,8 @@ def test_unreachable_destination_pauses_and_max_age_quarantines(tmp_path: Path) 
 def test_a_response_timeout_is_transient(tmp_path: Path) -> None:
     """An archive slower than the destination's timeout: no response is a transient failure (retried until
     max_attempts), never a delivery."""
-    made = make_instances(tmp_path / "modality", 1)
     archive = FakeArchive(delay=2.5)
-    destinations = archive_destination(0, retry={"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": 2})
-    with archive.serving() as port:
-        destinations["archive"].update(port=port, timeout=1)
-        with running_node(node_config(tmp_path, destinations, JPEG_LS)) as node:
-            storescu(node.port, list(made))
-            wait_for(lambda: len(node.spool.quarantined()) == 1, 30, "a quarantined job")
-            reason = node.spool.quarantined()[0].reason()
+    reason = _quarantine_reason(tmp_path, archive, max_attempts=2, timeout=1)
     assert "no response" in reason and "gave up after 2 attempts" in reason, reason
     assert len(archive.received) == 2
 
@@ -166,15 +167,8 @@ def test_a_response_timeout_is_transient(tmp_path: Path) -> None:
 def test_rejected_association_is_retried_then_gives_up(tmp_path: Path) -> None:
     """An archive that rejects our AE title: transient (retried, the destination pauses), quarantined only
     once max_attempts is reached."""
-    made = make_instances(tmp_path / "modality", 1)
     archive = FakeArchive(require_calling_aet=["SOMEONE_ELSE"])
-    destinations = archive_destination(0, retry={"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": 3})
-    with archive.serving() as port:
-        destinations["archive"]["port"] = port
-        with running_node(node_config(tmp_path, destinations, JPEG_LS)) as node:
-            storescu(node.port, list(made))
-            wait_for(lambda: len(node.spool.quarantined()) == 1, 30, "a quarantined job")
-            reason = node.spool.quarantined()[0].reason()
+    reason = _quarantine_reason(tmp_path, archive, max_attempts=3)
     assert "rejected" in reason and "gave up after 3 attempts" in reason, reason
     assert archive.received == []
 
