@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydicom.pixels import get_decoder, get_encoder
@@ -65,6 +65,8 @@ class FrameInfo:
             keywords["planar_configuration"] = 0
         return keywords
 
+
+T = TypeVar("T")
 
 EncodeFunction = Callable[[np.ndarray, FrameInfo, Mapping[str, Any]], bytes]
 """Encode one frame, shaped (rows, columns[, samples]) in native byte order, into one codestream."""
@@ -136,16 +138,35 @@ class Codec:
 
     def encode(self, frame: np.ndarray, info: FrameInfo, options: Mapping[str, Any]) -> bytes:
         """Encode one frame with the first plugin that succeeds; raise CompressionError naming every failure."""
+        return self.with_first_plugin_that_works(lambda plugin: encode_frame(plugin, frame, info, options))
+
+    def with_first_plugin_that_works(self, attempt: Callable[[Plugin], T]) -> T:
+        """`attempt(plugin)` with each available plugin in turn until one does not raise PluginFailed.
+
+        Raises CompressionError naming every failure (and what to install for the plugins that are missing).
+        """
         failures = []
         for plugin in self.plugins:
             if missing := plugin.missing():
                 failures.append(f"{plugin.name}: needs {', '.join(missing)}")
                 continue
             try:
-                return bytes(plugin.encode(frame, info, options))
-            except Exception as exc:  # each plugin may fail on its own terms; the next one may not
-                failures.append(f"{plugin.name}: {type(exc).__name__}: {exc}".strip())
+                return attempt(plugin)
+            except PluginFailed as exc:
+                failures.append(f"{plugin.name}: {exc}")
         raise CompressionError(f"{self.syntax.name} encoding failed: " + " | ".join(failures))
+
+
+class PluginFailed(CompressionError):
+    """A plugin could not encode a frame; another plugin may."""
+
+
+def encode_frame(plugin: Plugin, frame: np.ndarray, info: FrameInfo, options: Mapping[str, Any]) -> bytes:
+    """One frame's codestream from `plugin`; PluginFailed says why it could not."""
+    try:
+        return bytes(plugin.encode(frame, info, options))
+    except Exception as exc:  # each plugin fails on its own terms; the next one may not
+        raise PluginFailed(f"{type(exc).__name__}: {exc}".strip()) from exc
 
 
 def _pydicom_plugins(syntax: UID, order: tuple[str, ...] = ()) -> list[Plugin]:

@@ -9,6 +9,7 @@ is marked as PS3.3 C.7.6.1.1.5 says.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import shutil
@@ -23,6 +24,7 @@ from typing import IO, Any, BinaryIO
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.filewriter import write_dataset
@@ -199,6 +201,8 @@ def _source_frames(src: Path, header: Dataset) -> tuple[str, Iterator[np.ndarray
     outside Bits Stored: what the codec loses there, verification catches. One frame at a time from the file; a
     deflated source has to be inflated whole first.
     """
+    if (native := _native_frames(src, header)) is not None:
+        return str(header.PhotometricInterpretation), native
     if header.file_meta.TransferSyntaxUID.is_deflated:
         frames = iter_pixels(pydicom.dcmread(src), raw=True, correct_unused_bits=False)
         decoded = Dataset()
@@ -210,6 +214,49 @@ def _source_frames(src: Path, header: Dataset) -> tuple[str, Iterator[np.ndarray
     photometric = str(decoded.get("PhotometricInterpretation", header.PhotometricInterpretation))
     photometric = _DECODED_PHOTOMETRIC.get(photometric, photometric)
     return photometric, (f.astype(f.dtype.newbyteorder("="), copy=False) for f in chain([first], frames))
+
+
+_NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_NATIVE_DTYPES = {(8, 0): "u1", (8, 1): "i1", (16, 0): "<u2", (16, 1): "<i2", (32, 0): "<u4", (32, 1): "<i4"}
+
+
+def _native_frames(src: Path, header: Dataset) -> Iterator[np.ndarray] | None:
+    """The frames of little endian native Pixel Data read straight from the file, as pydicom's raw decode gives
+    them (stored values, interleaved samples); None where that decode has more to do (subsampled YBR, big endian,
+    deflated, encapsulated, or a value shorter than Number of Frames says, which it reports)."""
+    element = header.get_item(_PIXEL_DATA, keep_deferred=True)
+    if (
+        header.file_meta.TransferSyntaxUID not in _NATIVE_SYNTAXES
+        or not isinstance(element, RawDataElement)
+        or element.length == 0xFFFFFFFF
+        or "422" in str(header.get("PhotometricInterpretation", ""))
+        or not header.get("Rows")
+        or not header.get("Columns")
+    ):
+        return None
+    rows, columns, samples = int(header.Rows), int(header.Columns), int(header.get("SamplesPerPixel", 1))
+    dtype = _NATIVE_DTYPES.get((header.get("BitsAllocated"), header.get("PixelRepresentation")))
+    nframes = int(header.get("NumberOfFrames") or 1)
+    if dtype is None or nframes < 1 or element.length < nframes * rows * columns * samples * int(dtype[-1]):
+        return None
+    planar = samples > 1 and header.get("PlanarConfiguration") == 1
+    shape = (samples, rows, columns) if planar else (rows, columns, samples) if samples > 1 else (rows, columns)
+    return _read_frames(src, element, nframes, np.dtype(dtype), shape, planar)
+
+
+def _read_frames(
+    src: Path, element: RawDataElement, nframes: int, dtype: np.dtype[Any], shape: tuple[int, ...], planar: bool
+) -> Iterator[np.ndarray]:
+    """Frame by frame from the file, or from the value pydicom read already (values below its defer size)."""
+    size = math.prod(shape) * dtype.itemsize
+    with src.open("rb") if element.value is None else io.BytesIO(element.value) as file:
+        file.seek(element.value_tell if element.value is None else 0)
+        for index in range(nframes):
+            buffer = bytearray(size)
+            if file.readinto(buffer) != size:
+                raise CompressionError(f"{src.name}: the file ends in frame {index + 1} of {nframes}")
+            frame = np.frombuffer(buffer, dtype).reshape(shape)
+            yield frame.transpose(1, 2, 0) if planar else frame
 
 
 def _frame_info(header: Dataset, photometric: str) -> codecs.FrameInfo:
@@ -225,6 +272,19 @@ def _frame_info(header: Dataset, photometric: str) -> codecs.FrameInfo:
 
 
 def _encode_file(src: Path, header: Dataset, dst: Path, spec: CompressSpec) -> _Encoded:
+    """Encode every frame with the first plugin that encodes them all, then assemble `dst`.
+
+    The frames of one instance never mix plugins: their codestreams may differ in ways a decoder of the whole
+    instance does not expect (pyjpegls writes Bits Stored as the JPEG-LS sample precision, imagecodecs the
+    container's size, and pydicom decides how to read signed samples once for all frames).
+    """
+    assert spec.syntax is not None
+    return codecs.get(spec.syntax).with_first_plugin_that_works(
+        lambda plugin: _encode_with(plugin, src, header, dst, spec)
+    )
+
+
+def _encode_with(plugin: codecs.Plugin, src: Path, header: Dataset, dst: Path, spec: CompressSpec) -> _Encoded:
     """Encode every frame into a spool next to `dst`, verifying as it goes, then assemble `dst`."""
     assert spec.syntax is not None
     target = spec.syntax
@@ -248,7 +308,7 @@ def _encode_file(src: Path, header: Dataset, dst: Path, spec: CompressSpec) -> _
     # Small outputs stay in memory; past FRAMES_IN_MEMORY the frames go to an unnamed file next to dst.
     with tempfile.SpooledTemporaryFile(FRAMES_IN_MEMORY, dir=str(dst.parent)) as fragments:
         for index, frame in enumerate(frames):
-            encoded = codec.encode(frame, info, options)
+            encoded = codecs.encode_frame(plugin, frame, info, options)
             if not lossless or spec.verify:
                 decoded = _decode(decoder, encoded, info, index, verify_plugin)
                 if lossless and not np.array_equal(decoded, frame):

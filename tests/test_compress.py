@@ -7,6 +7,8 @@ import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from pydicom.uid import (
 
 from scp import codecs, compress, syntaxes
 from scp.config import CompressSpec
+from scp.errors import CompressionError
 from scp.workers import Encoder
 from tests.images import bundled_files, write_image
 
@@ -217,6 +220,23 @@ def test_random_arrays_round_trip(target: str, image: tuple[np.ndarray, int], tm
     assert np.array_equal(decoded.reshape(frames.shape), frames)
 
 
+def test_frames_of_one_instance_are_encoded_by_one_plugin(tmp_path: Path) -> None:
+    """pyjpegls encodes the first frame, fails on the second (samples outside Bits Stored overflow CharLS's
+    buffer): every frame must then come from the next plugin, or pydicom misreads the first frame's signs."""
+    rows = [
+        [1, 0, 0, -1, -1, -2, -2, -2, -2, 1, 0, 1, 0, 0, 1, 0, 0],
+        [0, 0, 1, -1, 1, 0, -2, -1, 1, 0, -2, 1, 0, 1, -2, -2, 1],
+    ]
+    frames = np.array(rows, np.int8).reshape(2, 17, 1)
+    src = write_image(tmp_path / "in.dcm", frames, 2)
+    result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax="JPEGLSLossless", force=True))
+    assert result.compressed, result.reason
+    assert np.array_equal(pixel_array(tmp_path / "out.dcm", raw=True), frames)
+    fragments = pydicom.encaps.generate_frames(pydicom.dcmread(tmp_path / "out.dcm").PixelData, number_of_frames=2)
+    precisions = {fragment[fragment.find(b"\xff\xf7") + 4] for fragment in fragments}  # SOF55: Lf, then P
+    assert len(precisions) == 1
+
+
 @pytest.mark.parametrize("target", ["RLELossless", "JPEGLSLossless", "JPEG2000Lossless", "HTJ2KLossless"])
 def test_big_endian_source_is_not_byte_swapped(target: str, tmp_path: Path) -> None:
     frames = _smooth((2, 31, 17), np.int16, 12) - 1000
@@ -234,6 +254,58 @@ def test_ybr_full_422_uncompressed_source(tmp_path: Path) -> None:
     out = _header(tmp_path / "out.dcm")
     assert out.PhotometricInterpretation == "YBR_FULL" and out.PlanarConfiguration == 0
     assert np.array_equal(_pixels(tmp_path / "out.dcm"), _pixels(src))
+
+
+def _native_bundled_files() -> list[Path]:
+    files = []
+    for path in bundled_files():
+        try:
+            header = compress._read_header(path)
+        except Exception:
+            continue
+        if "PixelData" in header and not header.file_meta.TransferSyntaxUID.is_compressed:
+            files.append(path)
+    return files
+
+
+def test_native_frames_are_read_as_pydicom_decodes_them(tmp_path: Path) -> None:
+    """Frames read straight from native Pixel Data equal pydicom's raw decode: dtype, shape and every value."""
+    planar = tmp_path / "planar.dcm"
+    frames = _smooth((2, 21, 13, 3), np.uint8, 8)
+    ds = pydicom.dcmread(write_image(planar, frames, 8))
+    ds.PlanarConfiguration = 1
+    ds.PixelData = np.ascontiguousarray(frames.transpose(0, 3, 1, 2)).tobytes()
+    ds.save_as(planar)
+    signed = write_image(tmp_path / "signed.dcm", _smooth((3, 9, 7), np.int16, 12) - 3000, 12)  # outside 12 bits
+    read_directly = refused = 0
+    for path in [*_native_bundled_files(), planar, signed]:
+        header = compress._read_header(path)
+        try:
+            direct = compress._native_frames(path, header)
+            if direct is None:  # big endian, deflated, subsampled, 1-bit: pydicom decodes those
+                continue
+            got = list(direct)
+        except (CompressionError, ValueError):  # e.g. MR_truncated.dcm: pydicom must refuse it too
+            with pytest.raises(Exception):  # noqa: B017 - pydicom raises several types
+                list(pydicom.pixels.iter_pixels(path, raw=True, correct_unused_bits=False))
+            refused += 1
+            continue
+        read_directly += 1
+        expected = list(pydicom.pixels.iter_pixels(path, raw=True, correct_unused_bits=False))
+        assert len(got) == len(expected), path.name
+        for ours, theirs in zip(got, expected, strict=True):
+            assert ours.dtype == theirs.dtype.newbyteorder("=") and ours.shape == theirs.shape, path.name
+            assert np.array_equal(ours, theirs), path.name
+    assert read_directly >= 12 and refused >= 2  # not vacuous: most bundled native files take this path
+
+
+def test_native_pixel_data_shorter_than_its_frames(tmp_path: Path) -> None:
+    src = write_image(tmp_path / "short.dcm", _smooth((4, 16, 16), np.uint16, 12), 12)
+    ds = pydicom.dcmread(src)
+    ds.PixelData = ds.PixelData[: 3 * 16 * 16 * 2]  # three frames where Number of Frames says four
+    ds.save_as(src)
+    result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax="JPEGLSLossless", force=True))
+    assert not result.compressed and not (tmp_path / "out.dcm").exists()
 
 
 @pytest.mark.parametrize("target", ["RLELossless", "JPEGLSLossless", "JPEG2000Lossless", "HTJ2KLossless"])
@@ -465,14 +537,16 @@ def test_verification_catches_a_corrupted_codestream(
 ) -> None:
     """The verifying decoder reads the bytes that are written: a flipped bit there never reaches the archive."""
     codec = codecs.get(getattr(pydicom.uid, target))
-    encode = codec.encode
 
-    def corrupt(frame: np.ndarray, info: codecs.FrameInfo, options: dict[str, object]) -> bytes:
-        data = bytearray(encode(frame, info, options))
-        data[len(data) * 2 // 3] ^= 0x10  # in the entropy-coded data, past the headers
-        return bytes(data)
+    def corrupting(encode: codecs.EncodeFunction) -> codecs.EncodeFunction:
+        def corrupt(frame: np.ndarray, info: codecs.FrameInfo, options: Mapping[str, Any]) -> bytes:
+            data = bytearray(encode(frame, info, options))
+            data[len(data) * 2 // 3] ^= 0x10  # in the entropy-coded data, past the headers
+            return bytes(data)
 
-    monkeypatch.setattr(codec, "encode", corrupt)
+        return corrupt
+
+    monkeypatch.setattr(codec, "plugins", [replace(p, encode=corrupting(p.encode)) for p in codec.plugins])
     frames = _smooth((1, 64, 64), np.uint16, 12)
     frames += np.arange(64, dtype=np.uint16)[None, :, None] * 7  # enough detail for a long codestream
     src = write_image(tmp_path / "in.dcm", frames, 12)
