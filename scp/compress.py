@@ -27,7 +27,7 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.filewriter import write_dataset
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.pixels import convert_color_space, get_decoder, iter_pixels
 from pydicom.pixels.decoders.base import Decoder
 from pydicom.sequence import Sequence
@@ -299,6 +299,7 @@ def _encode_with(plugin: codecs.Plugin, src: Path, header: Dataset, dst: Path, s
     info = _frame_info(header, codecs.encoded_photometric(target, decoded_photometric))
     if problem := codec.check(info):
         raise PassThrough(problem)
+    body = _unchanged_body(src, header, info) if lossless else None
     options = spec.encoder_options()
     decoder = get_decoder(target)
     verify_plugin = codec.verify_plugin()
@@ -332,7 +333,7 @@ def _encode_with(plugin: codecs.Plugin, src: Path, header: Dataset, dst: Path, s
             if psnr < spec.min_psnr:
                 raise PassThrough(f"the lossy result's PSNR {psnr:.1f} dB is below min_psnr {spec.min_psnr:g} dB")
         fragments.seek(0)
-        _write_encapsulated(dst, header, fragments, lengths)
+        _write_encapsulated(dst, header, fragments, lengths, body)
     return _Encoded(str(header.SOPInstanceUID), psnr)
 
 
@@ -415,19 +416,88 @@ def _split_trailing(header: Dataset) -> Dataset:
     return trailing
 
 
-def _write_encapsulated(dst: Path, header: Dataset, fragments: IO[bytes], lengths: list[int]) -> None:
-    """Header, then encapsulated Pixel Data: offset table item, one fragment per frame, delimiter (PS3.5 A.4)."""
+@dataclass(frozen=True)
+class _Span:
+    path: Path
+    start: int
+    end: int
+
+
+_LONG_HEADER_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+"""Explicit VRs whose element header is 12 bytes long, not 8 (PS3.5 7.1.2)."""
+
+
+def _unchanged_body(src: Path, header: Dataset, info: codecs.FrameInfo) -> _Span | None:
+    """Where the source's data set lies in `src` (from after its file meta to Pixel Data) when the output's is the
+    same bytes: an explicit VR little endian source none of whose elements the target syntax changes (PS3.5 8.2:
+    Photometric Interpretation, Planar Configuration, the offset tables). None otherwise, or when the offsets
+    pydicom saw do not add up."""
+    if (
+        header.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian
+        or header.get("PhotometricInterpretation") != info.photometric_interpretation
+        or (info.samples_per_pixel > 1 and header.get("PlanarConfiguration") != 0)
+        or any(tag in header for tag in _OFFSET_TABLES)
+        or not len(header)
+    ):
+        return None
+    pixel = header.get_item(_PIXEL_DATA, keep_deferred=True)
+    first = header.get_item(min(header.keys()), keep_deferred=True)
+    group_length = header.file_meta.get("FileMetaInformationGroupLength")
+    group_length_element = header.file_meta.get_item(0x00020000, keep_deferred=True)
+    if not isinstance(pixel, RawDataElement) or pixel.VR not in ("OB", "OW") or group_length is None:
+        return None
+    meta_end = _value_offset(group_length_element) + 4 + int(group_length)
+    start = _value_offset(first) - (12 if first.VR in _LONG_HEADER_VRS else 8)
+    if start != meta_end or not start < pixel.value_tell - 12:
+        return None
+    return _Span(src, start, pixel.value_tell - 12)
+
+
+def _value_offset(element: object) -> int:
+    """Where an element's value starts in the file it was read from (-1 when unknown)."""
+    offset = getattr(element, "value_tell", None) if isinstance(element, RawDataElement) else None
+    return int(getattr(element, "file_tell", -1) if offset is None else offset)
+
+
+def _write_file_meta(out: BinaryIO, header: Dataset) -> None:
+    """Preamble, DICM and the file meta information, as pydicom's dcmwrite writes them (PS3.10 7.1)."""
+    meta = header.file_meta
+    for meta_keyword, keyword in (
+        ("MediaStorageSOPClassUID", "SOPClassUID"),
+        ("MediaStorageSOPInstanceUID", "SOPInstanceUID"),
+    ):
+        if value := header.get(keyword):
+            setattr(meta, meta_keyword, value)
+    out.write((header.preamble or b"\0" * 128) + b"DICM")
+    fp = pydicom.filebase.DicomFileLike(out)
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_file_meta_info(fp, meta, enforce_standard=True)
+
+
+def _write_encapsulated(
+    dst: Path, header: Dataset, fragments: IO[bytes], lengths: list[int], body: _Span | None = None
+) -> None:
+    """Header, then encapsulated Pixel Data: offset table item, one fragment per frame, delimiter (PS3.5 A.4).
+
+    The header's data set is copied from `body` when given, byte for byte, instead of written by pydicom."""
     trailing = _split_trailing(header)
     offsets = [sum(8 + n for n in lengths[:i]) for i in range(len(lengths))]
     extended = offsets[-1] + 8 + lengths[-1] > _BOT_LIMIT
     if extended:  # PS3.3 C.7.6.3.1.8: the Basic Offset Table is then empty
+        body = None  # the header gains elements: pydicom writes it
         header.ExtendedOffsetTable = struct.pack(f"<{len(offsets)}Q", *offsets)
         header.ExtendedOffsetTableLengths = struct.pack(f"<{len(lengths)}Q", *lengths)
         table = b""
     else:
         table = struct.pack(f"<{len(offsets)}I", *offsets)
     with dst.open("wb") as out:
-        pydicom.dcmwrite(out, header, enforce_file_format=True)
+        if body is None:
+            pydicom.dcmwrite(out, header, enforce_file_format=True)
+        else:
+            _write_file_meta(out, header)
+            with body.path.open("rb") as source:
+                source.seek(body.start)
+                _copy(source, out, body.end - body.start)
         out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF))
         out.write(struct.pack("<HHI", 0xFFFE, 0xE000, len(table)) + table)
         for length in lengths:

@@ -6,6 +6,7 @@ into UIDs once, here (STYLE rules 7 and 8). `load()` is used by `check-config`, 
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -369,9 +370,11 @@ class Config(_Model):
                 raise ValueError(f"{where}.forward: a destination is listed twice in rule '{rule.name}'")
         return self
 
-    @property
+    @functools.cached_property
     def default_rule(self) -> Rule:
-        """The configured default, or the built-in one: an unmatched instance is never dropped silently."""
+        """The configured default, or the built-in one: an unmatched instance is never dropped silently.
+
+        Built once per configuration (a reload makes a new one), not once per instance."""
         if self.default is not None:
             return self.default
         routes = [Route(destination=name) for name in self.destinations]

@@ -237,6 +237,32 @@ def test_frames_of_one_instance_are_encoded_by_one_plugin(tmp_path: Path) -> Non
     assert len(precisions) == 1
 
 
+@pytest.mark.parametrize("target", ["JPEGLSLossless", "HTJ2KLossless"])
+def test_copied_header_is_what_pydicom_would_write(
+    target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the data set is copied from the source byte for byte, the output is the file pydicom would write."""
+    spans: list[object] = []
+    unchanged_body = compress._unchanged_body
+
+    def recorded(*args: Any) -> object:
+        spans.append(unchanged_body(*args))
+        return spans[-1]
+
+    copied = 0
+    for src in bundled_files():
+        spans.clear()
+        monkeypatch.setattr(compress, "_unchanged_body", recorded)
+        copy = compress.transcode_file(src, tmp_path / "copy.dcm", CompressSpec(syntax=target, force=True))
+        monkeypatch.setattr(compress, "_unchanged_body", lambda *_: None)
+        written = compress.transcode_file(src, tmp_path / "written.dcm", CompressSpec(syntax=target, force=True))
+        assert copy.compressed == written.compressed, src.name
+        if copy.compressed:
+            copied += any(span is not None for span in spans)
+            assert (tmp_path / "copy.dcm").read_bytes() == (tmp_path / "written.dcm").read_bytes(), src.name
+    assert copied >= 5  # not vacuous: the explicit VR little endian grayscale files are copied
+
+
 @pytest.mark.parametrize("target", ["RLELossless", "JPEGLSLossless", "JPEG2000Lossless", "HTJ2KLossless"])
 def test_big_endian_source_is_not_byte_swapped(target: str, tmp_path: Path) -> None:
     frames = _smooth((2, 31, 17), np.int16, 12) - 1000
