@@ -235,13 +235,16 @@ def _native_frames(src: Path, header: Dataset) -> Iterator[np.ndarray] | None:
     ):
         return None
     rows, columns, samples = int(header.Rows), int(header.Columns), int(header.get("SamplesPerPixel", 1))
-    dtype = _NATIVE_DTYPES.get((header.get("BitsAllocated"), header.get("PixelRepresentation")))
+    name = _NATIVE_DTYPES.get((header.get("BitsAllocated"), header.get("PixelRepresentation")))
     nframes = int(header.get("NumberOfFrames") or 1)
-    if dtype is None or nframes < 1 or element.length < nframes * rows * columns * samples * int(dtype[-1]):
+    if name is None or nframes < 1:
+        return None
+    dtype = np.dtype(name)
+    if element.length < nframes * rows * columns * samples * dtype.itemsize:
         return None
     planar = samples > 1 and header.get("PlanarConfiguration") == 1
     shape = (samples, rows, columns) if planar else (rows, columns, samples) if samples > 1 else (rows, columns)
-    return _read_frames(src, element, nframes, np.dtype(dtype), shape, planar)
+    return _read_frames(src, element, nframes, dtype, shape, planar)
 
 
 def _read_frames(
@@ -454,9 +457,9 @@ def _unchanged_body(src: Path, header: Dataset, info: codecs.FrameInfo) -> _Span
 
 
 def _value_offset(element: object) -> int:
-    """Where an element's value starts in the file it was read from (-1 when unknown)."""
-    offset = getattr(element, "value_tell", None) if isinstance(element, RawDataElement) else None
-    return int(getattr(element, "file_tell", -1) if offset is None else offset)
+    """Where an element's value starts in the file it was read from (-1 when unknown, e.g. an element built here)."""
+    offset = element.value_tell if isinstance(element, RawDataElement) else getattr(element, "file_tell", None)
+    return -1 if offset is None else int(offset)
 
 
 def _write_file_meta(out: BinaryIO, header: Dataset) -> None:

@@ -282,6 +282,15 @@ def test_ybr_full_422_uncompressed_source(tmp_path: Path) -> None:
     assert np.array_equal(_pixels(tmp_path / "out.dcm"), _pixels(src))
 
 
+def _planar_image(path: Path, frames: np.ndarray) -> Path:
+    """An 8-bit RGB file holding `frames` (frames, rows, columns, 3) with Planar Configuration 1."""
+    ds = pydicom.dcmread(write_image(path, frames, 8))
+    ds.PlanarConfiguration = 1
+    ds.PixelData = np.ascontiguousarray(frames.transpose(0, 3, 1, 2)).tobytes()
+    ds.save_as(path)
+    return path
+
+
 def _native_bundled_files() -> list[Path]:
     files = []
     for path in bundled_files():
@@ -296,12 +305,7 @@ def _native_bundled_files() -> list[Path]:
 
 def test_native_frames_are_read_as_pydicom_decodes_them(tmp_path: Path) -> None:
     """Frames read straight from native Pixel Data equal pydicom's raw decode: dtype, shape and every value."""
-    planar = tmp_path / "planar.dcm"
-    frames = _smooth((2, 21, 13, 3), np.uint8, 8)
-    ds = pydicom.dcmread(write_image(planar, frames, 8))
-    ds.PlanarConfiguration = 1
-    ds.PixelData = np.ascontiguousarray(frames.transpose(0, 3, 1, 2)).tobytes()
-    ds.save_as(planar)
+    planar = _planar_image(tmp_path / "planar.dcm", _smooth((2, 21, 13, 3), np.uint8, 8))
     signed = write_image(tmp_path / "signed.dcm", _smooth((3, 9, 7), np.int16, 12) - 3000, 12)  # outside 12 bits
     read_directly = refused = 0
     for path in [*_native_bundled_files(), planar, signed]:
@@ -337,11 +341,7 @@ def test_native_pixel_data_shorter_than_its_frames(tmp_path: Path) -> None:
 @pytest.mark.parametrize("target", ["RLELossless", "JPEGLSLossless", "JPEG2000Lossless", "HTJ2KLossless"])
 def test_rgb_planar_configuration_1(target: str, tmp_path: Path) -> None:
     frames = _smooth((2, 21, 13, 3), np.uint8, 8)
-    src = write_image(tmp_path / "in.dcm", frames, 8)
-    ds = pydicom.dcmread(src)
-    ds.PlanarConfiguration = 1
-    ds.PixelData = np.ascontiguousarray(frames.transpose(0, 3, 1, 2)).tobytes()
-    ds.save_as(src)
+    src = _planar_image(tmp_path / "in.dcm", frames)
     result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax=target, force=True))
     assert result.compressed, result.reason
     out = pydicom.dcmread(tmp_path / "out.dcm")
