@@ -229,7 +229,11 @@ class Spool:
     def commit_job(
         self, spool_id: str, destination: str, instance: Path, original: Path, info: dict[str, object]
     ) -> Job:
-        """Commit a job for `destination`; idempotent, so a job committed before a crash is kept as is."""
+        """Commit a job for `destination`; idempotent, so a job committed before a crash is kept as is.
+
+        `original` is the committed received instance; `instance` is either that file or one made from it (the
+        encoder's output in tmp/), which is fsynced here: a job must never point at data still in the page cache.
+        """
         folder = self.outgoing_dir / destination
         target = folder / spool_id
         if target.exists():
@@ -238,9 +242,10 @@ class Spool:
         staging = self.tmp / f"{spool_id}.{destination}.job"
         _remove(staging)
         staging.mkdir()
-        _link_or_copy(instance, staging / INSTANCE)
         if not original.samefile(instance):
+            fsync_file(instance)
             _link_or_copy(original, staging / ORIGINAL)
+        _link_or_copy(instance, staging / INSTANCE)
         _write_durably(staging / JOB_INFO, json.dumps(info).encode())
         fsync_dir(staging)
         os.replace(staging, target)

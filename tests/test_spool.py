@@ -95,6 +95,32 @@ def test_jobs_are_hard_links_and_commit_job_is_idempotent(tmp_path: Path) -> Non
     assert [j.destination for j in spool.jobs()] == ["a", "b"]
 
 
+def test_a_job_made_from_the_instance_is_fsynced_before_it_is_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The encoder's output is written in tmp/ without an fsync; the job holding it must be on disk, not in the
+    page cache, before the received instance (fsynced when received) is dropped."""
+    spool = Spool(tmp_path)
+    spool_id = spool.commit_received(_written(spool), RECEIVED)
+    made = spool.new_tmp_path(".dcm")
+    made.write_bytes(b"DICM encoded")
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    job = spool.commit_job(spool_id, "a", made, spool.received_path(spool_id), {"sop_instance_uid": "1"})
+    assert job.instance.read_bytes() == b"DICM encoded"
+    assert job.instance.stat().st_ino in synced
+    synced.clear()
+    source = spool.received_path(spool_id)
+    passed = spool.commit_job(spool_id, "b", source, source, {"sop_instance_uid": "1"})
+    assert passed.instance.stat().st_ino not in synced  # fsynced once already, when it was received
+
+
 def test_quarantine_requeue_and_purge(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     job = _job(spool)
