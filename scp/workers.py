@@ -53,8 +53,8 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
-def keep_freed_memory() -> bool:
-    """Let glibc's malloc keep freed frame-sized buffers for the next frame; False where malloc is not glibc's.
+def keep_freed_memory() -> None:
+    """Let glibc's malloc keep freed frame-sized buffers for the next frame (elsewhere: nothing changes).
 
     By default glibc maps each buffer over 128 KiB (a 512x512 slice is 512 KiB) or grows the heap for it, and
     gives it back to the kernel when it is freed: every page of every frame, encoded and decoded again, faults
@@ -65,8 +65,9 @@ def keep_freed_memory() -> bool:
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_KEPT) and mallopt(_M_TRIM_THRESHOLD, HEAP_KEPT))
+        return
+    mallopt(_M_MMAP_THRESHOLD, HEAP_KEPT)
+    mallopt(_M_TRIM_THRESHOLD, HEAP_KEPT)
 
 
 def _start_worker(initializer: Callable[[], None] | None) -> None:
