@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--workdir", type=Path, help="parent of the scratch folder (default: the system temp dir)")
     common.add_argument("--keep-workdir", action="store_true", help="keep the scratch folder (logs, spool)")
-    common.add_argument("--runs", type=int, default=3, help="timed runs per scenario; medians are reported")
+    common.add_argument("--runs", type=int, default=3, help="timed runs per scenario, in rounds; medians")
     common.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="the node's encoder processes")
     common.add_argument("--corpus", type=Path, help="real DICOM files to use instead of generated CT slices")
     common.add_argument("--modality", nargs="*", default=[], help="with --corpus: only these modalities")
@@ -110,49 +110,71 @@ def _codec_frames(paths: Sequence[Path], limit: int) -> tuple[list[np.ndarray], 
     return frames, bits
 
 
-def _node_scenario(args: argparse.Namespace, workdir: Path, files: list[Path], keyword: str | None) -> Scenario:
+def _node_scenario(
+    args: argparse.Namespace, files: list[Path], keyword: str | None, workdir: Path, runs: int
+) -> Scenario:
     if keyword is None:
-        return throughput.run_node("keep", "node, forward only", files, None, workdir, args.runs, args.processes)
+        return throughput.run_node("keep", "node, forward only", files, None, workdir, runs, args.processes)
     uid = str(pydicom.uid.UID(getattr(pydicom.uid, keyword)))
     name = SCENARIO_NAMES.get(keyword, keyword.lower())
-    pynetdicom_archive = keyword in PYNETDICOM_ARCHIVE
-    return throughput.run_node(
-        name, _node_label(keyword), files, uid, workdir, args.runs, args.processes, pynetdicom_archive
-    )
+    label, pynetdicom_archive = _node_label(keyword), keyword in PYNETDICOM_ARCHIVE
+    return throughput.run_node(name, label, files, uid, workdir, runs, args.processes, pynetdicom_archive)
 
 
 def _node_label(keyword: str) -> str:
     return f"node -> {keyword}" + (" (pynetdicom archive)" if keyword in PYNETDICOM_ARCHIVE else "")
 
 
+Step = Callable[[Path, int], Scenario]
+"""Runs one scenario in a scratch folder: starts its processes, warms up, times `runs` sends, stops them."""
+
+
 def _run_throughput(
     args: argparse.Namespace, workdir: Path, files: list[Path], syntaxes: Sequence[str]
 ) -> list[Scenario]:
-    """Every scenario in turn; one that fails is reported as not run (with why) and the others still run."""
+    """Every scenario, in `args.runs` rounds; a scenario that fails is reported as not run (with why), and the
+    others still run.
+
+    Each round starts every scenario afresh and times one send of the whole set, scenario after scenario: the
+    speed of this shared machine drifts by a third within minutes, and in rounds the drift weighs on every
+    scenario alike instead of on whichever ran last, so the ratios between scenarios stay fair.
+    """
     baselines = not getattr(args, "no_baselines", False)
-    steps: list[tuple[str, str, Callable[[], Scenario]]] = []
+    steps: list[tuple[str, str, Step]] = []
     if baselines:
         for durable, name, label in (
             (False, "passthrough", "pass-through pynetdicom receiver"),
             (True, "passthrough-durable", "pass-through receiver + fsync"),
         ):
-            steps.append((name, label, partial(throughput.run_passthrough, files, workdir, args.runs, durable)))
-    steps.append(("keep", "node, forward only", partial(_node_scenario, args, workdir, files, None)))
+            steps.append((name, label, partial(throughput.run_passthrough, files, durable=durable)))
+    steps.append(("keep", "node, forward only", partial(_node_scenario, args, files, None)))
     for keyword in syntaxes:
         name = SCENARIO_NAMES.get(keyword, keyword.lower())
-        steps.append((name, _node_label(keyword), partial(_node_scenario, args, workdir, files, keyword)))
+        steps.append((name, _node_label(keyword), partial(_node_scenario, args, files, keyword)))
     if baselines and "JPEGLSLossless" in syntaxes:
         label = "DCMTK route: storescp -xcr dcmcjpls + storescu"
-        steps.append(("dcmtk-route", label, partial(throughput.run_dcmtk_route, files, workdir, args.runs)))
-    scenarios = []
-    for name, label, step in steps:
-        _progress(label)
-        try:
-            scenarios.append(step())
-        except (TimeoutError, RuntimeError) as exc:
-            print(f"    {label} failed: {exc}", file=sys.stderr)
-            scenarios.append(Scenario(name, label, None, note=f"failed: {exc}"))
-    return scenarios
+        steps.append(("dcmtk-route", label, partial(throughput.run_dcmtk_route, files)))
+    measured: dict[str, Scenario] = {}
+    failed: dict[str, Scenario] = {}
+    for number in range(1, args.runs + 1):
+        folder = workdir / f"round-{number}"
+        for name, label, step in steps:
+            if name in failed:
+                continue
+            _progress(f"{label} (round {number} of {args.runs})")
+            try:
+                scenario = step(folder, 1)
+            except (TimeoutError, RuntimeError) as exc:
+                print(f"    {label} failed: {exc}", file=sys.stderr)
+                failed[name] = Scenario(name, label, None, note=f"failed: {exc}")
+                continue
+            if name in measured:
+                measured[name].runs.extend(scenario.runs)
+            else:
+                measured[name] = scenario
+        if not args.keep_workdir:
+            shutil.rmtree(folder, ignore_errors=True)  # the archives' copies: up to the whole set per scenario
+    return [failed.get(name) or measured[name] for name, _, _ in steps]
 
 
 def _throughput(args: argparse.Namespace, workdir: Path) -> int:
@@ -199,7 +221,7 @@ def _all(args: argparse.Namespace, workdir: Path) -> int:
     environment["load average at end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     results = Results(
         command=args.command_line,
-        data=f"{description}, {args.runs} runs per scenario, {args.processes} encoder processes",
+        data=f"{description}, {args.runs} runs per scenario (one per round), {args.processes} encoder processes",
         cores=os.cpu_count() or 1,
         scenarios=scenarios,
         codecs=codec_results,

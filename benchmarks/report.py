@@ -342,7 +342,9 @@ Produced by:
 {command}
 ```
 
-Data: {data}. Everything runs on loopback; the raw figures of every run are in `docs/benchmarks.json`. Load
+Data: {data}. Everything runs on loopback; the raw figures of every run are in `docs/benchmarks.json`. The
+runs go in rounds: each round starts every scenario afresh and times one send of the whole set, scenario after
+scenario, so that the drift of this shared machine's speed weighs on every scenario alike. Load
 average at the start and end of the run: {load} on {cores} cores; a load above the number of cores means other
 work competed for the CPU and every figure here understates what the machine can do.
 
@@ -376,8 +378,8 @@ processes, forwarding to storescp `--fork`, which serves each association in a p
 does; HTJ2K and JPEG 2000 forward to `benchmarks/passthrough.py --all-syntaxes`
 instead, as DCMTK 3.6.7's storescp cannot store HTJ2K and the node would fall back to the original),
 *DCMTK route* (baseline 3: `storescp --exec-on-reception "dcmcjpls #p/#f
-OUT/#f && storescu ... OUT/#f"` forwarding to a second storescp: one process pair and one association per
-instance).
+OUT/#f && storescu ... OUT/#f"` forwarding to a second storescp, which also runs with `--fork`: one process pair
+and one association per instance).
 
 DCMTK as packaged by Debian leaves Nagle's algorithm on unless `TCP_NODELAY=1` is in its environment; each small
 PDU then waits for the peer's delayed ACK (~40 ms per instance). The benchmark runs every DCMTK program with

@@ -1,8 +1,9 @@
 """Throughput scenarios on loopback: DCMTK storescu (the modality) → receiver → DCMTK storescp (the archive).
 
-Each scenario starts its processes once, sends a small warm-up batch, then times `runs` sends of the whole set:
-modality-side time is until storescu exits (every Success received), end-to-end time until the archive folder
-holds every instance. MB is 10^6 bytes of the files sent.
+Each scenario starts its processes, sends a small warm-up batch, times `runs` sends of the whole set and stops
+them (`python -m benchmarks` runs every scenario once per round, see cli.py): modality-side time is until storescu
+exits (every Success received), end-to-end time until the archive folder holds every instance. MB is 10^6 bytes
+of the files sent.
 """
 
 from __future__ import annotations
@@ -275,7 +276,12 @@ def _dcmtk_router(folder: Path, port: int, final_port: int) -> Iterator[int]:
 
 
 def run_dcmtk_route(files: Sequence[Path], workdir: Path, runs: int) -> Scenario:
-    """Baseline 3: storescp --exec-on-reception "dcmcjpls && storescu" forwarding to a second storescp."""
+    """Baseline 3: storescp --exec-on-reception "dcmcjpls && storescu" forwarding to a second storescp.
+
+    The second storescp serves each association in a process of its own (`--fork`), as the node's archive does:
+    storescp runs the command of each instance without waiting for it, so their associations overlap, and a
+    storescp serving them one at a time refused some once a few hundred were waiting (instances lost on the way,
+    the run never complete)."""
     folder = workdir / "dcmtk-route"
     final = folder / "final"
     final_port, port = procs.free_port(), procs.free_port()
@@ -286,7 +292,7 @@ def run_dcmtk_route(files: Sequence[Path], workdir: Path, runs: int) -> Scenario
         note="one dcmcjpls and one storescu process (and association) per instance",
     )
     with (
-        procs.storescp(final, final_port, "FINAL") as final_pid,
+        procs.storescp(final, final_port, "FINAL", ARCHIVE_FORK) as final_pid,
         _dcmtk_router(folder, port, final_port) as router_pid,
     ):
         for sub in ("inbound", "outbound"):

@@ -173,6 +173,40 @@ def test_report_checks_the_targets_from_the_figures(tmp_path: Path) -> None:
         assert (tmp_path / "benchmarks.json").is_file()
 
 
+def test_scenarios_run_in_rounds_and_a_failed_one_drops_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[tuple[str, str]] = []
+
+    def measure(name: str, workdir: Path, runs: int) -> Scenario:
+        assert runs == 1
+        calls.append((name, workdir.name))
+        if name == "jpegls" and workdir.name == "round-2":
+            raise TimeoutError("the archive never got everything")
+        one_run = _scenario(name, None, modality_s=1.0, end_to_end_s=2.0).runs[:1]
+        return Scenario(name, name, None, one_run)
+
+    def node(name: str, label: str, files: object, syntax: object, workdir: Path, runs: int, *_: object) -> Scenario:
+        return measure(name, workdir, runs)
+
+    def passthrough(files: object, workdir: Path, runs: int, durable: bool) -> Scenario:
+        return measure("passthrough-durable" if durable else "passthrough", workdir, runs)
+
+    monkeypatch.setattr(cli.throughput, "run_node", node)
+    monkeypatch.setattr(cli.throughput, "run_passthrough", passthrough)
+    monkeypatch.setattr(cli.throughput, "run_dcmtk_route", lambda files, w, r: measure("dcmtk-route", w, r))
+    args = cli._parser().parse_args(["throughput", "--runs", "3"])
+    scenarios = cli._run_throughput(args, tmp_path, [], ["JPEGLSLossless"])
+
+    names = ["passthrough", "passthrough-durable", "keep", "jpegls", "dcmtk-route"]
+    expected = [(n, f"round-{r}") for r in (1, 2, 3) for n in names if not (n == "jpegls" and r == 3)]
+    assert calls == expected  # every scenario once per round; the failed one not again
+    assert [len(s.runs) for s in scenarios] == [3, 3, 3, 0, 3]
+    assert [s.name for s in scenarios] == names
+    assert "never got everything" in scenarios[3].note
+    assert "node -> JPEGLSLossless failed" in capsys.readouterr().err
+
+
 @pytest.mark.peers
 @pytest.mark.slow
 def test_tiny_throughput_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
