@@ -2,7 +2,8 @@
 
 The handler does no pixel work (STYLE rule 5): pynetdicom has already streamed the dataset to a file in the
 spool's tmp/ (chunked receive, see inbound.py); the handler reads it defensively (limits.check_instance: size,
-deflate bombs, deep nesting, undecodable values, truncated Pixel Data), commits the file with a rename and answers.
+deflate bombs, deep nesting, undecodable values, truncated Pixel Data) while the spool fsyncs it, then commits the
+file with a rename and answers.
 Any failure to keep the instance answers a failure status, never Success. What it kept or refused goes to a
 Reporter (the SCP runs in a process of its own: see inbound.py).
 """
@@ -80,9 +81,22 @@ def _store(event: Event, path: Path, spool: Spool, reporter: Reporter, node: Nod
         )
         reporter.refused(status.OUT_OF_RESOURCES)
         return status.OUT_OF_RESOURCES
+    size = path.stat().st_size
+    syntax = str(event.context.transfer_syntax)
+    received = Received(
+        calling_ae=calling,
+        called_ae=assoc.acceptor.ae_title,
+        peer_address=str(assoc.requestor.address),
+        sop_class_uid=str(request.AffectedSOPClassUID),
+        sop_instance_uid=sop_instance_uid,
+        transfer_syntax=syntax,
+        received_at=time.time(),
+    )
     try:
-        limits.check_instance(
-            path, str(event.context.transfer_syntax), node.max_instance_bytes, node.max_inflated_bytes
+        spool_id = spool.commit_received(
+            path,
+            received,
+            check=lambda: limits.check_instance(path, syntax, node.max_instance_bytes, node.max_inflated_bytes),
         )
     except limits.Refused as exc:
         LOGGER.warning(
@@ -90,18 +104,6 @@ def _store(event: Event, path: Path, spool: Spool, reporter: Reporter, node: Nod
         )
         reporter.refused(exc.status)
         return exc.status
-    size = path.stat().st_size
-    received = Received(
-        calling_ae=calling,
-        called_ae=assoc.acceptor.ae_title,
-        peer_address=str(assoc.requestor.address),
-        sop_class_uid=str(request.AffectedSOPClassUID),
-        sop_instance_uid=sop_instance_uid,
-        transfer_syntax=str(event.context.transfer_syntax),
-        received_at=time.time(),
-    )
-    try:
-        spool_id = spool.commit_received(path, received)
     except (OSError, SpoolError) as exc:
         LOGGER.error(
             "could not spool instance %s from %s: %s; answered 0x%04X",

@@ -49,6 +49,60 @@ def test_commit_received_is_durable_and_complete(tmp_path: Path) -> None:
     assert arrival("not-ours") is None
 
 
+def test_the_check_runs_while_the_instance_and_its_sidecar_are_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each fsync waits (up to 5 s) for the check to start: done one after the other, they would not overlap."""
+    spool = Spool(tmp_path)
+    checking = threading.Event()
+    overlapped: list[bool] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if threading.current_thread().name.startswith("spool-flush"):
+            overlapped.append(checking.wait(5))
+        real_fsync(fd)
+
+    def check() -> None:
+        checking.set()
+        time.sleep(0.05)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    spool_id = spool.commit_received(_written(spool), RECEIVED, check)
+    assert overlapped == [True, True]  # the instance's fsync and the sidecar's
+    assert spool.received_info(spool_id) == RECEIVED
+
+
+def test_a_failed_check_commits_nothing_and_leaves_no_sidecar(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    written = _written(spool)
+
+    def refuse() -> None:
+        raise ValueError("not DICOM")
+
+    with pytest.raises(ValueError, match="not DICOM"):
+        spool.commit_received(written, RECEIVED, refuse)
+    assert spool.incoming() == [] and not list(spool.incoming_dir.iterdir())
+    assert list(spool.tmp.iterdir()) == [written]  # the handler removes what it received
+
+
+def test_a_failed_fsync_of_a_received_instance_commits_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path)
+    written = _written(spool)
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.fstat(fd).st_ino == written.stat().st_ino:
+            raise OSError(errno.EIO, "I/O error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="I/O error"):
+        spool.commit_received(written, RECEIVED)
+    assert spool.incoming() == [] and not list(spool.incoming_dir.iterdir())
+    assert list(spool.tmp.iterdir()) == [written]
+
+
 @pytest.mark.parametrize("crash_at", [1, 2])
 def test_a_crash_inside_commit_received_leaves_all_or_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: int
