@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import chain
+from itertools import accumulate, chain
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
@@ -484,7 +484,7 @@ def _write_encapsulated(
 
     The header's data set is copied from `body` when given, byte for byte, instead of written by pydicom."""
     trailing = _split_trailing(header)
-    offsets = [sum(8 + n for n in lengths[:i]) for i in range(len(lengths))]
+    offsets = list(accumulate((8 + n for n in lengths[:-1]), initial=0))  # each fragment's item header is 8 bytes
     extended = offsets[-1] + 8 + lengths[-1] > _BOT_LIMIT
     if extended:  # PS3.3 C.7.6.3.1.8: the Basic Offset Table is then empty
         body = None  # the header gains elements: pydicom writes it
