@@ -10,9 +10,9 @@ On the wire (`HardenedServer`):
 - an accepted socket has no timeout, so a peer that stops in the middle of a PDU holds a thread forever. Here
   every read and write times out after `network_timeout`.
 
-In a received instance (`check_instance`, run by the C-STORE handler before it answers): larger than allowed,
-a Deflated data set that inflates past the limit (read in bounded steps, never whole), nesting that exhausts the
-recursion limit, an unreadable file or UIDs, and native Pixel Data shorter than its attributes say.
+In a received instance (`check_size` and `check_instance`, run by the C-STORE handler before it answers): larger
+than allowed, a Deflated data set that inflates past the limit (read in bounded steps, never whole), nesting that
+exhausts the recursion limit, an unreadable file or UIDs, and native Pixel Data shorter than its attributes say.
 """
 
 from __future__ import annotations
@@ -179,14 +179,17 @@ class Refused(Exception):
         self.reason = reason
 
 
-def check_instance(path: Path, transfer_syntax: str, max_bytes: int, max_inflated: int) -> None:
-    """Read a received Part 10 file defensively (Pixel Data deferred); raise Refused if the node must not keep it.
-
-    Over a size limit: 0xA700 (out of resources); anything unreadable: 0xC210 (cannot understand).
-    """
-    size = path.stat().st_size
+def check_size(size: int, max_bytes: int) -> None:
+    """Raise Refused (0xA700, out of resources) for a received file of `size` bytes over `max_bytes`."""
     if size > max_bytes:
         raise Refused(status.OUT_OF_RESOURCES, f"{size} bytes, over node.max_instance_bytes ({max_bytes})")
+
+
+def check_instance(path: Path, size: int, transfer_syntax: str, max_inflated: int) -> None:
+    """Read a received Part 10 file of `size` bytes defensively (Pixel Data deferred); raise Refused if the node
+    must not keep it: 0xA700 (out of resources) for a Deflated data set inflating past `max_inflated`, 0xC210
+    (cannot understand) for anything unreadable. The size limit is check_size's.
+    """
     deflated = transfer_syntax == DeflatedExplicitVRLittleEndian
     try:
         if deflated and _inflated_size(path, max_inflated) is None:

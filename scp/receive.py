@@ -93,10 +93,9 @@ def _store(event: Event, path: Path, spool: Spool, reporter: Reporter, node: Nod
         received_at=time.time(),
     )
     try:
+        limits.check_size(size, node.max_instance_bytes)  # before any of it goes to disk
         spool_id = spool.commit_received(
-            path,
-            received,
-            check=lambda: limits.check_instance(path, syntax, node.max_instance_bytes, node.max_inflated_bytes),
+            path, received, check=lambda: limits.check_instance(path, size, syntax, node.max_inflated_bytes)
         )
     except limits.Refused as exc:
         LOGGER.warning(
