@@ -28,7 +28,7 @@ from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, dimse_messages
 
 from scp import limits, metrics, reactors, receive, security
 from scp.config import Config, NodeConfig
@@ -197,6 +197,7 @@ def _serve(config: _ChildConfig, conn: Connection, associations: Synchronized[in
     spool = Spool(config.spool)
     _config.STORE_RECV_CHUNKED_DATASET = True
     tempfile.tempdir = str(spool.tmp)  # pynetdicom streams each dataset there: committing is a rename
+    dimse_messages.NamedTemporaryFile = spool.open_partial_receive  # type: ignore[assignment]  # the same, in a spare
     try:
         ae, server = make_server(config.node, spool, _PipeReporter(send), config.min_free)
     except Exception as exc:

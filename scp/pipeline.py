@@ -84,7 +84,11 @@ def produce(
             key = spec.model_dump_json()
             if key not in made:
                 path = scratch()
-                made[key] = (encode(source, path, spec), path)
+                try:
+                    made[key] = (encode(source, path, spec), path)
+                except BaseException:
+                    path.unlink(missing_ok=True)
+                    raise
             result, path = made[key]
             target = UID(spec.syntax)
             if not result.compressed and accept is not None and not target.is_compressed and target != source_syntax:
@@ -190,7 +194,7 @@ class Processor:
                 decision,
                 config.destinations,
                 self.encoder.transcode,
-                lambda: self.spool.new_tmp_path(".dcm"),
+                lambda: self.spool.new_tmp_file(".dcm"),
             )
             if any(output.compressed for output in outputs):
                 outcome = "compressed"

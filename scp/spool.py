@@ -3,6 +3,7 @@
 Layout under the spool root::
 
     tmp/                         partial writes and pynetdicom's chunked-receive files; swept at start
+    tmp/spare/                   empty files and folders kept for reuse (spares.py)
     incoming/<id>.json, <id>.dcm received and acknowledged, waiting for rules and compression
     outgoing/<dest>/<id>/        one job per destination: instance.dcm (what to send),
                                  original.dcm (as received, for fallbacks), job.json;
@@ -33,8 +34,10 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from scp.errors import SpoolError
+from scp.spares import Spares
 
 LOGGER = logging.getLogger(__name__)
 
@@ -44,7 +47,9 @@ JOB_INFO = "job.json"
 REASON = "reason.txt"
 RETRY_INFO = "retry.json"
 PARTIAL_RECEIVE = "tmp*.dcm"
-"""pynetdicom's chunked-receive files (tempfile.NamedTemporaryFile(suffix=".dcm") in our tmp/)."""
+"""pynetdicom's chunked-receive files (`Spool.open_partial_receive`, or tempfile's in our tmp/)."""
+SPARES = "spare"
+"""tmp/spare/: the spare inodes (spares.py)."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,7 @@ class Spool:
         self.incoming_dir = self.root / "incoming"
         self.outgoing_dir = self.root / "outgoing"
         self.quarantine_dir = self.root / "quarantine"
+        self.spares = Spares(self.tmp / SPARES)
         self._flushers = futures.ThreadPoolExecutor(2, thread_name_prefix="spool-flush")
         """Started on first use (receiving only): a received instance and its sidecar are fsynced at once."""
         try:
@@ -158,7 +164,7 @@ class Spool:
         removed = 0
         for entry in self.tmp.iterdir():
             _remove(entry)
-            removed += 1
+            removed += entry.name != SPARES
         for sidecar in self.incoming_dir.glob("*.json"):
             if not sidecar.with_suffix(".dcm").exists():
                 sidecar.unlink()
@@ -209,7 +215,7 @@ class Spool:
         sidecar = self.tmp / f"{spool_id}.json"
         flushes = [
             self._flushers.submit(fsync_file, written),
-            self._flushers.submit(_write_durably, sidecar, json.dumps(asdict(received)).encode()),
+            self._flushers.submit(self._write_new, sidecar, json.dumps(asdict(received)).encode()),
         ]
         try:
             check()
@@ -238,13 +244,28 @@ class Spool:
 
     def finish_received(self, spool_id: str) -> None:
         """Drop an incoming instance once all of its jobs are committed (or it was dropped by a rule)."""
-        self.received_path(spool_id).unlink(missing_ok=True)
-        (self.incoming_dir / f"{spool_id}.json").unlink(missing_ok=True)
+        self.spares.give_file(self.received_path(spool_id))  # only a spare if no job links it
+        self.spares.give_file(self.incoming_dir / f"{spool_id}.json")
         # Not fsynced: lost in a crash, the instance is processed again, which is idempotent (module docstring).
 
     # -- jobs -----------------------------------------------------------------------------------------
     def new_tmp_path(self, suffix: str) -> Path:
         return self.tmp / f"{new_id()}{suffix}"
+
+    def new_tmp_file(self, suffix: str) -> Path:
+        """A new path in tmp/, holding an empty spare file if there is one (to be opened with truncation)."""
+        path = self.new_tmp_path(suffix)
+        self.spares.claim_file(path)
+        return path
+
+    def open_partial_receive(self, *, delete: bool = False, mode: str = "wb", suffix: str = ".dcm") -> PartialReceive:
+        """A file in tmp/ for pynetdicom to stream a received dataset into, in the place of its
+        NamedTemporaryFile (inbound.py); a spare when there is one. Its name matches PARTIAL_RECEIVE."""
+        if delete or mode != "wb":
+            raise ValueError("only delete=False, mode='wb' (what pynetdicom asks for)")
+        path = self.tmp / f"tmp{new_id()}{suffix}"
+        self.spares.claim_file(path)
+        return PartialReceive(path)
 
     def commit_job(
         self, spool_id: str, destination: str, instance: Path, original: Path, info: dict[str, object]
@@ -261,12 +282,13 @@ class Spool:
         folder.mkdir(exist_ok=True)
         staging = self.tmp / f"{spool_id}.{destination}.job"
         _remove(staging)
-        staging.mkdir()
+        if not self.spares.claim_folder(staging):
+            staging.mkdir()
         if not original.samefile(instance):
             fsync_file(instance)
             _link_or_copy(original, staging / ORIGINAL)
         _link_or_copy(instance, staging / INSTANCE)
-        _write_durably(staging / JOB_INFO, json.dumps(info).encode())
+        self._write_new(staging / JOB_INFO, json.dumps(info).encode())
         fsync_dir(staging)
         os.replace(staging, target)
         fsync_dir(folder)
@@ -277,10 +299,10 @@ class Spool:
         return list(_jobs_under(self.outgoing_dir, destination))
 
     def delivered(self, job: Job) -> None:
-        """Remove a job its destination confirmed."""
+        """Remove a job its destination confirmed; its folder and its files no other name links become spares."""
         trash = self.tmp / f"{job.id}.{job.destination}.delivered"
         os.replace(job.path, trash)  # not fsynced: lost in a crash, the job is sent again (module docstring)
-        _remove(trash)
+        self.spares.give_folder(trash)
 
     def quarantine(self, job: Job, reason: str) -> Job:
         """Move a job an operator must look at to quarantine/<dest>/<id>/, with its reason.txt.
@@ -336,12 +358,28 @@ class Spool:
                 result.append(Census(state, folder.name, len(ids), _oldest(ids)))
         return result
 
+    def _write_new(self, path: Path, data: bytes) -> None:
+        """`_write_durably` into a spare file when there is one."""
+        self.spares.claim_file(path)
+        _write_durably(path, data)
+
     def _add_file(self, folder: Path, name: str, data: bytes) -> None:
         """Add (or replace) a small metadata file in a committed folder: write in tmp/, rename in."""
         staged = self.new_tmp_path(f".{name}")
         _write_durably(staged, data)
         os.replace(staged, folder / name)
         fsync_dir(folder)
+
+
+class PartialReceive:
+    """What pynetdicom uses of a NamedTemporaryFile: the open file as `file`, its `name`, the file's methods."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
+        self.file = open(path, "wb")  # noqa: SIM115 (pynetdicom closes it)
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self.file, attribute)
 
 
 def _oldest(ids: list[str]) -> float | None:

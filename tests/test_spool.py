@@ -24,7 +24,7 @@ from pynetdicom.sop_class import CTImageStorage
 from scp import config, inbound
 from scp.errors import SpoolError
 from scp.pipeline import Processor
-from scp.spool import Job, Received, Spool, arrival
+from scp.spool import SPARES, Job, Received, Spool, arrival
 from scp.workers import Encoder
 from tests.peers import TEST_FILES, free_port, node_config, running_node, storescu, wait_for
 
@@ -43,7 +43,7 @@ def test_commit_received_is_durable_and_complete(tmp_path: Path) -> None:
     assert spool.incoming() == [spool_id]
     assert spool.received_info(spool_id) == RECEIVED
     assert spool.received_path(spool_id).read_bytes() == b"DICM data"
-    assert not list(spool.tmp.iterdir())
+    assert not _left_in_tmp(spool)
     stamp = arrival(spool_id)
     assert stamp is not None and abs(stamp - time.time()) < 5
     assert arrival("not-ours") is None
@@ -83,7 +83,7 @@ def test_a_failed_check_commits_nothing_and_leaves_no_sidecar(tmp_path: Path) ->
     with pytest.raises(ValueError, match="not DICOM"):
         spool.commit_received(written, RECEIVED, refuse)
     assert spool.incoming() == [] and not list(spool.incoming_dir.iterdir())
-    assert list(spool.tmp.iterdir()) == [written]  # the handler removes what it received
+    assert _left_in_tmp(spool) == [written]  # the handler removes what it received
 
 
 def test_a_failed_fsync_of_a_received_instance_commits_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -100,7 +100,7 @@ def test_a_failed_fsync_of_a_received_instance_commits_nothing(tmp_path: Path, m
     with pytest.raises(OSError, match="I/O error"):
         spool.commit_received(written, RECEIVED)
     assert spool.incoming() == [] and not list(spool.incoming_dir.iterdir())
-    assert list(spool.tmp.iterdir()) == [written]
+    assert _left_in_tmp(spool) == [written]
 
 
 @pytest.mark.parametrize("crash_at", [1, 2])
@@ -126,7 +126,7 @@ def test_a_crash_inside_commit_received_leaves_all_or_nothing(
     Spool(tmp_path).sweep()
     assert spool.incoming() == []
     assert not list(spool.incoming_dir.iterdir()), "an orphan sidecar survived the sweep"
-    assert not list(spool.tmp.iterdir())
+    assert not _left_in_tmp(spool)
 
 
 def _job(spool: Spool, destination: str = "archive", uid: str = "1.2.3.4") -> Job:
@@ -189,7 +189,7 @@ def test_quarantine_requeue_and_purge(tmp_path: Path) -> None:
     assert back.instance.read_bytes() == b"DICM data"
     spool.purge(spool.quarantine(back, "reason: again"))
     assert spool.quarantined() == [] and spool.jobs() == []
-    assert not list(spool.tmp.iterdir())
+    assert not _left_in_tmp(spool)
 
 
 def test_requeue_refuses_to_overwrite_a_waiting_job(tmp_path: Path) -> None:
@@ -226,7 +226,7 @@ def test_sweep_at_start_and_abandoned_receives_while_running(tmp_path: Path) -> 
     assert not old.exists() and fresh.exists() and ours.exists(), "only pynetdicom's old partial files go"
     (spool.incoming_dir / "orphan.json").write_text("{}")
     assert spool.sweep() == 3
-    assert not list(spool.tmp.iterdir()) and spool.incoming() == [kept]
+    assert not _left_in_tmp(spool) and spool.incoming() == [kept]
 
 
 RULES = [{"name": "all", "compress": "keep", "forward": ["folder"]}]
@@ -329,5 +329,10 @@ def test_a_failed_job_commit_leaks_no_encoded_file(tmp_path: Path, monkeypatch: 
             Processor(parsed, spool, encoder).process(spool_id)
     finally:
         encoder.close()
-    assert not list(spool.tmp.iterdir())
+    assert not _left_in_tmp(spool)
     assert spool.incoming() == [spool_id]
+
+
+def _left_in_tmp(spool: Spool) -> list[Path]:
+    """What tmp/ holds besides the pool of spare inodes."""
+    return [path for path in spool.tmp.iterdir() if path.name != SPARES]

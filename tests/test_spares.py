@@ -1,0 +1,132 @@
+"""Spare inodes: reused, never while another name links them, shared safely, bounded; and the spool's use of them."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+
+from scp.spares import Spares
+from scp.spool import PARTIAL_RECEIVE, SPARES, Received, Spool
+
+RECEIVED = Received("MODALITY", "COMPRESS_SCP", "127.0.0.1", "1.2.3", "1.2.3.4", ExplicitVRLittleEndian, 0.0)
+
+
+def _file(path: Path, data: bytes = b"old data") -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_a_given_file_is_emptied_and_claimed_again_with_fresh_times(tmp_path: Path) -> None:
+    spares = Spares(tmp_path / "spare")
+    old = _file(tmp_path / "old")
+    os.utime(old, (1, 1))
+    inode = old.stat().st_ino
+    spares.give_file(old)
+    assert not old.exists()
+    target = tmp_path / "new"
+    assert spares.claim_file(target)
+    assert target.stat().st_ino == inode and target.read_bytes() == b""
+    assert abs(target.stat().st_mtime - time.time()) < 60, "the janitor judges partial receives by their age"
+    assert not spares.claim_file(tmp_path / "more"), "one spare was given, one claimed"
+
+
+def test_a_file_another_name_links_is_removed_not_emptied(tmp_path: Path) -> None:
+    spares = Spares(tmp_path / "spare")
+    job_a = _file(tmp_path / "a")
+    job_b = tmp_path / "b"
+    os.link(job_a, job_b)  # another destination's job holds the same instance
+    spares.give_file(job_a)
+    assert not job_a.exists() and job_b.read_bytes() == b"old data"
+    assert not spares.claim_file(tmp_path / "new")
+    spares.give_file(job_b)  # the last name: now it may be reused
+    assert spares.claim_file(tmp_path / "new")
+
+
+def test_a_given_folder_is_reused_empty_and_its_files_become_spares(tmp_path: Path) -> None:
+    spares = Spares(tmp_path / "spare")
+    folder = tmp_path / "job"
+    folder.mkdir()
+    _file(folder / "instance.dcm")
+    _file(folder / "job.json", b"{}")
+    inode = folder.stat().st_ino
+    spares.give_folder(folder)
+    staging = tmp_path / "staging"
+    assert spares.claim_folder(staging)
+    assert staging.stat().st_ino == inode and not list(staging.iterdir())
+    assert spares.claim_file(tmp_path / "f1") and spares.claim_file(tmp_path / "f2")
+    assert not spares.claim_folder(tmp_path / "other")
+
+
+def test_the_pool_is_bounded(tmp_path: Path) -> None:
+    spares = Spares(tmp_path / "spare", limit=2)
+    for index in range(5):
+        spares.give_file(_file(tmp_path / f"f{index}"))
+    assert len(os.listdir(tmp_path / "spare" / "files")) == 2
+    assert not any(tmp_path.glob("f*")), "a file beyond the limit is removed"
+
+
+def test_two_processes_share_one_pool_each_spare_claimed_once(tmp_path: Path) -> None:
+    """Two Spares on one folder stand for two processes: each caches names, a rename decides who gets one."""
+    first, second = Spares(tmp_path / "spare"), Spares(tmp_path / "spare")
+    for index in range(3):
+        first.give_file(_file(tmp_path / f"f{index}"))
+    assert second.claim_file(tmp_path / "s1")  # second lists all three
+    assert first.claim_file(tmp_path / "p1") and first.claim_file(tmp_path / "p2")
+    assert not second.claim_file(tmp_path / "s2"), "its cached names were taken: no spare, no error"
+    assert not first.claim_file(tmp_path / "p3")
+    assert len({(tmp_path / name).stat().st_ino for name in ("s1", "p1", "p2")}) == 3
+
+
+def test_a_claim_into_a_missing_folder_raises_and_keeps_the_spare(tmp_path: Path) -> None:
+    spares = Spares(tmp_path / "spare")
+    spares.give_file(_file(tmp_path / "f"))
+    with pytest.raises(FileNotFoundError):
+        spares.claim_file(tmp_path / "missing" / "x")
+    assert spares.claim_file(tmp_path / "x")
+
+
+def test_the_pool_folder_is_made_again_after_the_sweep(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.spares.give_file(_file(spool.tmp / "f"))
+    assert spool.sweep() == 0, "spares are not partial files"
+    assert not (spool.tmp / SPARES).exists()
+    spool.spares.give_file(_file(spool.tmp / "g"))
+    assert spool.spares.claim_file(spool.tmp / "h")
+
+
+def test_the_spool_reuses_a_delivered_jobs_inodes_and_keeps_shared_instances(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    written = _file(spool.tmp / "tmpreceived.dcm", b"DICM data")
+    spool_id = spool.commit_received(written, RECEIVED)
+    source = spool.received_path(spool_id)
+    first = spool.commit_job(spool_id, "a", source, source, {"sop_instance_uid": "1"})
+    second = spool.commit_job(spool_id, "b", source, source, {"sop_instance_uid": "1"})
+    spool.finish_received(spool_id)
+    folder, info = first.path.stat().st_ino, (first.path / "job.json").stat().st_ino
+    spool.delivered(first)
+    assert second.instance.read_bytes() == b"DICM data", "the other destination's job is intact"
+    again = spool.commit_received(_file(spool.tmp / "tmpreceived.dcm", b"DICM next"), RECEIVED)
+    next_source = spool.received_path(again)
+    job = spool.commit_job(again, "a", next_source, next_source, {"sop_instance_uid": "2"})
+    assert job.path.stat().st_ino == folder
+    reused = {(job.path / "job.json").stat().st_ino, (spool.incoming_dir / f"{again}.json").stat().st_ino}
+    assert info in reused, "the delivered job's job.json became the next job's or the next sidecar"
+    assert job.info() == {"sop_instance_uid": "2"} and job.instance.read_bytes() == b"DICM next"
+    assert second.instance.read_bytes() == b"DICM data"
+
+
+def test_partial_receives_are_spare_files_pynetdicom_can_use(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.spares.give_file(_file(spool.tmp / "old", b"x" * 1000))
+    partial = spool.open_partial_receive(delete=False, mode="wb", suffix=".dcm")
+    partial.write(b"DICM")
+    partial.file.flush()  # as pynetdicom does after each P-DATA
+    partial.close()
+    path = Path(partial.name)
+    assert path.parent == spool.tmp and path.match(PARTIAL_RECEIVE)
+    assert path.read_bytes() == b"DICM", "nothing of the spare's old content is left"
+    assert not spool.spares.claim_file(spool.tmp / "none"), "the partial receive took the spare"
