@@ -14,6 +14,7 @@ another destination's job, keeps it whole. A claimed file is opened with truncat
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -51,7 +52,8 @@ class Spares:
         if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or not self._pools["files"].has_room():
             path.unlink(missing_ok=True)
             return
-        self._pools["files"].add(path, empty=True)
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile: nothing to keep
+            self._pools["files"].add(path, empty=True)
 
     def give_folder(self, path: Path) -> None:
         """Keep an emptied folder as a spare, its files given back first; what is left in it is removed."""
