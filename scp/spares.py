@@ -1,10 +1,11 @@
 """Spare inodes: the spool reuses the files and folders it is done with instead of deleting and creating anew.
 
 ext4 without a journal (the benchmark machine's root filesystem) does not hand out an inode freed in the last 60
-to 360 seconds: each creation scans past every such inode of its block group. Under the spool's steady churn
-(five files or folders made and removed per instance) a creation cost 0.7 ms of CPU, and inode allocation took
-13% of all CPU while the node compressed JPEG-LS (perf, system-wide). PostgreSQL recycles its WAL segments
-(`wal_recycle`) for the same kind of reason. A spare is an empty file or folder in tmp/spare/, which the start-up
+to 360 seconds: each creation scans past every such inode of its block group. The spool makes and removes five
+files or folders per instance. Right after heavy churn a creation cost 0.7 ms of CPU and inode allocation took
+13% of all CPU while the node compressed JPEG-LS (perf, system-wide; 0.15% with spares). In calmer runs it took
+0.3%, and spares measured neither better nor worse. PostgreSQL recycles its WAL segments (`wal_recycle`) for a
+similar reason. A spare is an empty file or folder in tmp/spare/, which the start-up
 sweep empties with the rest of tmp/. Claiming one is a rename, so threads and processes can share the pool: a
 spare another one took first is simply gone.
 
