@@ -136,9 +136,14 @@ def _observe(rule: str, result: compress.Result) -> None:
         metrics.VERIFY_FAILED.labels(rule).inc()
 
 
+def read_header(path: Path) -> pydicom.Dataset:
+    """The header rules look at: every element, values larger than DEFER_SIZE read only when a rule asks."""
+    return pydicom.dcmread(path, defer_size=DEFER_SIZE)
+
+
 def read_facts(path: Path, calling_ae: str, called_ae: str, peer_address: str) -> rules.Facts:
-    """The facts rules see about a Part 10 file (its header; large values only when a rule reads them)."""
-    header = pydicom.dcmread(path, defer_size=DEFER_SIZE)
+    """The facts rules see about a Part 10 file, syntax and SOP class from its file meta (`explain`)."""
+    header = read_header(path)
     meta = header.file_meta
     return rules.Facts(
         calling_ae=calling_ae,
@@ -146,7 +151,7 @@ def read_facts(path: Path, calling_ae: str, called_ae: str, peer_address: str) -
         peer_address=peer_address,
         transfer_syntax=str(meta.TransferSyntaxUID),
         sop_class_uid=str(meta.get("MediaStorageSOPClassUID") or header.get("SOPClassUID", "")),
-        dataset=header,
+        read_header=lambda: header,
     )
 
 
@@ -166,9 +171,16 @@ class Processor:
         config = self.config  # one consistent snapshot, even if a reload swaps it meanwhile
         source = self.spool.received_path(spool_id)
         received = self.spool.received_info(spool_id)
-        facts = read_facts(source, received.calling_ae, received.called_ae, received.peer_address)
-        # The syntax it came in over the network decides, not the file's meta header.
-        facts = replace(facts, transfer_syntax=received.transfer_syntax, sop_class_uid=received.sop_class_uid)
+        # The syntax and SOP class it came in with over the network decide, not the file's meta header; the
+        # header is read only if a rule looks at one of its elements.
+        facts = rules.Facts(
+            calling_ae=received.calling_ae,
+            called_ae=received.called_ae,
+            peer_address=received.peer_address,
+            transfer_syntax=received.transfer_syntax,
+            sop_class_uid=received.sop_class_uid,
+            read_header=lambda: read_header(source),
+        )
         decision = rules.decide(config.rules, config.default_rule, facts)
         uid = received.sop_instance_uid
         info: dict[str, object] = {

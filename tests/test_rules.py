@@ -290,3 +290,47 @@ def test_each_distinct_target_is_encoded_once_and_shared(tmp_path: Path) -> None
     assert by_name["explicit-only"].transfer_syntax == ExplicitVRLittleEndian
     assert pydicom.dcmread(by_name["explicit-only"].path).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert sorted(path for _, path in made) == sorted({o.path for o in outputs})
+
+
+@pytest.mark.parametrize(
+    ("match", "header_reads", "forwarded"),
+    [({"calling_ae": "MODALITY1"}, 0, True), ({"modality": "CT"}, 1, True), ({"modality": "MR"}, 1, False)],
+    ids=["association-only", "element-holds", "element-fails"],
+)
+def test_processing_reads_the_header_only_for_a_rule_that_looks_at_an_element(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, match: dict[str, Any], header_reads: int, forwarded: bool
+) -> None:
+    """The service parses a received header only when a rule matches on one of its elements, and then once."""
+    from pynetdicom.sop_class import CTImageStorage
+
+    from scp import pipeline
+    from scp.spool import Received, Spool
+    from scp.workers import Encoder
+
+    reads: list[Path] = []
+    real_read_header = pipeline.read_header
+
+    def counting_read_header(path: Path) -> pydicom.Dataset:
+        reads.append(path)
+        return real_read_header(path)
+
+    monkeypatch.setattr(pipeline, "read_header", counting_read_header)
+    spool = Spool(tmp_path / "spool")
+    written = spool.tmp / "received.dcm"
+    written.write_bytes((TEST_FILES / "CT_small.dcm").read_bytes())
+    received = Received("MODALITY1", "COMPRESS_SCP", "10.1.2.3", CTImageStorage, "1.2.3.4", ExplicitVRLittleEndian, 0)
+    spool_id = spool.commit_received(written, received)
+    loaded = config.parse(
+        {
+            "destinations": {"folder": {"type": "directory", "path": str(tmp_path / "folder")}},
+            "rules": [{"name": "matched", "match": match, "forward": ["folder"]}],
+            "default": {"drop": True},
+        }
+    )
+    encoder = Encoder(1)
+    try:
+        jobs = pipeline.Processor(loaded, spool, encoder).process(spool_id)
+    finally:
+        encoder.close()
+    assert len(reads) == header_reads
+    assert [job.destination for job in jobs] == (["folder"] if forwarded else [])
