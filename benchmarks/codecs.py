@@ -23,6 +23,7 @@ from pydicom.pixels import get_encoder, pixel_array
 from pydicom.uid import UID, HTJ2KLossless, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from benchmarks.stats import median
+from scp import charls
 
 EncodeFn = Callable[[np.ndarray, int], bytes]
 
@@ -61,6 +62,7 @@ class Binding:
 BINDINGS: tuple[Binding, ...] = (
     Binding(JPEGLSLossless, "pyjpegls via pydicom", _pydicom(JPEGLSLossless, "pyjpegls"), reference=True),
     Binding(JPEGLSLossless, "CharLS via imagecodecs", lambda f, _: bytes(imagecodecs.jpegls_encode(f))),
+    Binding(JPEGLSLossless, "CharLS via imagecodecs' library (the node's)", charls.encode),
     Binding(JPEG2000Lossless, "OpenJPEG via pydicom", _pydicom(JPEG2000Lossless, "pylibjpeg"), reference=True),
     Binding(
         JPEG2000Lossless,

@@ -112,6 +112,8 @@ def test_codec_measure_on_a_few_small_frames() -> None:
     reference = by_name["pyjpegls via pydicom"]
     assert reference.available and reference.exact and reference.ratio > 1.5 and reference.one_core_mb_s > 0
     assert reference.precision == 12  # pydicom declares Bits Stored
+    node = by_name["CharLS via imagecodecs' library (the node's)"]
+    assert node.exact and node.identical and node.precision == 12
     best = codecs.fastest_exact(results, "JPEGLSLossless")
     assert best is not None and best.syntax == "JPEGLSLossless"
     decoders = codecs.measure_decoders(frames, 12, runs=1)
