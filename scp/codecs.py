@@ -1,8 +1,8 @@
 """The encoder registry: one `Codec` per target transfer syntax, each a list of plugins tried in order.
 
 pydicom's encoders come first, except for JPEG-LS: CharLS through its C API in imagecodecs' build (scp/charls.py)
-writes pydicom's codestream ~25% faster. imagecodecs adds HTJ2K (pydicom 3 decodes it but has no encoder) and
-stands in for pyjpegls and openjpeg on the tiny or odd-sized images they reject. A plugin whose package is missing stays
+writes pydicom's codestream, faster. imagecodecs adds HTJ2K (pydicom 3 decodes it but has no encoder) and stands
+in for pyjpegls and openjpeg on the tiny or odd-sized images they reject. A plugin whose package is missing stays
 in the table with the names of what is missing (STYLE rule 2), so `check-config` can say what to install.
 Which pixel descriptions a syntax may carry is data: pydicom's ENCODING_PROFILES (PS3.5 8.2), plus HTJ2K's,
 which PS3.5 8.2.14 makes the same as JPEG 2000's.
