@@ -345,8 +345,10 @@ Produced by:
 Data: {data}. Everything runs on loopback; the raw figures of every run are in `docs/benchmarks.json`. The
 runs go in rounds: each round starts every scenario afresh and times one send of the whole set, scenario after
 scenario, so that the drift of this shared machine's speed weighs on every scenario alike. Load
-average at the start and end of the run: {load} on {cores} cores; a load above the number of cores means other
-work competed for the CPU and every figure here understates what the machine can do.
+average at the start and end of the run: {load} on {cores} cores. The load average counts the benchmark's own
+processes (the node, its encoders and the peers, five or more running at a time), so the figure at the end is
+mostly the benchmark itself; a load at the start means other work was running. The machine's other tenants do
+not show in it: the same scenario's CPU per MB is what tells a slow run (see the forward-only scenario's).
 
 ![throughput and codec rates](benchmarks.png)
 
