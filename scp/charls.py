@@ -99,7 +99,7 @@ def encode(frame: np.ndarray, bits_stored: int, near: int = 0) -> bytes:
     low, high = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
     if int(frame.max()) > high or (signed and int(frame.min()) < low):
         raise ValueError(f"samples outside the range of Bits Stored {bits_stored}")
-    samples = np.ascontiguousarray(frame).view(frame.dtype.str.replace("i", "u"))
+    samples = unsigned_samples(frame)
     if bits_stored <= 8 and samples.dtype.itemsize > 1:
         samples = samples.astype(np.uint8)
     components = frame.shape[2] if frame.ndim == 3 else 1
@@ -123,6 +123,12 @@ def encode(frame: np.ndarray, bits_stored: int, near: int = 0) -> bytes:
     finally:
         lib.charls_jpegls_encoder_destroy(encoder)
     return out[: written.value].tobytes()
+
+
+def unsigned_samples(frame: np.ndarray) -> np.ndarray:
+    """The frame as CharLS takes it: contiguous, two's complement samples as unsigned words of the same width
+    (decoders sign them again)."""
+    return np.ascontiguousarray(frame).view(frame.dtype.str.replace("i", "u"))
 
 
 def _check(lib: ctypes.CDLL, error: int) -> None:

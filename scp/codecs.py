@@ -186,16 +186,11 @@ def _pydicom_plugins(syntax: UID, order: tuple[str, ...] = ()) -> list[Plugin]:
     return [plugin(name) for name in names]
 
 
-def _unsigned_view(frame: np.ndarray) -> np.ndarray:
-    """CharLS takes two's complement samples as unsigned words of the same width; decoders sign them again."""
-    return frame.view(frame.dtype.str.replace("i", "u")) if frame.dtype.kind == "i" else frame
-
-
 def _imagecodecs_jpegls(frame: np.ndarray, info: FrameInfo, options: Mapping[str, Any]) -> bytes:
     import imagecodecs
 
     near = options.get("jls_error", 0) or None
-    return bytes(imagecodecs.jpegls_encode(np.ascontiguousarray(_unsigned_view(frame)), level=near))
+    return bytes(imagecodecs.jpegls_encode(charls.unsigned_samples(frame), level=near))
 
 
 def _charls_jpegls(frame: np.ndarray, info: FrameInfo, options: Mapping[str, Any]) -> bytes:

@@ -8,7 +8,9 @@ import pytest
 from pydicom.pixels import get_decoder, get_encoder
 from pydicom.uid import UID, JPEGLSLossless, JPEGLSNearLossless
 
+from benchmarks.codecs import declared_precision
 from scp import charls, codecs
+from tests.test_codecs import _info
 
 
 def _smooth(shape: tuple[int, ...], dtype: str, low: int, high: int) -> np.ndarray:
@@ -25,25 +27,7 @@ def _smooth(shape: tuple[int, ...], dtype: str, low: int, high: int) -> np.ndarr
 
 
 def _keywords(frame: np.ndarray, bits_stored: int) -> dict[str, object]:
-    samples = frame.shape[2] if frame.ndim == 3 else 1
-    keywords: dict[str, object] = {
-        "rows": frame.shape[0],
-        "columns": frame.shape[1],
-        "samples_per_pixel": samples,
-        "bits_allocated": frame.dtype.itemsize * 8,
-        "bits_stored": bits_stored,
-        "pixel_representation": int(frame.dtype.kind == "i"),
-        "photometric_interpretation": "RGB" if samples == 3 else "MONOCHROME2",
-        "number_of_frames": 1,
-    }
-    if samples == 3:
-        keywords["planar_configuration"] = 0
-    return keywords
-
-
-def _precision(codestream: bytes) -> int:
-    sof55 = codestream.find(b"\xff\xf7")  # JPEG-LS frame header: marker, Lf (2 bytes), then P
-    return codestream[sof55 + 4]
+    return _info(frame, bits_stored, "RGB" if frame.ndim == 3 else "MONOCHROME2").pixel_keywords()
 
 
 FRAMES = [
@@ -68,7 +52,7 @@ def test_writes_pydicoms_codestream_declaring_bits_stored(frame: np.ndarray, bit
     )
     encoded = charls.encode(frame, bits_stored, near)
     assert encoded == reference
-    assert _precision(encoded) == bits_stored
+    assert declared_precision(encoded) == bits_stored
     decoded, _ = get_decoder(syntax).as_array(pydicom.encaps.encapsulate([encoded]), **_keywords(frame, bits_stored))
     error = np.abs(decoded.astype(np.int64) - frame.astype(np.int64)).max()
     assert error <= near and (near or np.array_equal(decoded, frame))
@@ -93,7 +77,7 @@ def test_tiny_images_pyjpegls_rejects_are_encoded() -> None:
     with pytest.raises(Exception, match="buffer"):
         get_encoder(JPEGLSLossless).encode(frame, encoding_plugin="pyjpegls", **_keywords(frame, 12))
     encoded = charls.encode(frame, 12)
-    assert _precision(encoded) == 12
+    assert declared_precision(encoded) == 12
     decoded, _ = get_decoder(JPEGLSLossless).as_array(pydicom.encaps.encapsulate([encoded]), **_keywords(frame, 12))
     assert np.array_equal(decoded, frame)
 
@@ -105,4 +89,4 @@ def test_the_jpegls_codecs_encode_with_it_first(syntax: UID) -> None:
     assert not first.missing()
     frame = _smooth((32, 32), "<u2", 0, 1023)
     info = codecs.FrameInfo(32, 32, 1, 16, 10, 0, "MONOCHROME2")
-    assert _precision(codecs.get(syntax).encode(frame, info, {})) == 10
+    assert declared_precision(codecs.get(syntax).encode(frame, info, {})) == 10
