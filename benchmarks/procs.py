@@ -46,10 +46,22 @@ def tool(name: str) -> str:
     raise SystemExit(f"{name} is not installed: apt-get install dcmtk")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on and that this process has not handed out before (the benchmarks and
+    the tests both take theirs here). The kernel may give the same free port to two calls in a row: a node and
+    its archive, or its metrics endpoint, would then fail with EADDRINUSE (the likely cause of one test failure in
+    a clean-clone run). A port another process takes in between is still possible."""
+    for _ in range(1000):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no loopback port left that this process has not handed out")
 
 
 def listening(port: int) -> bool:

@@ -21,6 +21,7 @@ import pydicom
 import pytest
 import yaml
 
+from benchmarks.procs import free_port
 from scp import config
 from scp.service import Service
 
@@ -42,24 +43,6 @@ def tool(name: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on and that this test run has not handed out before: the kernel may give
-    the same free port to two calls in a row, and a test that starts a node and its metrics endpoint on two such
-    ports would then fail with EADDRINUSE (the likely cause of one such failure of test_metrics in a clean-clone
-    run; a port taken by another process in between is still possible)."""
-    for _ in range(1000):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
-    raise RuntimeError("no loopback port left that this test run has not handed out")
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> None:
