@@ -5,7 +5,8 @@ pydicom's encoder (pyjpegls) declares Bits Stored, as DICOM toolkits expect. pyj
 512x512 12-bit slice took 5.0 ms in its `encode_buffer` against 3.7 ms in imagecodecs' build of CharLS, and
 4.1 against 3.8 ms through the node's encoder plugins in a process that keeps freed buffers
 (workers.keep_freed_memory). Called here through its C API with the sample precision set to Bits Stored,
-imagecodecs' CharLS writes the same codestream as pyjpegls, byte for byte (tests/test_charls.py).
+imagecodecs' CharLS writes the same codestream as pyjpegls, byte for byte (tests/test_charls.py), except for at
+most 8 bits stored in 16-bit words, where it declares 9 so that decoders keep the samples 16-bit.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def available() -> bool:
 
 
 def encode(frame: np.ndarray, bits_stored: int, near: int = 0) -> bytes:
-    """One frame, shaped (rows, columns[, samples]), as a JPEG-LS codestream declaring `bits_stored`.
+    """One frame, shaped (rows, columns[, samples]), as a JPEG-LS codestream declaring `bits_stored` (at least 9
+    for 16-bit samples).
 
     Samples outside the range Bits Stored gives (with the frame's signedness) raise ValueError, as pydicom's
     encoder does, so that another encoder takes the frame. Signed samples go in as their two's complement in the
@@ -100,10 +102,11 @@ def encode(frame: np.ndarray, bits_stored: int, near: int = 0) -> bytes:
     if int(frame.max()) > high or (signed and int(frame.min()) < low):
         raise ValueError(f"samples outside the range of Bits Stored {bits_stored}")
     samples = unsigned_samples(frame)
-    if bits_stored <= 8 and samples.dtype.itemsize > 1:
-        samples = samples.astype(np.uint8)
+    # Decoders size their output by the declared precision: up to 8 bits, one byte a sample, which DCMTK refuses
+    # and GDCM aborts on when Bits Allocated is 16. For 16-bit words, 9 bits is the least that keeps them 16-bit.
+    precision = bits_stored if samples.dtype.itemsize == 1 else max(bits_stored, 9)
     components = frame.shape[2] if frame.ndim == 3 else 1
-    info = _FrameInfo(frame.shape[1], frame.shape[0], bits_stored, components)
+    info = _FrameInfo(frame.shape[1], frame.shape[0], precision, components)
     encoder = lib.charls_jpegls_encoder_create()
     if not encoder:
         raise MemoryError("CharLS could not create an encoder")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -186,6 +186,22 @@ def _pydicom_plugins(syntax: UID, order: tuple[str, ...] = ()) -> list[Plugin]:
     return [plugin(name) for name in names]
 
 
+def _not_narrowed(plugins: list[Plugin]) -> list[Plugin]:
+    """pydicom's JPEG-LS encoders declare Bits Stored as the sample precision: for 16-bit words holding at most 8
+    bits, decoders other than pydicom's then make 8-bit samples (DCMTK refuses the frame, GDCM aborts). Those
+    frames are left to the plugins after them."""
+
+    def refusing(plugin: Plugin) -> Plugin:
+        def encode(frame: np.ndarray, info: FrameInfo, options: Mapping[str, Any]) -> bytes:
+            if info.bits_allocated > 8 >= info.bits_stored:
+                raise ValueError("it would declare 8-bit samples for Bits Allocated 16")
+            return plugin.encode(frame, info, options)
+
+        return replace(plugin, encode=encode)
+
+    return [refusing(plugin) for plugin in plugins]
+
+
 def _imagecodecs_jpegls(frame: np.ndarray, info: FrameInfo, options: Mapping[str, Any]) -> bytes:
     import imagecodecs
 
@@ -287,7 +303,7 @@ REGISTRY: dict[UID, Codec] = {
         ENCODING_PROFILES[JPEGLSLossless],
         plugins=[
             _charls(),
-            *_pydicom_plugins(JPEGLSLossless),
+            *_not_narrowed(_pydicom_plugins(JPEGLSLossless)),
             Plugin("imagecodecs (CharLS)", _imagecodecs_jpegls, ("imagecodecs",), _imagecodecs_ready("JPEGLS")),
         ],
         verify_with=_JPEGLS_VERIFY,
@@ -298,7 +314,7 @@ REGISTRY: dict[UID, Codec] = {
         frozenset({"jls_error"}),
         [
             _charls(),
-            *_pydicom_plugins(JPEGLSNearLossless),
+            *_not_narrowed(_pydicom_plugins(JPEGLSNearLossless)),
             Plugin("imagecodecs (CharLS)", _imagecodecs_jpegls, ("imagecodecs",), _imagecodecs_ready("JPEGLS")),
         ],
         verify_with=_JPEGLS_VERIFY,

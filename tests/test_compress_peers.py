@@ -15,8 +15,9 @@ from pydicom.uid import UID
 
 from scp import compress
 from scp.config import CompressSpec
-from tests.images import bundled_files
+from tests.images import bundled_files, write_image
 from tests.peers import tool
+from tests.test_codecs import without_charls
 
 pytestmark = pytest.mark.peers
 
@@ -64,6 +65,38 @@ def test_independent_decoder_agrees(target: str, tmp_path: Path) -> None:
         assert np.array_equal(_stored(decoded), _stored(src)), f"{src.name}: {program} decodes other pixels"
         checked += 1
     assert checked >= 20
+
+
+def _gradient(shape: tuple[int, ...], dtype: str, low: int, high: int) -> np.ndarray:
+    ramp = np.linspace(low, high, num=int(np.prod(shape))).reshape(shape)
+    return np.round(ramp).astype(dtype)
+
+
+NARROW_IN_16_BITS = [
+    pytest.param(_gradient((1, 40, 30), "<u2", 0, 255), 8, id="unsigned 8 of 16"),
+    pytest.param(_gradient((1, 40, 30), "<i2", -128, 127), 8, id="signed 8 of 16"),
+    pytest.param(_gradient((1, 40, 30), "<u2", 0, 63), 6, id="unsigned 6 of 16"),
+    pytest.param(_gradient((1, 20, 30, 3), "<u2", 0, 255), 8, id="RGB 8 of 16"),
+]
+
+
+@pytest.mark.parametrize("charls", [True, False], ids=["CharLS first", "without CharLS"])
+@pytest.mark.parametrize("frames, bits_stored", NARROW_IN_16_BITS)
+def test_jpegls_of_narrow_samples_in_16_bit_words_decodes_everywhere(
+    frames: np.ndarray, bits_stored: int, charls: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A codestream declaring at most 8 bits makes decoders write 8-bit samples where Bits Allocated says 16: DCMTK
+    refused such output and GDCM aborted on it. Every plugin order must give both the source pixels."""
+    if not charls:
+        without_charls(monkeypatch)
+    src = write_image(tmp_path / "in.dcm", frames, bits_stored)
+    encoded = tmp_path / "out.dcm"
+    assert compress.transcode_file(src, encoded, CompressSpec(syntax="JPEGLSLossless", force=True)).compressed
+    for program, *args in DECODERS["JPEGLSLossless"], DECODERS["JPEG2000Lossless"]:
+        decoded = tmp_path / f"{program}.dcm"
+        run = subprocess.run([tool(program), *args, str(encoded), str(decoded)], capture_output=True, timeout=60)
+        assert run.returncode == 0, f"{program} failed: {run.stderr!r}"
+        assert np.array_equal(_stored(decoded), _stored(src)), f"{program} decodes other pixels"
 
 
 def _errors(path: Path) -> set[str] | None:
