@@ -321,11 +321,12 @@ def _encode_with(plugin: codecs.Plugin, src: Path, header: Dataset, dst: Path, s
                         "from the source pixels"
                     )
                 if not lossless:
+                    _check_within_bits_stored(decoded, info, index)
                     squared_error += float(np.sum((decoded.astype(np.float64) - frame) ** 2))
                     samples += frame.size
             fragments.write(encoded + b"\0" * (len(encoded) % 2))  # fragments have even length (PS3.5 A.4)
             lengths.append(len(encoded) + len(encoded) % 2)
-        _prepare_header(header, target, info, nframes=len(lengths))
+        _prepare_header(header, target, info, len(lengths), _pixel_data_bytes(src, header))
         psnr = None
         if not lossless:
             native = len(lengths) * info.rows * info.columns * info.samples_per_pixel * info.bits_allocated // 8
@@ -358,8 +359,36 @@ def _decode(decoder: Decoder, encoded: bytes, info: codecs.FrameInfo, index: int
     return decoded
 
 
-def _prepare_header(header: Dataset, target: UID, info: codecs.FrameInfo, nframes: int) -> None:
-    """Set what the target syntax dictates (PS3.5 8.2) and nothing else."""
+def _check_within_bits_stored(decoded: np.ndarray, info: codecs.FrameInfo, index: int) -> None:
+    """Raise PluginFailed when lossy output decodes to values Bits Stored cannot hold.
+
+    A codestream declaring the container's precision (imagecodecs' OpenJPH and CharLS) lets the codec's error
+    overshoot the range near its ends: a reader taking the low Bits Stored bits would turn black padding white
+    and white metal black, while the error itself looks small. Another plugin may declare Bits Stored instead.
+    """
+    bits = info.bits_stored
+    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if info.pixel_representation else (0, (1 << bits) - 1)
+    if decoded.size and (int(decoded.min()) < low or int(decoded.max()) > high):
+        raise codecs.PluginFailed(
+            f"frame {index} decodes to values in [{decoded.min()}, {decoded.max()}], outside the range Bits Stored "
+            f"{bits} allows ([{low}, {high}])"
+        )
+
+
+def _pixel_data_bytes(src: Path, header: Dataset) -> int:
+    """The length of the source's Pixel Data value, encapsulated or native (the file's size if it cannot tell)."""
+    element = header.get_item(_PIXEL_DATA, keep_deferred=True)
+    if isinstance(element, RawDataElement) and element.value is not None:
+        return len(element.value)
+    if isinstance(element, RawDataElement) and element.value_tell:
+        return src.stat().st_size - element.value_tell
+    return src.stat().st_size
+
+
+def _prepare_header(header: Dataset, target: UID, info: codecs.FrameInfo, nframes: int, source_bytes: int) -> None:
+    """Set what the target syntax dictates (PS3.5 8.2), and keep a lossy source marked as lossy."""
+    native = nframes * info.rows * info.columns * info.samples_per_pixel * info.bits_allocated // 8
+    _carry_lossy_history(header, UID(header.file_meta.TransferSyntaxUID), native / max(source_bytes, 1))
     header.file_meta.TransferSyntaxUID = target
     header.PhotometricInterpretation = info.photometric_interpretation
     if info.samples_per_pixel > 1:
@@ -367,6 +396,24 @@ def _prepare_header(header: Dataset, target: UID, info: codecs.FrameInfo, nframe
     for tag in _OFFSET_TABLES:
         if tag in header:
             del header[tag]
+
+
+def _carry_lossy_history(header: Dataset, source: UID, approximate_ratio: float) -> None:
+    """An image once lossy compressed stays marked so, whatever it is written as next (PS3.3 C.7.6.1.1.5).
+
+    A source in a lossy syntax whose header does not say so gets Lossy Image Compression 01, and its own step
+    (method, and the ratio of the native size to the source's Pixel Data) is recorded, as DCMTK and GDCM do when they
+    decompress it. A header saying 00 is believed only where the syntax can also carry a reversible stream.
+    """
+    syntax = syntaxes.BY_UID.get(source)
+    flag = header.get("LossyImageCompression")
+    if syntax is None or syntax.lossless or flag == "01" or (flag == "00" and syntax.may_be_reversible):
+        return
+    header.LossyImageCompression = "01"
+    ratios, methods = _values(header, "LossyImageCompressionRatio"), _values(header, "LossyImageCompressionMethod")
+    if len(ratios) == len(methods):  # the two lists go pairwise; a header that breaks that is left as it is
+        header.LossyImageCompressionRatio = [*ratios, f"{approximate_ratio:.4g}"]
+        header.LossyImageCompressionMethod = [*methods, syntax.lossy_method]
 
 
 def _mark_lossy(header: Dataset, target: UID, ratio: float, keep_uid: bool) -> None:
@@ -539,7 +586,7 @@ def _write_native(src: Path, header: Dataset, dst: Path, syntax: UID) -> None:
     nframes = int(header.get("NumberOfFrames") or 1)
     frame_bytes = info.rows * info.columns * info.samples_per_pixel * info.bits_allocated // 8
     length = nframes * frame_bytes
-    _prepare_header(header, syntax, info, nframes)
+    _prepare_header(header, syntax, info, nframes, _pixel_data_bytes(src, header))
     trailing = _split_trailing(header)
     implicit = syntax == ImplicitVRLittleEndian
     with dst.open("wb") as out:

@@ -17,10 +17,13 @@ class Syntax:
     lossless: bool
     lossy_method: str | None = None
     """Lossy Image Compression Method (0028,2114) defined term (PS3.3 C.7.6.1.1.5.1)."""
+    may_be_reversible: bool = False
+    """A lossy syntax that can also carry a lossless stream (near-lossless JPEG-LS with NEAR 0, reversible JPEG 2000
+    and HTJ2K): a header saying Lossy Image Compression 00 is then believed."""
 
 
-def _syntax(keyword: str, lossless: bool, lossy_method: str | None = None) -> Syntax:
-    return Syntax(UID(getattr(pydicom.uid, keyword)), lossless, lossy_method)
+def _syntax(keyword: str, lossless: bool, lossy_method: str | None = None, may_be_reversible: bool = False) -> Syntax:
+    return Syntax(UID(getattr(pydicom.uid, keyword)), lossless, lossy_method, may_be_reversible)
 
 
 # Ordered by our preference as an acceptor: pynetdicom picks the first syntax of *our* list that the
@@ -38,10 +41,10 @@ TABLE: tuple[Syntax, ...] = (
     _syntax("RLELossless", True),
     _syntax("JPEGLosslessSV1", True),
     _syntax("JPEGLossless", True),
-    _syntax("JPEGLSNearLossless", False, "ISO_14495_1"),
-    _syntax("HTJ2K", False, "ISO_15444_15"),
-    _syntax("JPEG2000", False, "ISO_15444_1"),
-    _syntax("JPEG2000MC", False, "ISO_15444_2"),
+    _syntax("JPEGLSNearLossless", False, "ISO_14495_1", True),
+    _syntax("HTJ2K", False, "ISO_15444_15", True),
+    _syntax("JPEG2000", False, "ISO_15444_1", True),
+    _syntax("JPEG2000MC", False, "ISO_15444_2", True),
     _syntax("JPEGBaseline8Bit", False, "ISO_10918_1"),
     _syntax("JPEGExtended12Bit", False, "ISO_10918_1"),
 )

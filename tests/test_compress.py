@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.pixels import pixel_array
 from pydicom.uid import (
+    JPEG2000,
     UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -361,6 +362,91 @@ def test_values_outside_bits_stored_are_caught_by_verification(tmp_path: Path) -
     assert not result.compressed and result.verify_failed, result.reason
     assert "verification failed" in result.reason
     assert not (tmp_path / "out.dcm").exists()
+
+
+def _padded_ct(signed: bool) -> np.ndarray:
+    """One 16/12 frame whose background sits at the end of the range (signed padding -2048, or unsigned 4095
+    metal), where a codec's error can leave the range Bits Stored allows."""
+    rows, columns = np.indices((64, 64))
+    body = (rows - 32) ** 2 + (columns - 32) ** 2 < 24**2
+    texture = ((rows * 7 + columns * 3) % 41).astype(np.int32) * 20
+    if signed:
+        return np.where(body, texture - 400, -2048).astype(np.int16)[None]
+    return np.where(body, texture + 1000, 4095).astype(np.uint16)[None]
+
+
+@pytest.mark.parametrize(
+    "options, signed",
+    [({"syntax": "JPEGLSNearLossless", "jls_error": 2}, True), ({"syntax": "HTJ2K"}, False)],
+    ids=["JPEG-LS near-lossless, signed padding", "HTJ2K, saturated unsigned"],
+)
+def test_lossy_output_never_leaves_bits_stored(options: dict[str, Any], signed: bool, tmp_path: Path) -> None:
+    """Decoded as Bits Stored says (its low bits), an overshoot turns -2050 into +2046 and 4118 into 22 while the
+    PSNR looks fine: such output is refused, and with no plugin left the original is forwarded."""
+    src = write_image(tmp_path / "in.dcm", _padded_ct(signed), 12)
+    result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(**options))
+    assert not result.compressed, f"compressed at PSNR {result.psnr}"
+    assert "outside the range Bits Stored 12 allows" in result.reason
+    assert not (tmp_path / "out.dcm").exists()
+
+
+def test_lossy_output_inside_bits_stored_is_kept(tmp_path: Path) -> None:
+    """The same images away from the ends of the range compress as before."""
+    frames = np.clip(_padded_ct(signed=True), -2000, 2000).astype(np.int16)
+    src = write_image(tmp_path / "in.dcm", frames, 12)
+    result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax="JPEGLSNearLossless", jls_error=2))
+    assert result.compressed, result.reason
+    decoded = _pixels(tmp_path / "out.dcm").astype(np.int64)
+    assert decoded.min() >= -2048 and np.abs(decoded - frames[0]).max() <= 2
+
+
+def _lossy_source(tmp_path: Path, flag: str | None, syntax: str = "JPEGLSNearLossless") -> Path:
+    """A bundled lossy file, its Lossy Image Compression set to `flag` (None: absent, as pydicom ships it)."""
+    name = {"JPEGLSNearLossless": "JPEGLSNearLossless_08.dcm", "JPEGBaseline8Bit": "SC_rgb_jpeg_dcmtk.dcm"}[syntax]
+    ds = pydicom.dcmread(next(p for p in bundled_files() if p.name == name))
+    assert ds.file_meta.TransferSyntaxUID.keyword == syntax
+    for keyword in ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    if flag is not None:
+        ds.LossyImageCompression = flag
+    ds.save_as(tmp_path / "lossy.dcm")
+    return tmp_path / "lossy.dcm"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        CompressSpec(syntax="ExplicitVRLittleEndian"),
+        CompressSpec(syntax="JPEGLSLossless", allow_lossy_to_lossless=True, force=True),
+        CompressSpec(syntax="JPEG2000", j2k_psnr=[50], force=True),
+    ],
+    ids=lambda spec: UID(spec.syntax).keyword,
+)
+def test_a_lossy_source_stays_marked_lossy(spec: CompressSpec, tmp_path: Path) -> None:
+    """pydicom's near-lossless JPEG-LS file does not say it is lossy: every output says so, with its step first
+    (PS3.3 C.7.6.1.1.5), as DCMTK's and GDCM's decompressors write."""
+    src = _lossy_source(tmp_path, None)
+    assert compress.transcode_file(src, tmp_path / "out.dcm", spec).compressed
+    out = _header(tmp_path / "out.dcm")
+    assert out.LossyImageCompression == "01"
+    methods = _values(out, "LossyImageCompressionMethod")
+    assert methods[0] == "ISO_14495_1"
+    assert len(methods) == len(_values(out, "LossyImageCompressionRatio")) == (2 if spec.syntax == JPEG2000 else 1)
+    assert float(_values(out, "LossyImageCompressionRatio")[0]) > 1
+
+
+@pytest.mark.parametrize(
+    "syntax, flag, expected",
+    [("JPEGLSNearLossless", "00", "00"), ("JPEGBaseline8Bit", "00", "01"), ("JPEGBaseline8Bit", None, "01")],
+)
+def test_a_header_saying_lossless_is_believed_where_the_syntax_can_be(
+    syntax: str, flag: str | None, expected: str, tmp_path: Path
+) -> None:
+    """Near-lossless JPEG-LS with NEAR 0 is lossless; JPEG baseline never is."""
+    src = _lossy_source(tmp_path, flag, syntax)
+    compress.decompress_file(src, tmp_path / "out.dcm")
+    assert _header(tmp_path / "out.dcm").LossyImageCompression == expected
 
 
 def test_verification_can_be_switched_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
