@@ -330,7 +330,7 @@ def _encode_with(plugin: codecs.Plugin, src: Path, header: Dataset, dst: Path, s
         psnr = None
         if not lossless:
             native = len(lengths) * info.rows * info.columns * info.samples_per_pixel * info.bits_allocated // 8
-            _mark_lossy(header, target, native / sum(lengths), spec.keep_sop_instance_uid)
+            _mark_lossy(header, spec, native / sum(lengths))
             peak = float(2**info.bits_stored - 1)
             mse = squared_error / max(samples, 1)
             psnr = math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
@@ -416,9 +416,15 @@ def _carry_lossy_history(header: Dataset, source: UID, approximate_ratio: float)
         header.LossyImageCompressionMethod = [*methods, syntax.lossy_method]
 
 
-def _mark_lossy(header: Dataset, target: UID, ratio: float, keep_uid: bool) -> None:
-    """Lossy Image Compression, Ratio and Method, Image Type DERIVED, a new UID (PS3.3 C.7.6.1.1.5)."""
-    method = syntaxes.BY_UID[target].lossy_method
+def _mark_lossy(header: Dataset, spec: CompressSpec, ratio: float) -> None:
+    """Lossy Image Compression, Ratio and Method, Image Type DERIVED, a new UID (PS3.3 C.7.6.1.1.5).
+
+    The new UID is derived from the source's and the encoding (syntax and options): an instance processed again
+    (after a crash, or a failed commit retried) yields the same image under the same UID, which an archive takes
+    as a duplicate, not as a second image.
+    """
+    assert spec.syntax is not None
+    method = syntaxes.BY_UID[spec.syntax].lossy_method
     assert method is not None
     header.LossyImageCompression = "01"
     header.LossyImageCompressionRatio = [*_values(header, "LossyImageCompressionRatio"), f"{ratio:.4g}"]
@@ -429,14 +435,15 @@ def _mark_lossy(header: Dataset, target: UID, ratio: float, keep_uid: bool) -> N
     previous = str(header.get("DerivationDescription", ""))
     header.DerivationDescription = (f"{previous}; {description}" if previous else description)[:1024]
     header.DerivationCodeSequence = [_code(*_LOSSY_COMPRESSION)]
-    if keep_uid:
+    if spec.keep_sop_instance_uid:
         return
     reference = Dataset()
     reference.ReferencedSOPClassUID = header.SOPClassUID
     reference.ReferencedSOPInstanceUID = header.SOPInstanceUID
     reference.PurposeOfReferenceCodeSequence = [_code(*_UNCOMPRESSED_PREDECESSOR)]
     header.SourceImageSequence = Sequence([*header.get("SourceImageSequence", []), reference])
-    header.SOPInstanceUID = generate_uid()
+    encoding = [str(spec.syntax), *(f"{key}={value}" for key, value in sorted(spec.encoder_options().items()))]
+    header.SOPInstanceUID = generate_uid(entropy_srcs=[str(header.SOPInstanceUID), *encoding])
     header.file_meta.MediaStorageSOPInstanceUID = header.SOPInstanceUID
 
 

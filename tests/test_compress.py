@@ -169,6 +169,25 @@ def test_lossy_can_keep_the_uid(tmp_path: Path) -> None:
     assert out.LossyImageCompression == "01" and "SourceImageSequence" not in out
 
 
+def test_lossy_uid_is_the_same_when_an_instance_is_encoded_again(tmp_path: Path) -> None:
+    """Processing is repeated after a crash or a failed commit: the archive must get the same lossy image under the
+    same UID (a duplicate), not a second image; other settings make another image, so another UID."""
+    src = write_image(tmp_path / "in.dcm", _smooth((1, 64, 64), np.uint16, 12), 12)
+    uids = [
+        compress.transcode_file(src, tmp_path / f"out{n}.dcm", CompressSpec(**options)).sop_instance_uid
+        for n, options in enumerate(
+            [
+                {"syntax": "JPEG2000", "j2k_psnr": [40]},
+                {"syntax": "JPEG2000", "j2k_psnr": [40]},
+                {"syntax": "JPEG2000", "j2k_psnr": [50]},
+                {"syntax": "JPEGLSNearLossless", "jls_error": 2},
+            ]
+        )
+    ]
+    assert uids[0] == uids[1] == _header(tmp_path / "out1.dcm").SOPInstanceUID
+    assert len({_header(src).SOPInstanceUID, *uids}) == 4
+
+
 def _smooth(shape: tuple[int, ...], dtype: type, bits: int, seed: int = 0) -> np.ndarray:
     """A compressible image: a gradient with a little noise, within Bits Stored."""
     rng = np.random.default_rng(seed)
