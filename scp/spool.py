@@ -314,6 +314,11 @@ class Spool:
         folder = self.quarantine_dir / job.destination
         folder.mkdir(exist_ok=True)
         target = folder / job.id
+        if target.exists():
+            # Quarantined before, then made again: its instance was processed a second time (after a crash, or a
+            # failed commit retried). The newer job and reason replace the older; a crash in between leaves the
+            # job in outgoing/ with its reason, to be quarantined again.
+            _remove(target)
         os.replace(job.path, target)
         fsync_dir(job.path.parent)
         fsync_dir(folder)

@@ -175,6 +175,20 @@ def test_a_job_made_from_the_instance_is_fsynced_before_it_is_committed(
     assert passed.instance.stat().st_ino not in synced  # fsynced once already, when it was received
 
 
+def test_a_job_made_again_replaces_its_quarantined_copy(tmp_path: Path) -> None:
+    """An instance processed a second time (a retried commit) makes its job again after it was quarantined: moving
+    it to quarantine must not fail (the job would be sent again and again)."""
+    spool = Spool(tmp_path)
+    spool_id = spool.commit_received(_written(spool), RECEIVED)
+    source = spool.received_path(spool_id)
+    spool.quarantine(spool.commit_job(spool_id, "archive", source, source, {"n": 1}), "reason: first")
+    again = spool.commit_job(spool_id, "archive", source, source, {"n": 2})
+    quarantined = spool.quarantine(again, "reason: second")
+    assert spool.jobs() == [] and spool.quarantined() == [quarantined]
+    assert quarantined.reason() == "reason: second" and quarantined.info() == {"n": 2}
+    assert not _left_in_tmp(spool)
+
+
 def test_quarantine_requeue_and_purge(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     job = _job(spool)
