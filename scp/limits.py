@@ -200,8 +200,11 @@ def check_instance(path: Path, size: int, transfer_syntax: str, max_inflated: in
         ds = pydicom.dcmread(path, defer_size=4096)
         # pydicom converts values lazily and a bad one raises on first access: touch what the node relies on.
         # Other values are carried through as received (a stray bad value is not worth refusing an image for).
-        ds.get("SOPInstanceUID")
-        ds.get("SOPClassUID")
+        for keyword in ("SOPInstanceUID", "SOPClassUID"):
+            if not ds.get(keyword):
+                raise ValueError(f"the data set has no {keyword}")
+        if not deflated:
+            _check_complete(ds, size)
         _check_pixel_data(ds, size, deflated)
     except Refused:
         raise
@@ -229,6 +232,18 @@ def _inflated_size(path: Path, limit: int) -> int | None:
                 break
         total += len(inflater.flush())
     return total if total <= limit else None
+
+
+def _check_complete(ds: Dataset, file_size: int) -> None:
+    """Every element of the data set has the bytes its length declares: pydicom reads a value cut short by the
+    end of the file, or defers one that runs past it, without a word."""
+    for tag in list(ds.keys()):  # the tags only: iterating a Dataset converts every value
+        raw = ds.get_item(tag, keep_deferred=True)
+        if not isinstance(raw, RawDataElement) or raw.length == UNDEFINED_LENGTH:
+            continue
+        present = file_size - raw.value_tell if raw.value is None else len(raw.value)
+        if present < raw.length:
+            raise ValueError(f"element {tag} declares {raw.length} bytes but the file ends {present} in")
 
 
 def _check_pixel_data(ds: Dataset, file_size: int, deflated: bool) -> None:

@@ -130,6 +130,26 @@ def test_pixel_data_shorter_than_rows_times_columns_is_refused(tmp_path: Path) -
     assert [p.name for p in (tmp_path / "folder").iterdir()] == [f"{whole_uid}.dcm"]
 
 
+def test_data_sets_with_no_uids_or_values_cut_short_are_refused(tmp_path: Path) -> None:
+    """pydicom reads all of these without an error; each would have been answered Success and forwarded."""
+    uid = generate_uid()
+    body = hostile.header(uid) + hostile.image(8, 8, bytes(64))
+    broken = {
+        "garbage": b"\xff" * 1000,
+        "empty": b"",
+        "no SOP Instance UID": hostile.element(0x0008, 0x0016, "UI", hostile.uid_value("1.2.840.10008.5.1.4.1.1.2")),
+        "a value cut short": hostile.header(uid) + hostile.element(0x0008, 0x103E, "LO", b"abcdefghij")[:-4],
+        "a value running past the end": hostile.header(uid) + hostile.element(0x0008, 0x1030, "LO", b"x" * 20, 0x7FF0),
+    }
+    paths = {name: hostile.part10(tmp_path / f"{n}.dcm", uid, data) for n, (name, data) in enumerate(broken.items())}
+    whole = hostile.part10(tmp_path / "whole.dcm", uid, body)
+    with running_node(_config(tmp_path)) as node:
+        answers = {name: hostile.store(node.port, path) for name, path in paths.items()}
+        assert answers == dict.fromkeys(broken, status.CANNOT_UNDERSTAND)
+        assert not node.spool.incoming()
+        assert hostile.store(node.port, whole) == status.SUCCESS
+
+
 def test_instance_over_max_instance_bytes_is_refused(tmp_path: Path) -> None:
     with running_node(_config(tmp_path, max_instance_bytes=16_384)) as node:
         assert hostile.store(node.port, TEST_FILES / "CT_small.dcm") == status.OUT_OF_RESOURCES
