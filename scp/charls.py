@@ -98,7 +98,7 @@ def encode(frame: np.ndarray, bits_stored: int, near: int = 0) -> bytes:
     signed = frame.dtype.kind == "i"
     if near and signed:
         raise ValueError("near-lossless JPEG-LS of signed samples is left to pydicom's range checks")
-    low, high = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
+    low, high = stored_range(bits_stored, signed)
     if int(frame.max()) > high or (signed and int(frame.min()) < low):
         raise ValueError(f"samples outside the range of Bits Stored {bits_stored}")
     samples = unsigned_samples(frame)
@@ -126,6 +126,11 @@ def encode(frame: np.ndarray, bits_stored: int, near: int = 0) -> bytes:
     finally:
         lib.charls_jpegls_encoder_destroy(encoder)
     return out[: written.value].tobytes()
+
+
+def stored_range(bits_stored: int, signed: bool) -> tuple[int, int]:
+    """The least and greatest sample value Bits Stored can hold, two's complement when `signed`."""
+    return (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
 
 
 def unsigned_samples(frame: np.ndarray) -> np.ndarray:

@@ -51,6 +51,16 @@ class FrameInfo:
     photometric_interpretation: str
     """The value *after* encoding, e.g. YBR_RCT for RGB pixels that get the reversible colour transform."""
 
+    @property
+    def frame_bytes(self) -> int:
+        """The size of one frame uncompressed (Bits Allocated 8 or more)."""
+        return self.rows * self.columns * self.samples_per_pixel * self.bits_allocated // 8
+
+    @property
+    def stored_range(self) -> tuple[int, int]:
+        """The least and greatest sample value Bits Stored can hold."""
+        return charls.stored_range(self.bits_stored, bool(self.pixel_representation))
+
     def pixel_keywords(self) -> dict[str, Any]:
         """The description as pydicom's encoders and decoders take it, for one frame."""
         keywords: dict[str, Any] = {

@@ -329,8 +329,7 @@ def _encode_with(plugin: codecs.Plugin, src: Path, header: Dataset, dst: Path, s
         _prepare_header(header, target, info, len(lengths), _pixel_data_bytes(src, header))
         psnr = None
         if not lossless:
-            native = len(lengths) * info.rows * info.columns * info.samples_per_pixel * info.bits_allocated // 8
-            _mark_lossy(header, spec, native / sum(lengths))
+            _mark_lossy(header, spec, len(lengths) * info.frame_bytes / sum(lengths))
             peak = float(2**info.bits_stored - 1)
             mse = squared_error / max(samples, 1)
             psnr = math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
@@ -366,12 +365,11 @@ def _check_within_bits_stored(decoded: np.ndarray, info: codecs.FrameInfo, index
     overshoot the range near its ends: a reader taking the low Bits Stored bits would turn black padding white
     and white metal black, while the error itself looks small. Another plugin may declare Bits Stored instead.
     """
-    bits = info.bits_stored
-    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if info.pixel_representation else (0, (1 << bits) - 1)
+    low, high = info.stored_range
     if decoded.size and (int(decoded.min()) < low or int(decoded.max()) > high):
         raise codecs.PluginFailed(
             f"frame {index} decodes to values in [{decoded.min()}, {decoded.max()}], outside the range Bits Stored "
-            f"{bits} allows ([{low}, {high}])"
+            f"{info.bits_stored} allows ([{low}, {high}])"
         )
 
 
@@ -387,7 +385,7 @@ def _pixel_data_bytes(src: Path, header: Dataset) -> int:
 
 def _prepare_header(header: Dataset, target: UID, info: codecs.FrameInfo, nframes: int, source_bytes: int) -> None:
     """Set what the target syntax dictates (PS3.5 8.2), and keep a lossy source marked as lossy."""
-    native = nframes * info.rows * info.columns * info.samples_per_pixel * info.bits_allocated // 8
+    native = nframes * info.frame_bytes
     _carry_lossy_history(header, UID(header.file_meta.TransferSyntaxUID), native / max(source_bytes, 1))
     header.file_meta.TransferSyntaxUID = target
     header.PhotometricInterpretation = info.photometric_interpretation
@@ -591,7 +589,7 @@ def _write_native(src: Path, header: Dataset, dst: Path, syntax: UID) -> None:
     photometric, frames = _source_frames(src, header)
     info = _frame_info(header, photometric)
     nframes = int(header.get("NumberOfFrames") or 1)
-    frame_bytes = info.rows * info.columns * info.samples_per_pixel * info.bits_allocated // 8
+    frame_bytes = info.frame_bytes
     length = nframes * frame_bytes
     _prepare_header(header, syntax, info, nframes, _pixel_data_bytes(src, header))
     trailing = _split_trailing(header)

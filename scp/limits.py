@@ -205,7 +205,7 @@ def check_instance(path: Path, size: int, transfer_syntax: str, max_inflated: in
                 raise ValueError(f"the data set has no {keyword}")
         if not deflated:
             _check_complete(ds, size)
-        _check_pixel_data(ds, size, deflated)
+        _check_pixel_data(ds)
     except Refused:
         raise
     except RecursionError:
@@ -246,14 +246,13 @@ def _check_complete(ds: Dataset, file_size: int) -> None:
             raise ValueError(f"element {tag} declares {raw.length} bytes but the file ends {present} in")
 
 
-def _check_pixel_data(ds: Dataset, file_size: int, deflated: bool) -> None:
-    """Native Pixel Data must hold every frame its attributes describe, and must not run past the file's end."""
+def _check_pixel_data(ds: Dataset) -> None:
+    """Native Pixel Data must hold every frame its attributes describe (running past the file's end is
+    _check_complete's)."""
     raw = ds.get_item(PIXEL_DATA, keep_deferred=True)
     if not isinstance(raw, RawDataElement) or raw.length == UNDEFINED_LENGTH:  # absent, or encapsulated
         return
     declared = int(raw.length)
-    if not deflated and raw.value_tell + declared > file_size:
-        raise ValueError(f"Pixel Data declares {declared} bytes but the file ends {file_size - raw.value_tell} in")
     if any(ds.get(keyword) is None for keyword in ("Rows", "Columns", "BitsAllocated")):
         return  # not an image the codecs could touch: it is forwarded unchanged
     frames = int(ds.get("NumberOfFrames") or 1)
