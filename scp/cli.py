@@ -228,6 +228,13 @@ def _explain(args: argparse.Namespace) -> int:
 
     loaded = config.load(args.config)
     called_ae = args.called_ae or loaded.node.ae_title
+    if not loaded.node.answers_to(called_ae):
+        print(
+            f"the node rejects associations calling '{called_ae}': it is neither node.ae_title nor one of "
+            "node.aliases, and node.accept_any_called_ae is false",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     failed = 0
     for path in args.files:
         try:

@@ -111,6 +111,15 @@ class NodeConfig(_Model):
     """The largest data set a Deflated Explicit VR Little Endian instance may inflate to."""
     allowed_calling_aets: list[AETitle | AllowedCaller] | None = None
     """None: any calling AE title may associate; otherwise only these (PS3.8 7.1.1.3)."""
+    aliases: list[AETitle] = Field(default_factory=list)
+    """Further called AE titles the node answers to (a rule may route on `called_ae`)."""
+    accept_any_called_ae: bool = False
+    """True: an association is accepted whatever AE title it calls (PS3.8 7.1.1.4), as DCMTK's storescp does."""
+
+    def answers_to(self, called_ae: str) -> bool:
+        """Whether an association calling `called_ae` is accepted."""
+        return self.accept_any_called_ae or called_ae in (self.ae_title, *self.aliases)
+
     tls: TlsConfig | None = None
 
 

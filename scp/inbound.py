@@ -242,7 +242,7 @@ def make_server(
     ae.network_timeout = node.network_timeout
     receive.add_supported_contexts(ae)
     handlers: list[Any] = [
-        *security.access_handlers(node.allowed_calling_aets, reporter.rejected),
+        *security.access_handlers(node, reporter.rejected),
         *receive.handlers(spool, reporter, node, min_free),
     ]
     server = ae.make_server(

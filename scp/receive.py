@@ -26,6 +26,7 @@ from scp import limits, status, syntaxes
 from scp.config import NodeConfig
 from scp.errors import SpoolError
 from scp.forward import set_nodelay
+from scp.security import called_ae_title
 from scp.spool import Received, Spool
 
 LOGGER = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def _store(event: Event, path: Path, spool: Spool, reporter: Reporter, node: Nod
     syntax = str(event.context.transfer_syntax)
     received = Received(
         calling_ae=calling,
-        called_ae=assoc.acceptor.ae_title,
+        called_ae=called_ae_title(assoc),
         peer_address=str(assoc.requestor.address),
         sop_class_uid=str(request.AffectedSOPClassUID),
         sop_instance_uid=sop_instance_uid,

@@ -1,4 +1,5 @@
-"""Who may talk to the node: calling-AE access control, and TLS contexts for DICOM TLS (PS3.15 B.9, BCP 195).
+"""Who may talk to the node: called- and calling-AE access control, and TLS contexts for DICOM TLS (PS3.15 B.9,
+BCP 195).
 
 BCP 195 (RFC 9325) asks for TLS 1.2 or later with forward-secret AEAD cipher suites only; the contexts below
 allow exactly that and nothing older, on both sides of the node.
@@ -13,17 +14,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pynetdicom import evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-from scp.config import AllowedCaller, TlsConfig
+from scp.config import AllowedCaller, NodeConfig, TlsConfig
 from scp.errors import ConfigError
 
 LOGGER = logging.getLogger(__name__)
 
-# PS3.8 9.3.4: A-ASSOCIATE-RJ result 1 (permanent), source 1 (service user), reason 3 (calling AE not recognised)
+# PS3.8 9.3.4: A-ASSOCIATE-RJ result 1 (permanent), source 1 (service user), reason 3 (calling AE title not
+# recognised) or 7 (called AE title not recognised)
 REJECTED_PERMANENT = 0x01
 SOURCE_SERVICE_USER = 0x01
 CALLING_AE_NOT_RECOGNISED = 0x03
+CALLED_AE_NOT_RECOGNISED = 0x07
 
 # TLS 1.2 suites of RFC 9325 4.2 (ECDHE with AES-GCM or ChaCha20-Poly1305); TLS 1.3 suites are all AEAD.
 BCP195_CIPHERS = ":".join(
@@ -72,31 +77,49 @@ class CallerPolicy:
         return any(peer in network for network in networks)
 
 
-def handle_requested(event: Event, policy: CallerPolicy, on_reject: Callable[[str], None]) -> None:
-    """EVT_REQUESTED: reject an unknown calling AE (or a known one from the wrong address) before negotiation,
-    so nothing it sends is ever read as a dataset; `on_reject` is told why."""
-    assoc = event.assoc
+def called_ae_title(assoc: Association) -> str:
+    """The AE title the peer called: the node's own or an alias (pynetdicom's `acceptor.ae_title` is always the
+    node's own)."""
+    return _request(assoc).called_ae_title.strip()
+
+
+def _request(assoc: Association) -> A_ASSOCIATE:
     request = assoc.requestor.primitive
-    assert request is not None, "EVT_REQUESTED comes with the A-ASSOCIATE request"
-    calling = str(request.calling_ae_title).strip()
+    assert request is not None, "an association being negotiated or established has its A-ASSOCIATE request"
+    return request
+
+
+def handle_requested(
+    event: Event, node: NodeConfig, callers: CallerPolicy | None, on_reject: Callable[[str], None]
+) -> None:
+    """EVT_REQUESTED: reject a call to an AE title the `node` does not answer to, and an unknown calling AE (or
+    a known one from the wrong address; None: any), before negotiation, so nothing they send is ever read as a
+    dataset; `on_reject` is told why."""
+    assoc = event.assoc
+    called = called_ae_title(assoc)
+    calling = _request(assoc).calling_ae_title.strip()  # requestor.ae_title is set only once accepted
     address = str(assoc.requestor.address)
-    if policy.permits(calling, address):
+    if not node.answers_to(called):
+        why, reason = "called AE not recognised", CALLED_AE_NOT_RECOGNISED
+    elif callers is not None and not callers.permits(calling, address):
+        why, reason = "calling AE not recognised", CALLING_AE_NOT_RECOGNISED
+    else:
         return
-    LOGGER.warning("rejected association from %s at %s: calling AE not recognised", calling, address)
-    on_reject("calling AE not recognised")
-    assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, CALLING_AE_NOT_RECOGNISED)
+    LOGGER.warning("rejected association from %s at %s to %s: %s", calling, address, called, why)
+    on_reject(why)
+    assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, reason)
     # As pynetdicom's own ACSE rejection does: let the DUL deliver the A-ASSOCIATE-RJ before the socket closes.
     evt.trigger(assoc, evt.EVT_REJECTED, {})
     assoc.kill()
 
 
-def access_handlers(
-    entries: Sequence[str | AllowedCaller] | None, on_reject: Callable[[str], None]
-) -> list[tuple[object, ...]]:
-    """The EVT_REQUESTED handler enforcing `node.allowed_calling_aets`, or none when every AE may call."""
-    if entries is None:
+def access_handlers(node: NodeConfig, on_reject: Callable[[str], None]) -> list[tuple[object, ...]]:
+    """The EVT_REQUESTED handler enforcing the node's called AE titles (`ae_title` and `aliases`, unless
+    `accept_any_called_ae`) and `allowed_calling_aets`; none when neither is checked."""
+    callers = None if node.allowed_calling_aets is None else CallerPolicy.from_config(node.allowed_calling_aets)
+    if node.accept_any_called_ae and callers is None:
         return []
-    return [(evt.EVT_REQUESTED, handle_requested, [CallerPolicy.from_config(entries), on_reject])]
+    return [(evt.EVT_REQUESTED, handle_requested, [node, callers, on_reject])]
 
 
 def _bcp195(context: ssl.SSLContext) -> ssl.SSLContext:

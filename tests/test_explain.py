@@ -95,6 +95,7 @@ def test_research_destination_gets_only_uncompressed(capsys: pytest.CaptureFixtu
         (["--calling-ae", "SERVICE_CT2"], "service-test-images", "drop"),
         (["--peer", "203.0.113.7"], "outside-the-hospital-networks", "quarantine"),
         (["--peer", "10.20.30.40"], "ct-mr-cr-dx-nm-pt", "forward"),
+        (["--called-ae", "COMPRESS_RSRCH"], "research-by-title", "forward"),
     ],
 )
 def test_explain_uses_the_association_facts(
@@ -114,3 +115,10 @@ def test_explain_text_and_an_unreadable_file(capsys: pytest.CaptureFixture[str],
     assert "rule:      ct-mr-cr-dx-nm-pt (forward)" in out
     assert "-> teleradiology: JPEG2000, compressed" in out
     assert f"{junk}: cannot be read as DICOM" in out
+
+
+def test_explain_refuses_a_title_the_node_rejects(capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["explain", "--config", str(HOSPITAL), "--called-ae", "ANY-SCP", str(TEST_FILES / "CT_small.dcm")])
+    captured = capsys.readouterr()
+    assert status == 1 and not captured.out
+    assert "the node rejects associations calling 'ANY-SCP'" in captured.err

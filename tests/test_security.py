@@ -1,4 +1,5 @@
-"""Calling-AE access control (optionally bound to addresses), and logs that never name the patient."""
+"""Called- and calling-AE access control (calling AEs optionally bound to addresses), and logs that never name the
+patient."""
 
 from __future__ import annotations
 
@@ -31,21 +32,52 @@ def _stored(tmp_path: Path) -> list[Path]:
 
 
 def test_unknown_calling_ae_is_rejected_and_nothing_is_stored(tmp_path: Path) -> None:
-    def rejected() -> float:
-        value = metrics.REGISTRY.get_sample_value(
-            "scp_associations_rejected_total", {"reason": "calling AE not recognised"}
-        )
-        return value or 0.0
-
-    rejected_before = rejected()
+    rejected_before = _rejections("calling AE not recognised")
     with running_node(_config(tmp_path, ["CT_SCANNER", {"ae_title": "MR_SCANNER"}])) as node:
         unknown = storescu(node.port, [TEST_FILES / "CT_small.dcm"], extra=["-aet", "INTRUDER"])
         assert not node.spool.incoming()
         known = storescu(node.port, [TEST_FILES / "CT_small.dcm"], extra=["-aet", "CT_SCANNER"])
         wait_for(lambda: len(_stored(tmp_path)) == 1, 30, "the known AE's instance in the folder")
     assert "Association Rejected" in unknown and "Calling AE Title Not Recognized" in unknown, unknown
-    assert rejected() - rejected_before == 1
+    assert _rejections("calling AE not recognised") - rejected_before == 1
     assert "Received Store Response (Success)" in known, known
+
+
+def _rejections(reason: str) -> float:
+    return metrics.REGISTRY.get_sample_value("scp_associations_rejected_total", {"reason": reason}) or 0.0
+
+
+def test_unknown_called_ae_is_rejected_and_aliases_route(tmp_path: Path) -> None:
+    """A call to a title the node does not answer to is rejected (reason 7); a call to an alias is served, and a
+    rule can route on it."""
+    destinations = {
+        "folder": {"type": "directory", "path": str(tmp_path / "folder")},
+        "telerad": {"type": "directory", "path": str(tmp_path / "telerad")},
+    }
+    rules = [{"name": "telerad", "match": {"called_ae": "TELERAD_IN"}, "compress": "keep", "forward": ["telerad"]}]
+    data = node_config(tmp_path, destinations, [*rules, KEEP_RULE], node={"aliases": ["TELERAD_IN"]})
+    before = _rejections("called AE not recognised")
+    with running_node(data) as node:
+        wrong = storescu(node.port, [TEST_FILES / "CT_small.dcm"], called="ANY-SCP")
+        assert not node.spool.incoming()
+        alias = storescu(node.port, [TEST_FILES / "CT_small.dcm"], called="TELERAD_IN")
+        own = storescu(node.port, [TEST_FILES / "MR_small.dcm"])
+        wait_for(lambda: len(_stored(tmp_path)) == 1, 30, "the instance sent to the node's own title")
+        wait_for(lambda: len(list((tmp_path / "telerad").glob("*.dcm"))) == 1, 30, "the instance sent to the alias")
+    assert "Association Rejected" in wrong and "Called AE Title Not Recognized" in wrong, wrong
+    assert _rejections("called AE not recognised") - before == 1
+    assert "Received Store Response (Success)" in alias, alias
+    assert "Received Store Response (Success)" in own, own
+    uid = str(pydicom.dcmread(TEST_FILES / "MR_small.dcm", stop_before_pixels=True).SOPInstanceUID)
+    assert _stored(tmp_path)[0].name == f"{uid}.dcm"
+
+
+def test_any_called_ae_when_configured(tmp_path: Path) -> None:
+    destinations = {"folder": {"type": "directory", "path": str(tmp_path / "folder")}}
+    with running_node(node_config(tmp_path, destinations, KEEP_RULES, node={"accept_any_called_ae": True})) as node:
+        sent = storescu(node.port, [TEST_FILES / "CT_small.dcm"], called="ANY-SCP")
+        wait_for(lambda: len(_stored(tmp_path)) == 1, 30, "the instance in the folder")
+    assert "Received Store Response (Success)" in sent, sent
 
 
 def test_calling_ae_bound_to_addresses(tmp_path: Path) -> None:
@@ -98,6 +130,7 @@ def test_logs_never_name_the_patient(tmp_path: Path, caplog: pytest.LogCaptureFi
         ({"tls": {"cert": "c.pem", "key": "k.pem", "require_client_cert": True}}, "require_client_cert needs `ca`"),
         ({"allowed_calling_aets": [{"ae_title": "CT", "hosts": ["10.0.0.300/8"]}]}, "node.allowed_calling_aets.0"),
         ({"allowed_calling_aets": ["A\\B"]}, "node.allowed_calling_aets.0"),
+        ({"aliases": ["SEVENTEEN_CHARS_AE"]}, "node.aliases.0"),
     ],
 )
 def test_bad_security_settings_name_the_key(node: dict, expected: str) -> None:
