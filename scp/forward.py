@@ -9,6 +9,7 @@ is the pipeline's business.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -57,10 +58,11 @@ class Forwarder(Protocol):
 
 
 def safe_file_name(sop_instance_uid: str) -> str:
-    """A file name from a UID taken off the wire: digits and dots only, never a path."""
+    """A file name from a UID taken off the wire: the UID itself when it is digits and dots (PS3.5 9.1), else
+    the SHA-256 of the whole value, so that two different UIDs never share a file and no name is a path."""
     if re.fullmatch(r"[0-9]+(\.[0-9]+)*", sop_instance_uid) and len(sop_instance_uid) <= 64:
         return f"{sop_instance_uid}.dcm"
-    digest = sop_instance_uid.encode("utf-8", "replace").hex()[:64] or "empty"
+    digest = hashlib.sha256(sop_instance_uid.encode("utf-8", "surrogateescape")).hexdigest()
     return f"invalid-uid-{digest}.dcm"
 
 

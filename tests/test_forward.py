@@ -15,6 +15,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.sop_class import MRImageStorage
 
 from scp import config, status
+from scp.config import DirectoryDestination
+from scp.forward import DirectoryForwarder
 from scp.pipeline import Deliverer
 from scp.spool import Spool
 from scp.status import Outcome
@@ -320,3 +322,19 @@ def test_an_archive_that_stops_reading_mid_instance_costs_a_retry_not_memory(tmp
         wait_for(lambda: deliverer.run_once() == 1 and not spool.jobs(), 60, "delivery after the archive woke up")
         deliverer.close()
     assert archive.uids() == {uid}
+
+
+def test_directory_destination_keeps_apart_uids_sharing_a_long_prefix(tmp_path: Path) -> None:
+    """Two UIDs that are not digits and dots, alike in their first 32 characters: two files, each its own."""
+    spool = Spool(tmp_path / "spool")
+    made = list(make_instances(tmp_path / "modality", 2).items())
+    uids = ["1.2.826.0.1.3680043.8.498.12345.A1", "1.2.826.0.1.3680043.8.498.12345.B2"]
+    for index, ((path, _), uid) in enumerate(zip(made, uids, strict=True)):
+        _queue_job(spool, index, path, uid)
+    folder = tmp_path / "folder"
+    forwarder = DirectoryForwarder(DirectoryDestination(type="directory", path=str(folder)))
+    deliveries = list(forwarder.deliver(spool.jobs("archive")))
+    assert [d.outcome for d in deliveries] == [Outcome.DELIVERED] * 2, deliveries
+    written = sorted(path.read_bytes() for path in folder.iterdir())
+    assert written == sorted(path.read_bytes() for path, _ in made)
+    assert all(len(path.name) <= 255 and path.name.startswith("invalid-uid-") for path in folder.iterdir())
