@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -68,13 +70,35 @@ def _inputs(inputs: Sequence[Path]) -> Iterator[tuple[Path, Path]]:
             yield item, Path(item.name)
 
 
+def _refuse_overwriting_inputs(pairs: Sequence[tuple[Path, Path]], output: Path) -> None:
+    """Stop before anything is written when an output would be one of the inputs (same file, by inode)."""
+    sources = {_identity(src) for src, _ in pairs}
+    targets = [output / relative for _, relative in pairs]
+    clashing = [str(dst) for dst in targets if dst.exists() and _identity(dst) in sources]
+    if clashing:
+        raise ScpError(
+            f"--output {output} would write over input files: {', '.join(clashing)}; "
+            "choose an output folder that holds none of the inputs"
+        )
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """The file a path names, whatever links lead to it."""
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
+
+
 def compress_tree(
     inputs: Sequence[Path], output: Path, spec: CompressSpec, jobs: int = 1, progress: bool = False
 ) -> Report:
-    """Re-encode every input into `output`; an input that is not re-encoded is copied unchanged."""
+    """Re-encode every input into `output`; an input that is not re-encoded is copied unchanged.
+
+    Each output is written to a temporary file beside it and renamed into place; nothing is written when an
+    output would replace an input."""
     if missing := [str(p) for p in inputs if not p.exists()]:
         raise ScpError(f"no such file or folder: {', '.join(missing)}")
     pairs = list(_inputs(inputs))
+    _refuse_overwriting_inputs(pairs, output)
     report = Report()
     encoder = Encoder(max(1, jobs))
 
@@ -82,9 +106,14 @@ def compress_tree(
         src, relative = pair
         dst = output / relative
         dst.parent.mkdir(parents=True, exist_ok=True)
-        result = encoder.transcode(src, dst, spec)
-        if not result.compressed:
-            shutil.copyfile(src, dst)
+        partial = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.part")
+        try:
+            result = encoder.transcode(src, partial, spec)
+            if not result.compressed:
+                shutil.copyfile(src, partial)
+            os.replace(partial, dst)
+        finally:
+            partial.unlink(missing_ok=True)
         return relative, result
 
     try:

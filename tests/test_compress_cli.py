@@ -123,3 +123,31 @@ def test_shorthand_still_works() -> None:
         "rules": [{"name": "r", "compress": "HTJ2KLosslessRPCL", "forward": ["a"]}],
     }
     assert config.parse(data).rules[0].compress.syntax == pydicom.uid.HTJ2KLosslessRPCL
+
+
+@pytest.mark.parametrize("where", ["input folder", "file's folder", "link to it"])
+def test_an_output_over_the_inputs_is_refused_touching_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    source = _tree(tmp_path / "in")
+    before = {p: p.read_bytes() for p in source.rglob("*") if p.is_file()}
+    (tmp_path / "link").symlink_to(source)
+    inputs, output = {
+        "input folder": ([source], source),
+        "file's folder": ([source / "a.dcm"], source),
+        "link to it": ([source], tmp_path / "link"),
+    }[where]
+    argv = ["compress", "--to", "RLELossless", "--output", str(output), "--jobs", "1", *map(str, inputs)]
+    assert cli.main(argv) == cli.EXIT_FAILURE
+    assert "would write over input files" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in source.rglob("*") if p.is_file()} == before
+
+
+def test_outputs_are_renamed_into_place(tmp_path: Path) -> None:
+    source = _tree(tmp_path / "in")
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "noise.dcm").write_bytes(b"an older result")
+    assert cli.main(["compress", "--to", "RLELossless", "--output", str(out), "--jobs", "1", str(source)]) == 0
+    assert (out / "sub" / "noise.dcm").read_bytes() == (source / "sub" / "noise.dcm").read_bytes()
+    assert not [p for p in out.rglob("*.part")]
