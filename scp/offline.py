@@ -70,8 +70,16 @@ def _inputs(inputs: Sequence[Path]) -> Iterator[tuple[Path, Path]]:
             yield item, Path(item.name)
 
 
-def _refuse_overwriting_inputs(pairs: Sequence[tuple[Path, Path]], output: Path) -> None:
-    """Stop before anything is written when an output would be one of the inputs (same file, by inode)."""
+def _check_outputs(pairs: Sequence[tuple[Path, Path]], output: Path) -> None:
+    """Stop before anything is written when `output` is a file, two inputs share an output, or an output would be
+    one of the inputs (same file, by inode)."""
+    if output.exists() and not output.is_dir():
+        raise ScpError(f"--output {output} is a file; give a folder (it is created if missing)")
+    by_output: dict[Path, list[str]] = {}
+    for src, relative in pairs:
+        by_output.setdefault(output / relative, []).append(str(src))
+    if shared := [f"{dst} (from {' and '.join(srcs)})" for dst, srcs in by_output.items() if len(srcs) > 1]:
+        raise ScpError(f"inputs would overwrite each other's output: {'; '.join(shared)}; compress them separately")
     sources = {_identity(src) for src, _ in pairs}
     targets = [output / relative for _, relative in pairs]
     clashing = [str(dst) for dst in targets if dst.exists() and _identity(dst) in sources]
@@ -93,12 +101,12 @@ def compress_tree(
 ) -> Report:
     """Re-encode every input into `output`; an input that is not re-encoded is copied unchanged.
 
-    Each output is written to a temporary file beside it and renamed into place; nothing is written when an
-    output would replace an input."""
+    Each output is written to a temporary file beside it and renamed into place; nothing is written when the
+    outputs clash (see `_check_outputs`)."""
     if missing := [str(p) for p in inputs if not p.exists()]:
         raise ScpError(f"no such file or folder: {', '.join(missing)}")
     pairs = list(_inputs(inputs))
-    _refuse_overwriting_inputs(pairs, output)
+    _check_outputs(pairs, output)
     report = Report()
     encoder = Encoder(max(1, jobs))
 

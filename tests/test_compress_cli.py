@@ -151,3 +151,23 @@ def test_outputs_are_renamed_into_place(tmp_path: Path) -> None:
     assert cli.main(["compress", "--to", "RLELossless", "--output", str(out), "--jobs", "1", str(source)]) == 0
     assert (out / "sub" / "noise.dcm").read_bytes() == (source / "sub" / "noise.dcm").read_bytes()
     assert not [p for p in out.rglob("*.part")]
+
+
+def test_inputs_with_the_same_output_are_refused_naming_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = _tree(tmp_path / "in1"), _tree(tmp_path / "in2")
+    out = tmp_path / "out"
+    argv = ["compress", "--to", "RLELossless", "--output", str(out), "--jobs", "1", str(first / "a.dcm")]
+    assert cli.main([*argv, str(second / "a.dcm")]) == cli.EXIT_FAILURE
+    error = capsys.readouterr().err
+    assert f"{out / 'a.dcm'} (from {first / 'a.dcm'} and {second / 'a.dcm'})" in error
+    assert not out.exists()
+
+
+def test_an_output_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = _tree(tmp_path / "in")
+    (tmp_path / "afile").write_text("")
+    argv = ["compress", "--to", "RLELossless", "--output", str(tmp_path / "afile"), "--jobs", "1", str(source)]
+    assert cli.main(argv) == cli.EXIT_FAILURE
+    assert "afile is a file; give a folder" in capsys.readouterr().err
