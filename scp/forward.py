@@ -51,6 +51,8 @@ class Delivery:
     status: int | None = None
     reached: bool = True
     """False when the destination itself could not be reached (no association): a reason to pause it."""
+    sent: bool = True
+    """False when the job never went out: the association ended over an earlier job of its batch."""
 
 
 class Forwarder(Protocol):
@@ -191,11 +193,15 @@ class DicomForwarder:
             accepted: set[tuple[str, str]] = {
                 (cast(UID, cx.abstract_syntax), cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
             }
+            tried = False
             for job in jobs:
                 if not assoc.is_established:
-                    yield Delivery(job, Outcome.TRANSIENT, f"association to {where} ended early")
+                    # Jobs behind the one the association ended on were never sent: no attempt is counted. One that
+                    # finds it ended before anything was sent counts (a peer dropping every association backs off).
+                    yield Delivery(job, Outcome.TRANSIENT, f"association to {where} ended early", sent=not tried)
                     continue
                 yield self._send_one(assoc, job, wanted[job.id], accepted)
+                tried = True
             finished = True
         finally:
             kept: _Open | None = getattr(self._local, "open", None)

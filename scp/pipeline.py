@@ -371,6 +371,9 @@ class Deliverer:
             else:
                 LOGGER.info("forwarded %s to %s: %s", uid, self.name, detail)
             return
+        if outcome is Outcome.TRANSIENT and not delivery.sent:
+            LOGGER.debug("%s not sent to %s: %s; back in the queue", uid, self.name, detail)
+            return
         if outcome is Outcome.TRANSIENT:
             with self._lock:
                 retry = self._retries.setdefault(job.id, _Retry(0, 0.0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -25,6 +25,8 @@ class FakeArchive:
     sop_classes: Sequence[str] | None = None
     delay: float = 0.0
     require_calling_aet: Sequence[str] = ()
+    abort_on: Collection[str] = ()
+    """SOP Instance UIDs on which the archive aborts the association instead of answering."""
     freeze_after_pdus: int = 0
     """Stop reading the connection after this many PDUs (0: never) until `thaw` is set: a peer gone silent."""
     frozen: threading.Event = field(default_factory=threading.Event)
@@ -40,6 +42,9 @@ class FakeArchive:
         with self._lock:
             index = len(self.received)
             self.received.append((str(event.request.AffectedSOPInstanceUID), UID(event.context.transfer_syntax)))
+        if self.received[index][0] in self.abort_on:
+            event.assoc.abort()
+            return 0xC000  # never reaches the sender
         if self.delay:
             time.sleep(self.delay)
         return self.answer(index)

@@ -338,3 +338,23 @@ def test_directory_destination_keeps_apart_uids_sharing_a_long_prefix(tmp_path: 
     written = sorted(path.read_bytes() for path in folder.iterdir())
     assert written == sorted(path.read_bytes() for path, _ in made)
     assert all(len(path.name) <= 255 and path.name.startswith("invalid-uid-") for path in folder.iterdir())
+
+
+def test_jobs_behind_an_aborted_association_count_no_attempt(tmp_path: Path) -> None:
+    """The archive aborts the association on the first instance of a batch: with max_attempts 1 that one is
+    quarantined, the five behind it (never sent) go back to the queue and are delivered."""
+    spool = Spool(tmp_path / "spool")
+    made = list(make_instances(tmp_path / "modality", 6).items())
+    for index, (path, uid) in enumerate(made):
+        _queue_job(spool, index, path, uid)
+    poison = made[0][1]
+    archive = FakeArchive(abort_on={poison})
+    retry = {"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": 1}
+    with archive.serving() as port:
+        destinations = archive_destination(port, retry=retry, associations=1, batch_size=10)
+        parsed = config.parse(node_config(tmp_path, destinations, JPEG_LS))
+        deliverer = Deliverer("archive", parsed.destinations["archive"], spool, "COMPRESS_SCP")
+        _drain(deliverer)
+    assert list(_quarantined(spool)) == [poison]
+    assert archive.uids() == {uid for _, uid in made}
+    assert not spool.jobs()
