@@ -129,6 +129,7 @@ def _check_config(args: argparse.Namespace) -> int:
     for path in args.files:
         try:
             loaded = config.load(path)
+            config.check_files(loaded, str(path))
         except ScpError as exc:
             print(exc, file=sys.stderr)
             failed += 1
@@ -173,6 +174,7 @@ def _run(args: argparse.Namespace) -> int:
     from scp.workers import skip_value_validation
 
     loaded = config.load(args.config)
+    config.check_files(loaded, str(args.config or "<built-in default>"))
     configure_logging(loaded.logging.level)
     skip_value_validation()
     service = Service(loaded)
@@ -213,10 +215,11 @@ def _reload(service: Any, path: Path | None) -> None:
     notify.reloading()
     try:
         loaded = config.load(path)
+        config.check_files(loaded, str(path))
+        service.reload(loaded)
     except ScpError as exc:
         LOGGER.error("reload rejected, the running configuration stays in force: %s", exc)
     else:
-        service.reload(loaded)
         configure_logging(loaded.logging.level)
     notify.ready(f"listening on port {service.port}")
 

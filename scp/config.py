@@ -442,3 +442,33 @@ def load(path: Path | None) -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     return parse(data, str(path))
+
+
+def check_files(loaded: Config, source: str) -> None:
+    """The TLS files of the node and of every DICOM destination exist and can be read.
+
+    Apart from `load()` so that commands which never open a connection (`explain`, `queue`) need no certificates;
+    `check-config`, `run` and reload call it."""
+    places = [("node.tls", loaded.node.tls)] + [
+        (f"destinations.{name}.tls", d.tls)
+        for name, d in loaded.destinations.items()
+        if isinstance(d, DicomDestination)
+    ]
+    problems = [
+        f"  {where}.{key}: cannot read {path}: {reason}"
+        for where, tls in places
+        if tls is not None
+        for key, path in (("cert", tls.cert), ("key", tls.key), ("ca", tls.ca))
+        if path is not None and (reason := _unreadable(path))
+    ]
+    if problems:
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems))
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why `path` cannot be read as a file, or None."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)

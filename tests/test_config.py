@@ -34,9 +34,31 @@ def test_shipped_configs_exist() -> None:
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_check_config_accepts_every_shipped_file(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check-config", str(path)]) == 0
-    assert f"{path}: OK" in capsys.readouterr().out
+def test_check_config_accepts_every_shipped_file(
+    path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With the TLS files they name in place: check-config checks that they can be read."""
+    for name in ("node.pem", "node.key", "hospital-ca.pem"):
+        (tmp_path / name).write_text("")
+    copy = tmp_path / path.name
+    copy.write_text(path.read_text().replace("/etc/compressing-scp/tls/", f"{tmp_path}/"))
+    assert main(["check-config", str(copy)]) == 0
+    assert f"{copy}: OK" in capsys.readouterr().out
+
+
+def test_check_config_names_tls_files_it_cannot_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "node.pem").write_text("")
+    tls = {"cert": str(tmp_path / "node.pem"), "key": str(tmp_path / "node.key")}
+    archive = {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242, "tls": tls}
+    path = tmp_path / "c.yaml"
+    node_tls = {**tls, "ca": str(tmp_path)}
+    path.write_text(yaml.safe_dump({**_with({"destinations": {"archive": archive}}), "node": {"tls": node_tls}}))
+    assert main(["check-config", str(path)]) == 1
+    error = capsys.readouterr().err
+    assert f"node.tls.key: cannot read {tmp_path / 'node.key'}: No such file or directory" in error
+    assert f"node.tls.ca: cannot read {tmp_path}: Is a directory" in error
+    assert f"destinations.archive.tls.key: cannot read {tmp_path / 'node.key'}" in error
+    assert "tls.cert" not in error
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,8 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 from pynetdicom import AE
 from pynetdicom.association import Association
 
+from scp import cli
+from scp.errors import ConfigError
 from tests.peers import TEST_FILES, complete_files, free_port, node_config, node_process, storescu, wait_for
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
@@ -132,3 +134,33 @@ def test_reload_drains_a_removed_destination_and_keeps_restart_only_settings(tmp
         output = storescu(node.port, [TEST_FILES / "MR_small.dcm"])
         wait_for(lambda: _uid("MR_small.dcm") in _syntaxes(tmp_path / "a"), 20, "MR in a")
         assert not node.spool.jobs("old"), "new instances are no longer routed to a removed destination"
+
+
+class _Refusing:
+    """A running service whose reload refuses the new configuration, as make_forwarder does a bad certificate."""
+
+    port = 0
+
+    def __init__(self) -> None:
+        self.offered: list[object] = []
+
+    def reload(self, new: object) -> None:
+        self.offered.append(new)
+        raise ConfigError("tls: cannot load certificate")
+
+
+@pytest.mark.parametrize("cert", ["missing.pem", "present.pem"])
+def test_a_reload_the_service_or_the_files_refuse_keeps_the_node_running(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, cert: str
+) -> None:
+    (tmp_path / "present.pem").write_text("")
+    tls = {"cert": str(tmp_path / cert), "key": str(tmp_path / "present.pem")}
+    pacs = {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242, "tls": tls}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"destinations": {"pacs": pacs}, "rules": [{"name": "r", "forward": ["pacs"]}]}))
+    service = _Refusing()
+    cli._reload(service, path)  # returns: the node goes on with its running configuration
+    assert "reload rejected, the running configuration stays in force" in caplog.text
+    assert len(service.offered) == (cert == "present.pem"), "missing files are refused before the service sees them"
+    if cert == "missing.pem":
+        assert f"destinations.pacs.tls.cert: cannot read {tmp_path / cert}" in caplog.text
