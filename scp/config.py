@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,7 +36,9 @@ QUARANTINE_BY_RULE = "by-rule"
 QUARANTINE_UNPROCESSABLE = "unprocessable"
 RESERVED_DESTINATIONS = (QUARANTINE_BY_RULE, QUARANTINE_UNPROCESSABLE)
 """Quarantine folders that belong to no destination: a rule's `quarantine: true`, and processing that kept failing."""
-"""The spool's quarantine folder for instances a rule quarantines; no destination may take this name."""
+_RESERVED_NAMES = (*RESERVED_DESTINATIONS, "tmp")
+_DESTINATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+"""A destination's name is a folder of the spool (outgoing/<name>, quarantine/<name>): one safe path component."""
 
 
 class _Model(BaseModel):
@@ -360,11 +363,21 @@ class Config(_Model):
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig | None = None
 
+    @field_validator("destinations")
+    @classmethod
+    def _safe_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not _DESTINATION_NAME.fullmatch(name):
+                raise ValueError(
+                    f"'{name}' is not a valid destination name: it names a spool folder, so use letters, digits, "
+                    "'_', '.' and '-', starting with a letter or digit"
+                )
+            if name in _RESERVED_NAMES:
+                raise ValueError(f"'{name}' is reserved for a spool folder; reserved: {', '.join(_RESERVED_NAMES)}")
+        return value
+
     @model_validator(mode="after")
     def _forward_names_exist(self) -> Config:
-        for reserved in RESERVED_DESTINATIONS:
-            if reserved in self.destinations:
-                raise ValueError(f"destinations.{reserved}: the name is reserved for a quarantine folder")
         named = [(f"rules.{index}", rule) for index, rule in enumerate(self.rules)]
         for where, rule in [*named, *([("default", self.default)] if self.default else [])]:
             names = [route.destination for route in rule.forward]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,28 @@ def test_check_config_rejects_with_the_key_path(
     path.write_text(yaml.safe_dump(_with(change)))
     assert main(["check-config", str(path)]) == 1
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("..", "'..' is not a valid destination name"),
+        (".", "'.' is not a valid destination name"),
+        ("a/b", "'a/b' is not a valid destination name"),
+        ("-x", "'-x' is not a valid destination name"),
+        ("", "'' is not a valid destination name"),
+        ("unprocessable", "'unprocessable' is reserved for a spool folder; reserved: by-rule, unprocessable, tmp"),
+        ("tmp", "'tmp' is reserved"),
+        ("pacs-1.main_2", None),
+    ],
+)
+def test_destination_names_are_safe_folder_names(name: str, expected: str | None) -> None:
+    data = {"destinations": {name: {"type": "directory", "path": "x"}}, "rules": [{"name": "r", "forward": [name]}]}
+    if expected is None:
+        assert list(config.parse(data).destinations) == [name]
+        return
+    with pytest.raises(ConfigError, match=f"destinations: {re.escape(expected)}"):
+        config.parse(data)
 
 
 def test_transfer_syntax_by_dotted_uid_and_keyword_are_the_same() -> None:

@@ -166,7 +166,7 @@ def test_actions_are_validated(rule: dict[str, Any], expected: str) -> None:
 def test_default_takes_no_match_and_reserved_name() -> None:
     with pytest.raises(ConfigError, match="it takes no match"):
         _config([{"name": "r", "forward": ["archive"]}], default={"match": {"modality": "CT"}, "drop": True})
-    with pytest.raises(ConfigError, match="by-rule: the name is reserved"):
+    with pytest.raises(ConfigError, match="destinations: 'by-rule' is reserved for a spool folder"):
         config.parse(
             {
                 "destinations": {"by-rule": {"type": "directory", "path": "x"}},
