@@ -108,6 +108,31 @@ def test_destination_names_are_safe_folder_names(name: str, expected: str | None
         config.parse(data)
 
 
+@pytest.mark.parametrize(
+    ("change", "where"),
+    [
+        ({"node": {"ae_title": "CTÄ"}}, "node.ae_title"),
+        ({"node": {"aliases": ["TELE", "TÉLÉ"]}}, "node.aliases.1"),
+        ({"node": {"allowed_calling_aets": ["MRÖ"]}}, "node.allowed_calling_aets.0"),
+        ({"node": {"allowed_calling_aets": [{"ae_title": "MRÖ"}]}}, "node.allowed_calling_aets.0"),
+        ({"destinations": {"a": {"type": "dicom", "ae_title": "PACS€", "host": "h", "port": 1}}}, "destinations.a"),
+        (
+            {
+                "destinations": {
+                    "a": {"type": "dicom", "ae_title": "P", "calling_ae_title": "ÇA", "host": "h", "port": 1}
+                }
+            },
+            "destinations.a",
+        ),
+    ],
+)
+def test_ae_titles_are_ascii(change: dict[str, object], where: str) -> None:
+    data = _with(change)
+    data["rules"] = [{"name": "r", "forward": list(data["destinations"])}]  # type: ignore[call-overload]
+    with pytest.raises(ConfigError, match=rf"{re.escape(where)}.*: .*not a valid AE title \(1-16 printable ASCII"):
+        config.parse(data)
+
+
 def test_transfer_syntax_by_dotted_uid_and_keyword_are_the_same() -> None:
     by_keyword = config.parse(VALID).rules[0].compress.syntax
     dotted = _with({"rules": [{"name": "r", "compress": "1.2.840.10008.1.2.4.80", "forward": ["archive"]}]})
