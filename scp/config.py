@@ -1,7 +1,8 @@
 """The YAML configuration as pydantic models, validated in full before anything starts.
 
-Every model forbids unknown keys; transfer syntaxes are accepted as pydicom keywords or dotted UIDs and turned
-into UIDs once, here (STYLE rules 7 and 8). `load()` is used by `check-config`, `run` and reload alike.
+Every model forbids unknown keys, and the YAML loader a key given twice; transfer syntaxes are accepted as pydicom
+keywords or dotted UIDs and turned into UIDs once, here (STYLE rules 7 and 8). `load()` is used by `check-config`,
+`run` and reload alike.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -443,6 +445,28 @@ def parse(data: Any, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: invalid configuration\n{problems}") from exc
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping of the file gives the same key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` keys may be overridden on purpose
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # the base class refuses it
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise _DuplicateKey(f"key '{key}' is given twice, on lines {lines[key]} and {line}; keep one")
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: Path | None) -> Config:
     """Read and validate a YAML file, or the built-in default when `path` is None."""
     if path is None:
@@ -452,7 +476,9 @@ def load(path: Path | None) -> Config:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     return parse(data, str(path))

@@ -144,6 +144,22 @@ def test_keep_means_no_target_syntax() -> None:
     assert config.parse(data).rules[0].compress.syntax is None
 
 
+def test_a_key_given_twice_is_an_error_naming_it_and_its_lines(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(VALID) + "node:\n  port: 104\n  ae_title: A\n  port: 11112\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: key 'port' is given twice, on lines \d+ and \d+; keep one"):
+        config.load(path)
+
+
+def test_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    archive = "{type: dicom, ae_title: A, host: h, port: 1}"
+    path.write_text(
+        f"destinations:\n  a: &pacs {archive}\n  b: {{<<: *pacs, port: 2}}\nrules: [{{name: r, forward: [a, b]}}]\n"
+    )
+    assert config.load(path).destinations["b"].port == 2  # type: ignore[union-attr]
+
+
 def test_not_yaml_and_not_a_mapping_are_clear_errors(tmp_path: Path) -> None:
     broken = tmp_path / "broken.yaml"
     broken.write_text("node: [unclosed")
