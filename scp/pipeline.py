@@ -263,6 +263,10 @@ class Processor:
 class _Retry:
     attempts: int
     not_before: float
+    verdict: str = ""
+    """Why a job judged failed for good whose move to quarantine failed: it is not sent again."""
+    moves: int = 0
+    """Failed moves to quarantine, for the backoff before the next."""
 
 
 class Deliverer:
@@ -301,12 +305,21 @@ class Deliverer:
         Stops between two instances when the node is stopping: the rest of the batch stays in the spool.
         """
         forwarder = self._forwarder_for_this_thread()
-        batch = self._claim()
-        if not batch:
-            idle = getattr(forwarder, "idle", None)
-            if idle is not None:
-                idle()  # an association kept open since the last batch is released after a while
-            return 0
+        batch, judged = self._claim()
+        try:
+            for job, verdict in judged:
+                self._quarantine(job, verdict)
+            if not batch:
+                idle = getattr(forwarder, "idle", None)
+                if idle is not None:
+                    idle()  # an association kept open since the last batch is released after a while
+                return len(judged)
+            return len(judged) + self._send(forwarder, batch)
+        finally:
+            with self._lock:
+                self._in_flight.difference_update(job.id for job in [*batch, *(job for job, _ in judged)])
+
+    def _send(self, forwarder: Forwarder, batch: list[Job]) -> int:
         settled = 0
         deliveries = forwarder.deliver(batch)
         try:
@@ -319,8 +332,6 @@ class Deliverer:
             close = getattr(deliveries, "close", None)
             if close is not None:
                 close()  # releases the association when the loop stopped early
-            with self._lock:
-                self._in_flight.difference_update(job.id for job in batch)
         return settled
 
     def _forwarder_for_this_thread(self) -> Forwarder:
@@ -337,21 +348,24 @@ class Deliverer:
         _close(getattr(self._local, "forwarder", None) or self.forwarder)
         self._local.forwarder = None
 
-    def _claim(self) -> list[Job]:
+    def _claim(self) -> tuple[list[Job], list[tuple[Job, str]]]:
+        """Ready jobs: a batch to send, and those judged failed for good that are still to be quarantined."""
         now = time.monotonic()
         with self._lock:
-            if self._paused_until > now:
-                return []
-            batch = []
+            batch: list[Job] = []
+            judged: list[tuple[Job, str]] = []
             for job in self.spool.jobs(self.name):
                 retry = self._retries.get(job.id)
                 if job.id in self._in_flight or (retry and retry.not_before > now):
                     continue
-                batch.append(job)
-                if len(batch) >= self.destination.batch_size:
+                if retry and retry.verdict:
+                    judged.append((job, retry.verdict))
+                elif self._paused_until <= now:
+                    batch.append(job)
+                if len(batch) + len(judged) >= self.destination.batch_size:
                     break
-            self._in_flight.update(job.id for job in batch)
-            return batch
+            self._in_flight.update(job.id for job in [*batch, *(job for job, _ in judged)])
+            return batch, judged
 
     def _settle(self, delivery: Delivery) -> None:
         job, outcome, detail = delivery.job, delivery.outcome, delivery.detail
@@ -398,8 +412,30 @@ class Deliverer:
                 )
                 return
             detail = f"{detail}; {give_up}"
+        self._quarantine(job, detail)
+
+    def _quarantine(self, job: Job, detail: str) -> None:
+        """Move a job failed for good to quarantine; if that fails (a full disk), keep it from being sent again
+        and try the move again after a backoff delay."""
+        uid = job.info().get("sop_instance_uid")
+        try:
+            where = self.spool.quarantine(job, f"destination: {self.name}\nsop_instance_uid: {uid}\nreason: {detail}")
+        except OSError as exc:
+            with self._lock:
+                retry = self._retries.setdefault(job.id, _Retry(0, 0.0))
+                retry.verdict, retry.moves = detail, retry.moves + 1
+                delay = self._backoff(retry.moves)
+                retry.not_before = time.monotonic() + delay
+            LOGGER.error(
+                "cannot quarantine %s for %s: %s; it is not sent again, moving it is tried again in %.1f s (%s)",
+                uid,
+                self.name,
+                exc,
+                delay,
+                detail,
+            )
+            return
         self._forget(job)
-        where = self.spool.quarantine(job, f"destination: {self.name}\nsop_instance_uid: {uid}\nreason: {detail}")
         metrics.QUARANTINED.labels(self.name).inc()
         LOGGER.error("quarantined %s for %s: %s (%s)", uid, self.name, detail, where.path)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -18,7 +19,7 @@ from scp import config, status
 from scp.config import DirectoryDestination
 from scp.forward import DirectoryForwarder
 from scp.pipeline import Deliverer
-from scp.spool import Spool
+from scp.spool import Job, Spool
 from scp.status import Outcome
 from tests.fake_archive import FakeArchive
 from tests.instances import Arrivals, make_instances
@@ -358,3 +359,30 @@ def test_jobs_behind_an_aborted_association_count_no_attempt(tmp_path: Path) -> 
     assert list(_quarantined(spool)) == [poison]
     assert archive.uids() == {uid for _, uid in made}
     assert not spool.jobs()
+
+
+def test_a_failed_move_to_quarantine_is_retried_without_sending_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused for good (0xA900) while the disk is full: moving the job to quarantine fails twice; the job is not
+    sent again meanwhile, and lands in quarantine once the move succeeds."""
+    moves: list[str] = []
+    real = Spool.quarantine
+
+    def full_disk_twice(self: Spool, job: Job, reason: str) -> Job:
+        moves.append(job.id)
+        if len(moves) <= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, job, reason)
+
+    monkeypatch.setattr(Spool, "quarantine", full_disk_twice)
+    made = make_instances(tmp_path / "modality", 1)
+    archive = FakeArchive(answer=lambda n: status.DATASET_DOES_NOT_MATCH_SOP_CLASS)
+    with archive.serving() as port, running_node(node_config(tmp_path, archive_destination(port), JPEG_LS)) as node:
+        storescu(node.port, list(made))
+        wait_for(lambda: node.spool.quarantined(), 30, "the job in quarantine")
+        (reason,) = _quarantined(node.spool).values()
+        assert not node.spool.jobs()
+    assert len(moves) == 3
+    assert len(archive.received) == 1, "a job refused for good was sent again"
+    assert "status 0xA900" in reason, reason
