@@ -53,12 +53,13 @@ class CallerPolicy:
 
     @classmethod
     def from_config(cls, entries: Sequence[str | AllowedCaller]) -> CallerPolicy:
+        """Entries naming the same title add up: their networks are merged, and one without hosts allows any."""
         allowed: dict[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]] = {}
         for entry in entries:
-            if isinstance(entry, str):
-                allowed[entry] = ()
-            else:
-                allowed[entry.ae_title] = tuple(entry.hosts)
+            title, hosts = (entry, ()) if isinstance(entry, str) else (entry.ae_title, tuple(entry.hosts))
+            if title in allowed and not allowed[title]:
+                continue  # already allowed from any address
+            allowed[title] = allowed.get(title, ()) + hosts if hosts else ()
         return cls(allowed)
 
     def permits(self, calling_ae: str, address: str) -> bool:

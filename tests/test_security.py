@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -102,6 +103,22 @@ def test_policy_matches_ipv4_mapped_addresses() -> None:
     bound = CallerPolicy.from_config([AllowedCaller(ae_title="CT", hosts=["10.0.0.0/8"])])
     assert bound.permits("CT", "::ffff:10.1.1.1") and not bound.permits("CT", "11.0.0.1")
     assert not bound.permits("CT", "not an address")
+
+
+@pytest.mark.parametrize(
+    ("entries", "from_11", "from_12", "from_13"),
+    [
+        ([{"ae_title": "CT", "hosts": ["10.0.0.11"]}, {"ae_title": "CT", "hosts": ["10.0.0.12"]}], True, True, False),
+        ([{"ae_title": "CT", "hosts": ["10.0.0.11"]}, "CT"], True, True, True),
+        (["CT", {"ae_title": "CT", "hosts": ["10.0.0.11"]}], True, True, True),
+        ([{"ae_title": "CT", "hosts": []}, {"ae_title": "CT", "hosts": ["10.0.0.11"]}], True, True, True),
+    ],
+)
+def test_repeated_callers_add_up(entries: list[Any], from_11: bool, from_12: bool, from_13: bool) -> None:
+    node = config.NodeConfig.model_validate({"allowed_calling_aets": entries})
+    assert node.allowed_calling_aets is not None
+    policy = CallerPolicy.from_config(node.allowed_calling_aets)
+    assert [policy.permits("CT", f"10.0.0.{n}") for n in (11, 12, 13)] == [from_11, from_12, from_13]
 
 
 def test_logs_never_name_the_patient(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
