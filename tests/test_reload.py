@@ -14,7 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from scp import cli
+from scp import cli, config
 from scp.errors import ConfigError
 from tests.peers import TEST_FILES, complete_files, free_port, node_config, node_process, storescu, wait_for
 
@@ -121,8 +121,6 @@ def test_reload_drains_a_removed_destination_and_keeps_restart_only_settings(tmp
         output = storescu(node.port, [TEST_FILES / "CT_small.dcm"])
         assert "Received Store Response (Success)" in output, output
         wait_for(lambda: len(node.spool.jobs("old")) == 1, 20, "a job queued for the unreachable destination")
-        from scp import config
-
         node.reload(config.parse(second))
         assert node.config.node.ae_title == "COMPRESS_SCP", "node settings need a restart"
         assert [r.name for r in node.config.rules] == ["r"] and list(node.config.destinations) == ["a"]
@@ -159,8 +157,31 @@ def test_a_reload_the_service_or_the_files_refuse_keeps_the_node_running(
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"destinations": {"pacs": pacs}, "rules": [{"name": "r", "forward": ["pacs"]}]}))
     service = _Refusing()
-    cli._reload(service, path)  # returns: the node goes on with its running configuration
+    cli._reload(service, path, None)  # returns: the node goes on with its running configuration
     assert "reload rejected, the running configuration stays in force" in caplog.text
     assert len(service.offered) == (cert == "present.pem"), "missing files are refused before the service sees them"
     if cert == "missing.pem":
         assert f"destinations.pacs.tls.cert: cannot read {tmp_path / cert}" in caplog.text
+
+
+class _Accepting:
+    port = 0
+
+    def reload(self, new: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("port", [9100, 9101])
+def test_a_reload_changing_metrics_warns_that_it_needs_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, port: int
+) -> None:
+    data = {
+        "destinations": {"a": {"type": "directory", "path": str(tmp_path)}},
+        "rules": [{"name": "r", "forward": ["a"]}],
+        "metrics": {"port": port},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cli._reload(_Accepting(), path, config.MetricsConfig(port=9100))
+    warned = "reload: metrics changed; that needs a restart" in caplog.text
+    assert warned == (port != 9100)
