@@ -223,9 +223,11 @@ class DicomForwarder:
             return _no_context(job, wanted, f"{assoc.acceptor.ae_title}")
         try:
             path, scratch = _file_in_syntax(job, UID(choice), self.scratch)
-        except Exception as exc:  # a decoder failing on this image: retrying will not change that
+        except Exception as exc:
             return Delivery(
-                job, Outcome.PERMANENT, f"cannot convert to {UID(choice).name} (the best syntax accepted): {exc}"
+                job,
+                _conversion_outcome(exc),
+                f"cannot convert to {UID(choice).name} (the best syntax accepted): {exc}",
             )
         try:
             response = assoc.send_c_store(path)
@@ -244,6 +246,15 @@ class DicomForwarder:
         status = int(response.Status)
         detail = f"{assoc.acceptor.ae_title} answered status {describe(status)} to {UID(choice).name}"
         return Delivery(job, classify_store_status(status), detail, status)
+
+
+def _conversion_outcome(exc: BaseException) -> Outcome:
+    """Transient when the system failed us (a full disk, no memory), which may pass; permanent when the decoder
+    failed on this image, which retrying will not change. An OSError without an errno comes from a codec (Pillow's
+    "cannot identify image file"), not from the system."""
+    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno is not None):
+        return Outcome.TRANSIENT
+    return Outcome.PERMANENT
 
 
 def _no_context(job: Job, wanted: tuple[str, list[str]], where: str) -> Delivery:

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.sop_class import MRImageStorage
 
-from scp import config, status
+from scp import compress, config, status
 from scp.config import DirectoryDestination
 from scp.forward import DirectoryForwarder
 from scp.pipeline import Deliverer
@@ -386,3 +386,34 @@ def test_a_failed_move_to_quarantine_is_retried_without_sending_again(
     assert len(moves) == 3
     assert len(archive.received) == 1, "a job refused for good was sent again"
     assert "status 0xA900" in reason, reason
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), MemoryError()])
+def test_a_failed_scratch_copy_is_retried_not_quarantined(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException
+) -> None:
+    """The archive takes Implicit VR only; writing that copy fails once (full disk, no memory): the job is
+    retried and delivered, not quarantined as if the decoder had failed on the image."""
+    calls: list[Path] = []
+    real = compress.decompress_file
+
+    def fails_once(src: Path, dst: Path, syntax: UID = ExplicitVRLittleEndian) -> None:
+        calls.append(dst)
+        if len(calls) == 1:
+            raise failure
+        real(src, dst, syntax)
+
+    monkeypatch.setattr(compress, "decompress_file", fails_once)
+    spool = Spool(tmp_path / "spool")
+    ((path, uid),) = make_instances(tmp_path / "modality", 1).items()
+    _queue_job(spool, 1, path, uid)
+    archive = FakeArchive(transfer_syntaxes=[ImplicitVRLittleEndian])
+    with archive.serving() as port:
+        retry = {"initial_delay": 0.1, "max_delay": 0.2}
+        parsed = config.parse(node_config(tmp_path, archive_destination(port, retry=retry), JPEG_LS))
+        deliverer = Deliverer("archive", parsed.destinations["archive"], spool, "COMPRESS_SCP")
+        wait_for(lambda: deliverer.run_once() and not spool.jobs(), 30, "delivery after the failed copy")
+        deliverer.close()
+    assert not spool.quarantined()
+    assert len(calls) == 2
+    assert archive.received == [(uid, ImplicitVRLittleEndian)]
