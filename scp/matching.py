@@ -79,9 +79,13 @@ class Field:
 
 
 def _text(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ValueError(f"{value!r} is not a text value (quote it in the YAML)")
-    return str(value)
+    """A text value must be a YAML string: YAML reads `007` as 7, `1.10` as 1.1 and `yes` as true."""
+    if not isinstance(value, str):
+        raise ValueError(
+            f"{value!r} is read by YAML as {type(value).__name__}, not text: quote the value as written "
+            "(e.g. '007', '1.10')"
+        )
+    return value
 
 
 def _number(value: Any) -> float:
