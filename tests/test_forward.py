@@ -46,6 +46,9 @@ JPEG_LS = [{"name": "all", "compress": "JPEGLSLossless", "forward": ["archive"]}
         (0xB000, Outcome.DELIVERED),
         (0xB006, Outcome.DELIVERED),
         (0xB007, Outcome.DELIVERED),
+        (0x0001, Outcome.DELIVERED),
+        (0x0107, Outcome.DELIVERED),
+        (0x0116, Outcome.DELIVERED),
         (0xA700, Outcome.TRANSIENT),
         (0xA7FF, Outcome.TRANSIENT),
         (0x0110, Outcome.TRANSIENT),
@@ -103,15 +106,19 @@ def test_permanent_failure_is_quarantined_with_its_reason(tmp_path: Path, code: 
     assert len(archive.received) == 3, "a permanent failure was retried"
 
 
-def test_warning_counts_as_delivered(tmp_path: Path) -> None:
+@pytest.mark.parametrize("code", [0xB000, 0x0001, 0x0107, 0x0116])
+def test_warning_counts_as_delivered(tmp_path: Path, caplog: pytest.LogCaptureFixture, code: int) -> None:
+    """A storage warning (0xBxxx) or a general one (PS3.7 Annex C): the archive kept it; logged as a warning."""
     made = make_instances(tmp_path / "modality", 2)
-    archive = FakeArchive(answer=lambda n: 0xB000)
+    archive = FakeArchive(answer=lambda n: code)
     with archive.serving() as port, running_node(node_config(tmp_path, archive_destination(port), JPEG_LS)) as node:
         storescu(node.port, list(made))
         wait_for(lambda: archive.uids() == set(made.values()), 30, "two instances")
         wait_for(lambda: not node.spool.jobs(), 10, "an empty queue")
         assert not node.spool.quarantined()
     assert len(archive.received) == 2
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "with a warning" in r.getMessage()]
+    assert len(warned) == 2 and f"0x{code:04X} (Warning" in warned[0].getMessage(), caplog.text
 
 
 def test_out_of_resources_is_retried_until_accepted(tmp_path: Path) -> None:
