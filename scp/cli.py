@@ -257,7 +257,8 @@ def _explain(args: argparse.Namespace) -> int:
             outputs, _ = pipeline.produce(
                 path, facts.transfer_syntax, decision, loaded.destinations, compress.transcode_file, names.__next__
             )
-        report = _explanation(path, decision, outputs, loaded)
+            sendable = {o.destination: _sendable(o, facts, loaded, Path(scratch)) for o in outputs}
+        report = _explanation(path, decision, outputs, sendable)
         print(json.dumps(report) if args.json else _explanation_text(report))
     return EXIT_FAILURE if failed else EXIT_OK
 
@@ -268,13 +269,30 @@ def _syntax_name(uid: str | None) -> str:
     return config.KEEP if uid is None else (UID(uid).keyword or str(uid))
 
 
-def _explanation(path: Path, decision: Any, outputs: Sequence[Any], loaded: config.Config) -> dict[str, Any]:
+def _sendable(output: Any, facts: Any, loaded: config.Config, scratch: Path) -> list[str]:
+    """The syntaxes the running node would deliver `output` in, best first; empty: it would be quarantined.
+
+    A directory writes the output as it is; the DICOM forwarder also offers the original and the uncompressed
+    syntaxes it can convert to, so its own choice is asked, from a job record like the one the node writes."""
+    from scp import forward, spool
+
+    destination = loaded.destinations[output.destination]
+    if isinstance(destination, config.DirectoryDestination):
+        accepted = destination.accept is None or output.transfer_syntax in destination.accept
+        return [output.transfer_syntax] if accepted else []
+    folder = scratch / f"job-{output.destination}"
+    folder.mkdir()
+    info = {
+        "sop_class_uid": facts.sop_class_uid,
+        "transfer_syntax": output.transfer_syntax,
+        "original_transfer_syntax": facts.transfer_syntax,
+    }
+    (folder / spool.JOB_INFO).write_text(json.dumps(info), encoding="utf-8")
+    return forward._preferred_syntaxes(spool.Job(output.destination, "explain", folder), destination.accept)[1]
+
+
+def _explanation(path: Path, decision: Any, outputs: Sequence[Any], sendable: dict[str, list[str]]) -> dict[str, Any]:
     """What explain reports for one file; the keys file, rule, transfer_syntax, destinations, reason first."""
-
-    def deliverable(output: Any) -> bool:
-        accept = loaded.destinations[output.destination].accept
-        return accept is None or output.transfer_syntax in accept
-
     return {
         "file": str(path),
         "rule": decision.rule,
@@ -288,7 +306,8 @@ def _explanation(path: Path, decision: Any, outputs: Sequence[Any], loaded: conf
                 "transfer_syntax": _syntax_name(output.transfer_syntax),
                 "pixels": "compressed" if output.compressed else "passed through",
                 "why": output.detail,
-                "deliverable": deliverable(output),
+                "deliverable": bool(sendable[output.destination]),
+                "sent_as": [_syntax_name(uid) for uid in sendable[output.destination]],
             }
             for output in outputs
         ],
@@ -306,6 +325,11 @@ def _explanation_text(report: dict[str, Any]) -> str:
     if report["action"] == "forward":
         lines.append(f"  target:    {report['transfer_syntax']}")
         for d in report["deliveries"]:
-            refused = "" if d["deliverable"] else "; NOT in its accept list: it will be quarantined"
-            lines.append(f"  -> {d['destination']}: {d['transfer_syntax']}, {d['pixels']} ({d['why']}){refused}")
+            if not d["deliverable"]:
+                fate = "; NOT in its accept list: it will be quarantined"
+            elif d["transfer_syntax"] not in d["sent_as"]:
+                fate = f"; not in its accept list: the forwarder converts it to {' or '.join(d['sent_as'])}"
+            else:
+                fate = ""
+            lines.append(f"  -> {d['destination']}: {d['transfer_syntax']}, {d['pixels']} ({d['why']}){fate}")
     return "\n".join(lines)

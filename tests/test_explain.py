@@ -8,6 +8,7 @@ from typing import Any
 
 import pydicom
 import pytest
+import yaml
 from pydicom.uid import ExplicitVRLittleEndian
 
 from scp.cli import main
@@ -69,6 +70,7 @@ def test_explain_says_what_happens_to_the_pixels(capsys: pytest.CaptureFixture[s
         "pixels": "passed through",
         "why": "the rule keeps the original encoding",
         "deliverable": True,
+        "sent_as": ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian"],
     }
     assert nm["archive"]["pixels"] == "passed through" and "lossy" in nm["archive"]["why"]
     assert nm["teleradiology"]["why"] == "already encoded as JPEG 2000 Image Compression"
@@ -122,3 +124,29 @@ def test_explain_refuses_a_title_the_node_rejects(capsys: pytest.CaptureFixture[
     captured = capsys.readouterr()
     assert status == 1 and not captured.out
     assert "the node rejects associations calling 'ANY-SCP'" in captured.err
+
+
+def test_a_dicom_destination_gets_what_the_forwarder_converts(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A lossy source passes through in its own syntax; a DICOM destination that does not accept it still gets it
+    uncompressed (the forwarder converts), a directory destination does not (it is quarantined)."""
+    accept = ["JPEG2000Lossless", "ExplicitVRLittleEndian"]
+    pacs = {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242, "accept": accept}
+    data = {
+        "destinations": {"dir": {"type": "directory", "path": str(tmp_path), "accept": accept}, "pacs": pacs},
+        "rules": [{"name": "j2k", "compress": "JPEG2000Lossless", "forward": ["dir", "pacs"]}],
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    source = str(TEST_FILES / "JPEG2000.dcm")
+    assert main(["explain", "--config", str(path), "--json", source]) == 0
+    deliveries = {d["destination"]: d for d in json.loads(capsys.readouterr().out)["deliveries"]}
+    assert deliveries["pacs"]["transfer_syntax"] == "JPEG2000"
+    assert (deliveries["pacs"]["deliverable"], deliveries["pacs"]["sent_as"]) == (True, ["ExplicitVRLittleEndian"])
+    assert (deliveries["dir"]["deliverable"], deliveries["dir"]["sent_as"]) == (False, [])
+    assert main(["explain", "--config", str(path), source]) == 0
+    text = capsys.readouterr().out
+    assert "-> pacs: JPEG2000, passed through" in text
+    assert "not in its accept list: the forwarder converts it to ExplicitVRLittleEndian" in text
+    assert text.count("it will be quarantined") == 1
