@@ -375,9 +375,9 @@ def compile_match(match: Mapping[str, Any] | None, where: str = "match") -> Cond
         if key == "any":
             if not isinstance(value, list) or not value:
                 raise ValueError(f"{path}: must be a non-empty list of matches")
-            parts.append(AnyOf(tuple(compile_match(m, f"{path}.{i}") for i, m in enumerate(value))))
+            parts.append(AnyOf(tuple(_nested(m, f"{path}.{i}") for i, m in enumerate(value))))
         elif key == "not":
-            parts.append(Not(compile_match(value, path)))
+            parts.append(Not(_nested(value, path)))
         else:
             try:
                 parts.append(_test(str(key), value))
@@ -389,3 +389,10 @@ def compile_match(match: Mapping[str, Any] | None, where: str = "match") -> Cond
                     else f"{path}: {message}"
                 ) from None
     return All(tuple(parts))
+
+
+def _nested(match: Any, where: str) -> Condition:
+    """A match under `any:` or `not:`: an empty one (always true) is surely a mistake, so it is refused."""
+    if match is None or match == {}:
+        raise ValueError(f"{where}: an empty match always holds; give at least one key")
+    return compile_match(match, where)

@@ -140,6 +140,9 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"StudyDescription": {"regex": 7}}, "match.StudyDescription: 7 is read by YAML as int"),
     ({"modality": []}, "an empty list never matches"),
     ({"any": {"modality": "CT"}}, "match.any: must be a non-empty list"),
+    ({"not": {}}, "match.not: an empty match always holds; give at least one key"),
+    ({"not": None}, "match.not: an empty match always holds"),
+    ({"any": [{"modality": "CT"}, {}]}, "match.any.1: an empty match always holds"),
     ({"not": {"any": [{"Modalty": "CT"}]}}, "match.not.any.0.Modalty"),
 ]
 
