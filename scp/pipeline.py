@@ -286,12 +286,15 @@ class Deliverer:
         spool: Spool,
         calling_ae: str,
         stopping: threading.Event | None = None,
+        progress: Callable[[], None] = lambda: None,
     ) -> None:
         self.name = name
         self.destination = destination
         self.spool = spool
         self.forwarder: Forwarder = make_forwarder(destination, calling_ae, spool.tmp)
         self.stopping = stopping or threading.Event()
+        self.progress = progress
+        """Called as each job is settled: the thread is not stuck, however long its batch (service health)."""
         self._lock = threading.Lock()
         self._in_flight: set[str] = set()
         self._retries: dict[str, _Retry] = {}
@@ -309,6 +312,7 @@ class Deliverer:
         try:
             for job, verdict in judged:
                 self._quarantine(job, verdict)
+                self.progress()
             if not batch:
                 idle = getattr(forwarder, "idle", None)
                 if idle is not None:
@@ -325,6 +329,7 @@ class Deliverer:
         try:
             for delivery in deliveries:
                 self._settle(delivery)
+                self.progress()
                 settled += 1
                 if self.stopping.is_set():
                     break

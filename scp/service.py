@@ -202,6 +202,13 @@ class Service:
             with self._busy_lock:
                 del self._busy[name]
 
+    def _next_item(self) -> None:
+        """The calling thread finished one item of several (a delivery batch): restart its clock for `health`."""
+        name = threading.current_thread().name
+        with self._busy_lock:
+            if name in self._busy:
+                self._busy[name] = time.monotonic()
+
     def _watchdog_loop(self, interval: float) -> None:
         """Ping systemd's watchdog while healthy; withhold the ping otherwise, so that systemd restarts us."""
         while not self._stopping.wait(interval):
@@ -251,6 +258,7 @@ class Service:
             self.spool,
             self.config.node.ae_title,
             self._stopping,
+            self._next_item,
         )
         state = _Destination(deliverer)
         self._destinations[name] = state

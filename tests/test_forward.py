@@ -424,3 +424,24 @@ def test_a_failed_scratch_copy_is_retried_not_quarantined(
     assert not spool.quarantined()
     assert len(calls) == 2
     assert archive.received == [(uid, ImplicitVRLittleEndian)]
+
+
+def test_stall_timeout_is_per_instance_not_per_batch(tmp_path: Path) -> None:
+    """12 instances, 0.3 s each at the archive, batches of up to 12 (3.6 s) and stall_timeout 2 s: the node
+    stays healthy while it delivers, however long the batch."""
+    made = make_instances(tmp_path / "modality", 12)
+    archive = FakeArchive(delay=0.3)
+    problems: list[str] = []
+
+    def delivered() -> bool:
+        problems.extend(node.health())
+        return archive.uids() == set(made.values()) and not node.spool.jobs()
+
+    with archive.serving() as port:
+        destinations = archive_destination(port, associations=1, batch_size=12)
+        data = node_config(tmp_path, destinations, JPEG_LS, node={"stall_timeout": 2})
+        with running_node(data) as node:
+            storescu(node.port, list(made))
+            wait_for(delivered, 60, "12 instances delivered")
+    assert not problems, problems
+    assert len(archive.received) == 12
