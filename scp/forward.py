@@ -217,35 +217,45 @@ class DicomForwarder:
         wanted: tuple[str, list[str]],
         accepted: set[tuple[str, str]],
     ) -> Delivery:
+        """Send in the best accepted syntax; in the next one when pynetdicom refuses the file as written."""
         sop_class, preferred = wanted
-        choice = next((ts for ts in preferred if (sop_class, ts) in accepted), None)
-        if choice is None:
+        choices = [UID(ts) for ts in preferred if (sop_class, ts) in accepted]
+        if not choices:
             return _no_context(job, wanted, f"{assoc.acceptor.ae_title}")
-        try:
-            path, scratch = _file_in_syntax(job, UID(choice), self.scratch)
-        except Exception as exc:
-            return Delivery(
-                job,
-                _conversion_outcome(exc),
-                f"cannot convert to {UID(choice).name} (the best syntax accepted): {exc}",
-            )
-        try:
-            response = assoc.send_c_store(path)
-        except SendStalled as exc:
-            assoc.abort()  # half a message was sent: the association cannot carry another one
-            return Delivery(job, Outcome.TRANSIENT, f"sending failed: {exc}; association aborted")
-        except (OSError, RuntimeError) as exc:
-            return Delivery(job, Outcome.TRANSIENT, f"sending failed: {exc}")
-        except ValueError as exc:  # pynetdicom refuses the file itself (unreadable, syntax mismatch)
-            return Delivery(job, Outcome.PERMANENT, f"cannot send the file: {exc}")
-        finally:
-            if scratch:
-                path.unlink(missing_ok=True)
-        if "Status" not in response:
-            return Delivery(job, Outcome.TRANSIENT, "no response (timeout or association aborted)")
-        status = int(response.Status)
-        detail = f"{assoc.acceptor.ae_title} answered status {describe(status)} to {UID(choice).name}"
-        return Delivery(job, classify_store_status(status), detail, status)
+        refused = []
+        for choice in choices:
+            try:
+                path, scratch = _file_in_syntax(job, choice, self.scratch)
+            except Exception as exc:
+                return Delivery(job, _conversion_outcome(exc), f"cannot convert to {choice.name}: {exc}")
+            try:
+                response = assoc.send_c_store(path)
+            except SendStalled as exc:
+                assoc.abort()  # half a message was sent: the association cannot carry another one
+                return Delivery(job, Outcome.TRANSIENT, f"sending failed: {exc}; association aborted")
+            except (OSError, RuntimeError) as exc:
+                return Delivery(job, Outcome.TRANSIENT, f"sending failed: {exc}")
+            except ValueError as exc:
+                # pynetdicom refuses the file before sending anything: unreadable, or its file meta names another
+                # SOP class than the request did (a re-encoded data set whose SOP Class UID differs from it)
+                refused.append(f"as {choice.name}: {exc}")
+                continue
+            finally:
+                if scratch:
+                    path.unlink(missing_ok=True)
+            if "Status" not in response:
+                return Delivery(job, Outcome.TRANSIENT, "no response (timeout or association aborted)")
+            status = int(response.Status)
+            detail = f"{assoc.acceptor.ae_title} answered status {describe(status)} to {choice.name}"
+            if refused:
+                LOGGER.warning(
+                    "sent %s as %s: cannot send it %s",
+                    job.info().get("sop_instance_uid"),
+                    choice.name,
+                    "; ".join(refused),
+                )
+            return Delivery(job, classify_store_status(status), detail, status)
+        return Delivery(job, Outcome.PERMANENT, f"cannot send the file {'; '.join(refused)}")
 
 
 def _conversion_outcome(exc: BaseException) -> Outcome:

@@ -13,7 +13,8 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom.sop_class import MRImageStorage
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage
 
 from scp import compress, config, status
 from scp.config import DirectoryDestination
@@ -445,3 +446,25 @@ def test_stall_timeout_is_per_instance_not_per_batch(tmp_path: Path) -> None:
             wait_for(delivered, 60, "12 instances delivered")
     assert not problems, problems
     assert len(archive.received) == 12
+
+
+def test_a_data_set_of_another_sop_class_than_the_request_is_still_delivered(tmp_path: Path) -> None:
+    """Sent as CT Image Storage, its data set says Secondary Capture: the JPEG-LS output's file meta names the
+    data set's class, which was not negotiated; the original (the request's class) is sent instead."""
+    ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    source = tmp_path / "mismatch.dcm"
+    ds.save_as(source)
+    archive = FakeArchive()
+    with archive.serving() as port, running_node(node_config(tmp_path, archive_destination(port), JPEG_LS)) as node:
+        ae = AE("MODALITY")
+        ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="COMPRESS_SCP")
+        assert assoc.is_established
+        try:
+            assert assoc.send_c_store(source).Status == status.SUCCESS
+        finally:
+            assoc.release()
+        wait_for(lambda: archive.received or node.spool.quarantined(), 30, "an outcome")
+        assert not node.spool.quarantined(), _quarantined(node.spool)
+    assert archive.received == [(str(ds.SOPInstanceUID), ds.file_meta.TransferSyntaxUID)]
