@@ -194,7 +194,7 @@ def _run(args: argparse.Namespace) -> int:
         while not stop.wait(0.2):
             if hangup.is_set():
                 hangup.clear()
-                _reload(service, args.config, loaded.metrics)
+                _reload(service, args.config)
     finally:
         LOGGER.info("stopping")
         notify.stopping()
@@ -206,10 +206,10 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _reload(service: Any, path: Path | None, started_metrics: config.MetricsConfig | None) -> None:
+def _reload(service: Any, path: Path | None) -> None:
     """SIGHUP: re-read the configuration with check-config's validation; keep the old one if it is invalid.
 
-    The metrics endpoint keeps the settings it was started with (`started_metrics`) until a restart."""
+    What needs a restart (node, spool, workers, metrics) is for `Service.reload` to keep and warn about."""
     if path is None:
         LOGGER.warning("SIGHUP: running on the built-in configuration, there is no file to re-read")
         return
@@ -222,8 +222,6 @@ def _reload(service: Any, path: Path | None, started_metrics: config.MetricsConf
     except ScpError as exc:
         LOGGER.error("reload rejected, the running configuration stays in force: %s", exc)
     else:
-        if loaded.metrics != started_metrics:
-            LOGGER.warning("reload: metrics changed; that needs a restart, the endpoint keeps its running settings")
         configure_logging(loaded.logging.level)
     notify.ready(f"listening on port {service.port}")
 

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from scp import metrics, notify
-from scp.config import Config
-from scp.forward import make_forwarder
+from scp.config import Config, DicomDestination, DirectoryDestination
+from scp.forward import Forwarder, make_forwarder
 from scp.inbound import Inbound
 from scp.pipeline import Deliverer, Encoder, Processor
 from scp.spool import Spool
@@ -142,25 +142,36 @@ class Service:
     def reload(self, new: Config) -> None:
         """Apply a validated configuration to instances processed from now on; open associations stay.
 
-        Rules, default, destinations and logging take effect; node, spool and workers need a restart and keep
-        their running values. A changed destination's deliverers use the new settings from their next batch; a
+        Rules, default, destinations and logging take effect; node, spool, workers and metrics need a restart and
+        keep their running values. A changed destination's deliverers use the new settings from their next batch; a
         new one gets deliverers; a removed one delivers what is already queued for it, then its threads stop.
+        All or nothing: every new or changed destination's forwarder is made first, so one that cannot be (a TLS
+        certificate that will not load: ConfigError) refuses the reload with nothing changed.
         """
         with self._reload_lock:
             old = self.config
-            restart = ("node", "spool", "workers")
+            restart = ("node", "spool", "workers", "metrics")
             fixed = {key: getattr(old, key) for key in restart if getattr(new, key) != getattr(old, key)}
-            if fixed:
-                LOGGER.warning("reload: %s changed; that needs a restart, keeping the running values", ", ".join(fixed))
-                new = new.model_copy(update=fixed)
+            added: dict[str, Deliverer] = {}
+            changed: dict[str, tuple[Forwarder, DicomDestination | DirectoryDestination]] = {}
             for name, destination in new.destinations.items():
                 state = self._destinations.get(name)
                 if state is None:
-                    self._add_destination(name, destination)
-                    continue
-                if state.deliverer.destination != destination:
-                    state.deliverer.forwarder = make_forwarder(destination, new.node.ae_title, self.spool.tmp)
-                    state.deliverer.destination = destination
+                    added[name] = self._deliverer(name, destination)
+                elif state.deliverer.destination != destination:
+                    forwarder = make_forwarder(destination, old.node.ae_title, self.spool.tmp)
+                    changed[name] = (forwarder, destination)
+            # Nothing raised: apply it all.
+            if fixed:
+                LOGGER.warning("reload: %s changed; that needs a restart, keeping the running values", ", ".join(fixed))
+                new = new.model_copy(update=fixed)
+            for name, (forwarder, destination) in changed.items():
+                deliverer = self._destinations[name].deliverer
+                deliverer.forwarder, deliverer.destination = forwarder, destination
+            for name in new.destinations:
+                if name in added:
+                    self._destinations[name] = _Destination(added[name])
+                state = self._destinations[name]
                 state.retired = False
                 self._spawn_deliverers(state)
             for name in set(self._destinations) - set(new.destinations):
@@ -251,18 +262,14 @@ class Service:
         thread.start()
         self._threads.append(thread)
 
-    def _add_destination(self, name: str, destination: object) -> None:
-        deliverer = Deliverer(
-            name,
-            destination,  # type: ignore[arg-type]
-            self.spool,
-            self.config.node.ae_title,
-            self._stopping,
-            self._next_item,
-        )
-        state = _Destination(deliverer)
+    def _add_destination(self, name: str, destination: DicomDestination | DirectoryDestination) -> None:
+        state = _Destination(self._deliverer(name, destination))
         self._destinations[name] = state
         self._spawn_deliverers(state)
+
+    def _deliverer(self, name: str, destination: DicomDestination | DirectoryDestination) -> Deliverer:
+        """A destination's deliverer, its forwarder made (ConfigError when it cannot be), no thread started."""
+        return Deliverer(name, destination, self.spool, self.config.node.ae_title, self._stopping, self._next_item)
 
     def _spawn_deliverers(self, state: _Destination) -> None:
         """Start the delivery threads the destination's `associations` asks for and that are not running."""

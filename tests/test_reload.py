@@ -157,31 +157,55 @@ def test_a_reload_the_service_or_the_files_refuse_keeps_the_node_running(
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"destinations": {"pacs": pacs}, "rules": [{"name": "r", "forward": ["pacs"]}]}))
     service = _Refusing()
-    cli._reload(service, path, None)  # returns: the node goes on with its running configuration
+    cli._reload(service, path)  # returns: the node goes on with its running configuration
     assert "reload rejected, the running configuration stays in force" in caplog.text
     assert len(service.offered) == (cert == "present.pem"), "missing files are refused before the service sees them"
     if cert == "missing.pem":
         assert f"destinations.pacs.tls.cert: cannot read {tmp_path / cert}" in caplog.text
 
 
-class _Accepting:
-    port = 0
-
-    def reload(self, new: object) -> None:
-        pass
-
-
-@pytest.mark.parametrize("port", [9100, 9101])
+@pytest.mark.parametrize("port", [None, 9101])
 def test_a_reload_changing_metrics_warns_that_it_needs_a_restart(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, port: int
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, port: int | None
 ) -> None:
-    data = {
-        "destinations": {"a": {"type": "directory", "path": str(tmp_path)}},
-        "rules": [{"name": "r", "forward": ["a"]}],
-        "metrics": {"port": port},
-    }
+    """The service decides what needs a restart, metrics among node, spool and workers, and keeps it running."""
+    from tests.peers import running_node
+
+    folder = {"type": "directory", "path": str(tmp_path / "a")}
+    first = node_config(tmp_path, {"a": folder}, [{"name": "r", "forward": ["a"]}])
+    data = {**first, **({"metrics": {"port": port}} if port else {})}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))
-    cli._reload(_Accepting(), path, config.MetricsConfig(port=9100))
+    with running_node(first) as node:
+        cli._reload(node, path)
+        assert node.config.metrics is None, "the running endpoint's settings stay"
     warned = "reload: metrics changed; that needs a restart" in caplog.text
-    assert warned == (port != 9100)
+    assert warned == (port is not None)
+
+
+def test_a_refused_reload_changes_no_destination(tmp_path: Path) -> None:
+    """Every new forwarder is made before any is applied: a certificate that will not load (the last destination)
+    leaves the earlier changed and added destinations as they were."""
+    from tests.peers import running_node
+
+    (tmp_path / "empty.pem").write_text("")
+    pacs = {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}
+    folder = {"type": "directory", "path": str(tmp_path / "a")}
+    first = node_config(tmp_path, {"a": folder, "pacs": pacs}, [{"name": "r", "forward": ["a"]}])
+    tls = {"cert": str(tmp_path / "empty.pem"), "key": str(tmp_path / "empty.pem")}
+    second = {
+        **first,
+        "destinations": {
+            "a": {"type": "directory", "path": str(tmp_path / "a2")},
+            "new": {"type": "directory", "path": str(tmp_path / "new")},
+            "pacs": {**pacs, "tls": tls},
+        },
+    }
+    with running_node(first) as node:
+        running = node.config
+        with pytest.raises(ConfigError, match="tls: cannot load certificate"):
+            node.reload(config.parse(second))
+        assert node.config is running
+        assert set(node._destinations) == {"a", "pacs"}, "no destination added"
+        assert node._destinations["a"].deliverer.destination == running.destinations["a"], "none changed"
+        assert not any(thread.name.startswith("deliver-new") for thread in node._threads)
