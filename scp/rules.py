@@ -64,15 +64,22 @@ def _decision(rule: Rule, why: str, skipped: list[tuple[str, str]]) -> Decision:
 def candidates(spec: CompressSpec, source_syntax: str, accept: Sequence[str] | None) -> list[CompressSpec]:
     """The targets to try for one destination, best first; `syntax=None` means: send the source as it is.
 
-    The rule's target when the destination takes it (or declares nothing); else each syntax of its `accept` list
-    in order: the source's own syntax as it is, or a lossless syntax we encode. A lossy syntax is produced only
-    when a rule asks for it with its parameters, never chosen on a destination's behalf.
+    The rule's target when the destination takes it (or declares nothing); then, or else, each other syntax of
+    its `accept` list in order: the source's own syntax as it is, or a lossless syntax we encode. The fallbacks
+    count when the target cannot be made for this instance (a lossy source, no pixel data). A lossy syntax is
+    produced only when a rule asks for it with its parameters, never chosen on a destination's behalf.
     """
     wanted = spec.syntax or UID(source_syntax)
-    if accept is None or wanted in accept:
-        return [spec]
+    if accept is None or (spec.syntax is None and wanted in accept):
+        return [spec]  # sending the source as it is cannot fail
     found: list[CompressSpec] = []
+    if wanted in accept:
+        found.append(spec)
+        if wanted == source_syntax:
+            found.append(CompressSpec())  # the encoder declines what is already in the target syntax: send it so
     for syntax in accept:
+        if syntax == wanted:
+            continue
         if syntax == source_syntax:
             found.append(CompressSpec())
         elif syntaxes.is_lossless(syntax):

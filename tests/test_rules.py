@@ -7,7 +7,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
+from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 
 from scp import config, rules
 from scp.errors import ConfigError
@@ -241,7 +241,12 @@ def test_per_destination_target_overrides_the_rule() -> None:
     ("target", "source", "accept", "expected"),
     [
         ("JPEGLSLossless", ExplicitVRLittleEndian, None, ["JPEGLSLossless"]),
-        ("JPEGLSLossless", ExplicitVRLittleEndian, ["JPEGLSLossless", "ExplicitVRLittleEndian"], ["JPEGLSLossless"]),
+        ("JPEGLSLossless", ExplicitVRLittleEndian, ["JPEGLSLossless", "ExplicitVRLittleEndian"],
+         ["JPEGLSLossless", "keep"]),
+        ("JPEG2000Lossless", JPEG2000, ["JPEG2000Lossless", "ExplicitVRLittleEndian"],
+         ["JPEG2000Lossless", "ExplicitVRLittleEndian"]),
+        ("JPEGLSLossless", JPEGLSLossless, ["JPEGLSLossless", "ExplicitVRLittleEndian"],
+         ["JPEGLSLossless", "keep", "ExplicitVRLittleEndian"]),
         ("JPEGLSLossless", ExplicitVRLittleEndian, ["ImplicitVRLittleEndian", "ExplicitVRLittleEndian"],
          ["ImplicitVRLittleEndian", "keep"]),
         ("keep", ImplicitVRLittleEndian, ["ExplicitVRLittleEndian"], ["ExplicitVRLittleEndian"]),
@@ -297,6 +302,35 @@ def test_each_distinct_target_is_encoded_once_and_shared(tmp_path: Path) -> None
     assert by_name["explicit-only"].transfer_syntax == ExplicitVRLittleEndian
     assert pydicom.dcmread(by_name["explicit-only"].path).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert sorted(path for _, path in made) == sorted({o.path for o in outputs})
+
+
+@pytest.mark.parametrize("name", ["JPEG2000.dcm", "rtplan.dcm"], ids=["lossy-source", "no-pixels-implicit"])
+def test_an_accepted_target_that_cannot_be_made_falls_back_to_the_next_accepted(tmp_path: Path, name: str) -> None:
+    """A directory accepting [JPEG2000Lossless, ExplicitVRLittleEndian] gets Explicit VR LE written for an instance
+    JPEG 2000 Lossless cannot be made from (it got the source as it came, and quarantined it)."""
+    from scp import compress
+    from scp.pipeline import produce
+
+    accept = ["JPEG2000Lossless", "ExplicitVRLittleEndian"]
+    loaded = config.parse(
+        {
+            "destinations": {"dir": {"type": "directory", "path": "d", "accept": accept}},
+            "rules": [{"name": "j2k", "compress": "JPEG2000Lossless", "forward": ["dir"]}],
+        }
+    )
+    facts = _facts(name)
+    decision = rules.decide(loaded.rules, loaded.default_rule, facts)
+    names = iter(range(10))
+    (output,), _ = produce(
+        TEST_FILES / name,
+        facts.transfer_syntax,
+        decision,
+        loaded.destinations,
+        compress.transcode_file,
+        lambda: tmp_path / f"{next(names)}.dcm",
+    )
+    assert output.transfer_syntax == ExplicitVRLittleEndian
+    assert pydicom.dcmread(output.path).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
 
 
 @pytest.mark.parametrize(
