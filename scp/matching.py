@@ -20,6 +20,7 @@ from functools import cached_property
 from typing import Any, Protocol
 
 from pydicom import datadict
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, UID_dictionary
@@ -48,6 +49,8 @@ class Facts:
 Values = tuple[Any, ...]
 """The values a key has for one instance; () when it is absent or empty."""
 
+UNDEFINED_LENGTH = 0xFFFFFFFF
+"""An element length meaning: up to a delimiter (PS3.5 7.1.1)."""
 PRESENT = "(a value)"
 """What a presence-only element (sequence, binary data) reads as: its value is never loaded."""
 UNREADABLE = "(unreadable)"
@@ -123,7 +126,7 @@ def _dataset_values(keyword: str, kind: str) -> Callable[[Facts], Values]:
         if keyword not in facts.dataset:
             return ()
         if kind == PRESENCE:  # never load the value: it may be deferred pixel data
-            return (PRESENT,)
+            return (PRESENT,) if _holds_anything(facts.dataset, keyword) else ()
         try:
             value = facts.dataset[keyword].value
         except Exception:  # a malformed value must not stop the instance (STYLE rule 6)
@@ -135,6 +138,22 @@ def _dataset_values(keyword: str, kind: str) -> Callable[[Facts], Values]:
         return tuple(str(v) for v in items)
 
     return read
+
+
+def _holds_anything(dataset: Dataset, keyword: str) -> bool:
+    """Whether a sequence or binary element has an item or a byte, told from its length or item count: an empty
+    one (zero length, no items) reads as absent. The value is never loaded."""
+    element = dataset.get_item(keyword, keep_deferred=True)
+    if element is None:
+        return False
+    if isinstance(element, RawDataElement):
+        if element.length != UNDEFINED_LENGTH:
+            return element.length > 0  # a sequence of defined, non-zero length holds an item
+        return element.value is None or len(element.value) > 0  # None: deferred, so larger than DEFER_SIZE
+    try:
+        return not element.is_empty
+    except Exception:  # a malformed value must not stop the instance (STYLE rule 6)
+        return True
 
 
 def _number_or_text(value: Any) -> Any:

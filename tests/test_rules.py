@@ -119,6 +119,31 @@ def test_pixel_data_is_not_loaded_to_evaluate_a_rule() -> None:
     assert element is not None and element.value is None, "a present test must not read the pixel data"
 
 
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_an_empty_sequence_or_binary_element_is_not_present(tmp_path: Path, syntax: str) -> None:
+    """`present: false` means absent or empty: zero-length pixel data and sequences without items, of defined
+    and of undefined length (pydicom parses the latter, keeps the former raw), are told by length alone."""
+    ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    ds.file_meta.TransferSyntaxUID = syntax
+    item = pydicom.Dataset()
+    item.ReferencedSOPInstanceUID = "1.2.3"
+    ds.PixelData = b""
+    ds.ReferencedImageSequence = []  # defined length 0
+    ds.DerivationCodeSequence = []
+    ds["DerivationCodeSequence"].is_undefined_length = True
+    ds.SourceImageSequence = [item]
+    ds.ReferencedStudySequence = [item]
+    ds["ReferencedStudySequence"].is_undefined_length = True
+    path = tmp_path / "empty.dcm"
+    ds.save_as(path)
+    facts = read_facts(path, "MODALITY1", "COMPRESS_SCP", "10.1.2.3")
+    for keyword in ("PixelData", "ReferencedImageSequence", "DerivationCodeSequence"):
+        assert _holds({keyword: {"present": False}}, facts), keyword
+        assert not _holds({keyword: {"present": True}}, facts), keyword
+    for keyword in ("SourceImageSequence", "ReferencedStudySequence"):
+        assert _holds({keyword: {"present": True}}, facts), keyword
+
+
 BAD: list[tuple[dict[str, Any], str]] = [
     ({"Modalty": "CT"}, "rule 'bad': match.Modalty: 'Modalty' is neither a match key"),
     ({"Modalty": "CT"}, "did you mean 'Modality'"),
