@@ -67,6 +67,8 @@ class Condition(Protocol):
 # Kinds of values: "text" and "number" compare values; "uid" also matches globs against the UID's keyword;
 # "address" is an IP address tested against networks; "presence" (sequences, binary data) can only be present.
 TEXT, NUMBER, UID_KIND, ADDRESS, PRESENCE = "text", "number", "uid", "address", "presence"
+FILE_META_GROUP = 0x0002
+"""PS3.10 7.1: the file meta information, written around the dataset, not in it."""
 _NUMERIC_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "IS", "DS", "UV", "SV", "US or SS"}
 _PRESENCE_VRS = {"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "OB or OW", "US or OW", "US or SS or OW"}
 
@@ -181,6 +183,11 @@ def _field(key: str) -> Field:
         close = difflib.get_close_matches(key, [*FACT_FIELDS, *datadict.keyword_dict], n=1)
         hint = f" - did you mean '{close[0]}'?" if close else ""
         raise ValueError(f"'{key}' is neither a match key ({', '.join(FACT_FIELDS)}) nor a DICOM keyword{hint}")
+    if tag >> 16 == FILE_META_GROUP:
+        raise ValueError(
+            f"'{key}' is a file meta element (group 0002), not part of the dataset rules look at: match the syntax "
+            "the instance arrived in with transfer_syntax, its SOP class with sop_class"
+        )
     vr = datadict.dictionary_VR(tag)
     kind = NUMBER if vr in _NUMERIC_VRS else PRESENCE if vr in _PRESENCE_VRS else TEXT
     return Field(_dataset_values(key, kind), kind, _number if kind == NUMBER else _text)

@@ -169,6 +169,15 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"not": None}, "match.not: an empty match always holds"),
     ({"any": [{"modality": "CT"}, {}]}, "match.any.1: an empty match always holds"),
     ({"not": {"any": [{"Modalty": "CT"}]}}, "match.not.any.0.Modalty"),
+    (
+        {"TransferSyntaxUID": "1.2.840.10008.1.2.1"},
+        "match.TransferSyntaxUID: 'TransferSyntaxUID' is a file meta element",
+    ),
+    (
+        {"ImplementationVersionName": {"present": True}},
+        "group 0002), not part of the dataset rules look at: match the "
+        "syntax the instance arrived in with transfer_syntax, its SOP class with sop_class",
+    ),
 ]
 
 
