@@ -102,18 +102,28 @@ def _number(value: Any) -> float:
         raise ValueError(f"{value!r} is not a number") from None
 
 
-_SOP_CLASSES = {info[4]: UID(uid) for uid, info in UID_dictionary.items() if info[4] and info[1] == "SOP Class"}
+_UIDS = {info[4]: UID(uid) for uid, info in UID_dictionary.items() if info[4]}
+_SOP_CLASSES = {keyword: uid for keyword, uid in _UIDS.items() if UID_dictionary[uid][1] == "SOP Class"}
+
+
+def _uid(value: Any, known: Mapping[str, UID], what: str) -> UID:
+    """A dotted UID, or the keyword pydicom gives one of `known` (`CTImageStorage`) turned into its UID."""
+    text = _text(value)
+    if text in known:
+        return known[text]
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)+", text) and len(text) <= 64:
+        return UID(text)
+    close = difflib.get_close_matches(text, known, n=1)
+    hint = f" - did you mean '{close[0]}'?" if close else ""
+    raise ValueError(f"'{text}' is not {what} keyword pydicom knows nor a dotted UID{hint}")
 
 
 def _sop_class(value: Any) -> UID:
-    text = _text(value)
-    if text in _SOP_CLASSES:
-        return _SOP_CLASSES[text]
-    if re.fullmatch(r"[0-9]+(\.[0-9]+)+", text) and len(text) <= 64:
-        return UID(text)
-    close = difflib.get_close_matches(text, _SOP_CLASSES, n=1)
-    hint = f" - did you mean '{close[0]}'?" if close else ""
-    raise ValueError(f"'{text}' is not a SOP Class keyword pydicom knows nor a dotted UID{hint}")
+    return _uid(value, _SOP_CLASSES, "a SOP Class")
+
+
+def _any_uid(value: Any) -> UID:
+    return _uid(value, _UIDS, "a UID")
 
 
 def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -137,6 +147,8 @@ def _dataset_values(keyword: str, kind: str) -> Callable[[Facts], Values]:
         items = tuple(v for v in items if v is not None and v != "")
         if kind == NUMBER:
             return tuple(_number_or_text(v) for v in items)
+        if kind == UID_KIND:
+            return tuple(UID(str(v)) for v in items)
         return tuple(str(v) for v in items)
 
     return read
@@ -189,8 +201,9 @@ def _field(key: str) -> Field:
             "the instance arrived in with transfer_syntax, its SOP class with sop_class"
         )
     vr = datadict.dictionary_VR(tag)
-    kind = NUMBER if vr in _NUMERIC_VRS else PRESENCE if vr in _PRESENCE_VRS else TEXT
-    return Field(_dataset_values(key, kind), kind, _number if kind == NUMBER else _text)
+    kind = NUMBER if vr in _NUMERIC_VRS else PRESENCE if vr in _PRESENCE_VRS else UID_KIND if vr == "UI" else TEXT
+    normalise = {NUMBER: _number, UID_KIND: _any_uid}.get(kind, _text)
+    return Field(_dataset_values(key, kind), kind, normalise)
 
 
 # -- the tests ------------------------------------------------------------------------------------------------

@@ -112,6 +112,22 @@ def test_every_operator_is_covered_by_the_table() -> None:
         assert any(f"'{k}'" in written for k in operator.keys), operator.keys
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("CTImageStorage", True),
+        ("1.2.840.10008.5.1.4.1.1.2", True),
+        (["MRImageStorage", "CTImageStorage"], True),
+        ("MRImageStorage", False),
+        ({"glob": "CT*"}, True),
+        ({"regex": "^1\\.2\\.840\\.10008\\.5\\.1\\.4\\.1\\.1\\.2$"}, True),
+    ],
+)
+def test_a_ui_element_takes_uid_keywords_like_sop_class(value: Any, expected: bool) -> None:
+    """SOPClassUID: CTImageStorage compares as the UID it names (it was compared with the dotted UID as text)."""
+    assert _holds({"SOPClassUID": value}, _facts("CT_small.dcm")) is expected
+
+
 def test_pixel_data_is_not_loaded_to_evaluate_a_rule() -> None:
     facts = _facts("CT_small.dcm")
     assert _holds({"PixelData": {"present": True}}, facts)
@@ -169,6 +185,11 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"not": None}, "match.not: an empty match always holds"),
     ({"any": [{"modality": "CT"}, {}]}, "match.any.1: an empty match always holds"),
     ({"not": {"any": [{"Modalty": "CT"}]}}, "match.not.any.0.Modalty"),
+    (
+        {"SOPClassUID": "CTImageStorag"},
+        "match.SOPClassUID: 'CTImageStorag' is not a UID keyword pydicom knows nor a "
+        "dotted UID - did you mean 'CTImageStorage'?",
+    ),
     (
         {"TransferSyntaxUID": "1.2.840.10008.1.2.1"},
         "match.TransferSyntaxUID: 'TransferSyntaxUID' is a file meta element",
