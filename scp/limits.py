@@ -185,17 +185,23 @@ def check_size(size: int, max_bytes: int) -> None:
         raise Refused(status.OUT_OF_RESOURCES, f"{size} bytes, over node.max_instance_bytes ({max_bytes})")
 
 
-def check_instance(path: Path, size: int, transfer_syntax: str, max_inflated: int) -> None:
+def check_instance(
+    path: Path, size: int, transfer_syntax: str, max_inflated: int, sop_class_uid: str, sop_instance_uid: str
+) -> None:
     """Read a received Part 10 file of `size` bytes defensively (Pixel Data deferred); raise Refused if the node
-    must not keep it: 0xA700 (out of resources) for a Deflated data set inflating past `max_inflated`, 0xC210
-    (cannot understand) for anything unreadable. The size limit is check_size's.
+    must not keep it: 0xA700 (out of resources) for a Deflated data set inflating past `max_inflated`, 0xA900
+    (data set does not match SOP class, PS3.4 B.2.3) when the data set names another SOP Class or Instance UID
+    than the C-STORE request (`sop_class_uid`, `sop_instance_uid`: the spool, the rules and the destinations go by
+    the request's; DCMTK's storescp does not check), 0xC210 (cannot understand) for anything unreadable. The size
+    limit is check_size's.
     """
     deflated = transfer_syntax == DeflatedExplicitVRLittleEndian
     try:
-        if deflated and _inflated_size(path, max_inflated) is None:
+        # what a deferred value's offset is counted in: the file, or the inflated data set
+        data_set_bytes = _inflated_size(path, max_inflated) if deflated else size
+        if data_set_bytes is None:
             raise Refused(
-                status.OUT_OF_RESOURCES,
-                f"the Deflated data set inflates past node.max_inflated_bytes ({max_inflated})",
+                status.OUT_OF_RESOURCES, f"the Deflated data set inflates past node.max_inflated_bytes ({max_inflated})"
             )
         ds = pydicom.dcmread(path, defer_size=4096)
         # pydicom converts values lazily and a bad one raises on first access: touch what the node relies on.
@@ -203,8 +209,7 @@ def check_instance(path: Path, size: int, transfer_syntax: str, max_inflated: in
         for keyword in ("SOPInstanceUID", "SOPClassUID"):
             if not ds.get(keyword):
                 raise ValueError(f"the data set has no {keyword}")
-        if not deflated:
-            _check_complete(ds, size)
+        _check_complete(ds, data_set_bytes)
         _check_pixel_data(ds)
     except Refused:
         raise
@@ -212,6 +217,12 @@ def check_instance(path: Path, size: int, transfer_syntax: str, max_inflated: in
         raise Refused(status.CANNOT_UNDERSTAND, "sequences nested too deeply to read") from None
     except Exception as exc:  # pydicom raises many types on hostile bytes (NotImplementedError for a bogus VR…)
         raise Refused(status.CANNOT_UNDERSTAND, f"cannot be read ({type(exc).__name__}: {exc})") from exc
+    for keyword, requested in (("SOPClassUID", sop_class_uid), ("SOPInstanceUID", sop_instance_uid)):
+        if str(ds[keyword].value) != requested:
+            raise Refused(
+                status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                f"the data set's {keyword} {ds[keyword].value} is not the C-STORE request's {requested}",
+            )
 
 
 def _inflated_size(path: Path, limit: int) -> int | None:

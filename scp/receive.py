@@ -96,7 +96,11 @@ def _store(event: Event, path: Path, spool: Spool, reporter: Reporter, node: Nod
     try:
         limits.check_size(size, node.max_instance_bytes)  # before any of it goes to disk
         spool_id = spool.commit_received(
-            path, received, check=lambda: limits.check_instance(path, size, syntax, node.max_inflated_bytes)
+            path,
+            received,
+            check=lambda: limits.check_instance(
+                path, size, syntax, node.max_inflated_bytes, received.sop_class_uid, sop_instance_uid
+            ),
         )
     except limits.Refused as exc:
         LOGGER.warning(

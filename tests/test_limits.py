@@ -9,10 +9,11 @@ import resource
 import socket
 import struct
 import time
+import zlib
 from pathlib import Path
 
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from scp import limits, receive, status
@@ -148,6 +149,37 @@ def test_data_sets_with_no_uids_or_values_cut_short_are_refused(tmp_path: Path) 
         assert answers == dict.fromkeys(broken, status.CANNOT_UNDERSTAND)
         assert not node.spool.incoming()
         assert hostile.store(node.port, whole) == status.SUCCESS
+
+
+def test_data_set_naming_other_uids_than_the_request_is_refused(tmp_path: Path) -> None:
+    """The spool, rules and destinations go by the request's UIDs: a data set naming others is answered 0xA900 (a
+    directory destination would have written it under another instance's name)."""
+    uid, other = generate_uid(), generate_uid()
+    body = hostile.header(other) + hostile.image(8, 8, bytes(64))
+    instance = hostile.part10(tmp_path / "instance.dcm", uid, body)
+    sop_class = hostile.part10(
+        tmp_path / "class.dcm", other, body, sop_class="1.2.840.10008.5.1.4.1.1.7"
+    )  # Secondary Capture in the request, CT in the data set
+    with running_node(_config(tmp_path)) as node:
+        assert hostile.store(node.port, instance) == status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+        assert hostile.store(node.port, sop_class) == status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+        assert not node.spool.incoming()
+
+
+def test_deflated_data_set_cut_short_is_refused(tmp_path: Path) -> None:
+    """Inflated, a Deflated data set must hold what its elements declare, as a native one must."""
+    uid = generate_uid()
+    body = hostile.header(uid) + hostile.image(64, 64, bytes(4096))
+
+    def deflated(data: bytes, name: str) -> Path:
+        deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        compressed = deflater.compress(data) + deflater.flush()
+        return hostile.part10(tmp_path / name, uid, compressed, DeflatedExplicitVRLittleEndian)
+
+    with running_node(_config(tmp_path)) as node:
+        assert hostile.store(node.port, deflated(body[:-1000], "cut.dcm")) == status.CANNOT_UNDERSTAND
+        assert not node.spool.incoming()
+        assert hostile.store(node.port, deflated(body, "whole.dcm")) == status.SUCCESS
 
 
 def test_instance_over_max_instance_bytes_is_refused(tmp_path: Path) -> None:
