@@ -15,6 +15,7 @@ unhealthy (systemd's watchdog restarts the node). Whatever the child acknowledge
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing
 import signal
@@ -32,7 +33,7 @@ from pynetdicom import AE, _config, dimse_messages
 
 from scp import limits, metrics, reactors, receive, security
 from scp.config import Config, NodeConfig
-from scp.spool import Spool
+from scp.spool import ReceiveBudget, Spool
 from scp.workers import skip_value_validation
 
 LOGGER = logging.getLogger(__name__)
@@ -197,7 +198,10 @@ def _serve(config: _ChildConfig, conn: Connection, associations: Synchronized[in
     spool = Spool(config.spool)
     _config.STORE_RECV_CHUNKED_DATASET = True
     tempfile.tempdir = str(spool.tmp)  # pynetdicom streams each dataset there: committing is a rename
-    dimse_messages.NamedTemporaryFile = spool.open_partial_receive  # type: ignore[assignment]  # the same, in a spare
+    # the same, in a spare, and stopped as soon as the data set passes its budget
+    budget = ReceiveBudget(config.node.max_instance_bytes, config.min_free)
+    partial_receive = functools.partial(spool.open_partial_receive, budget=budget)
+    dimse_messages.NamedTemporaryFile = partial_receive  # type: ignore[assignment]
     try:
         ae, server = make_server(config.node, spool, _PipeReporter(send), config.min_free)
     except Exception as exc:

@@ -27,7 +27,7 @@ from scp.config import NodeConfig
 from scp.errors import SpoolError
 from scp.forward import set_nodelay
 from scp.security import called_ae_title
-from scp.spool import Received, Spool
+from scp.spool import PartialReceive, Received, Spool
 
 LOGGER = logging.getLogger(__name__)
 
@@ -70,6 +70,17 @@ def _store(event: Event, path: Path, spool: Spool, reporter: Reporter, node: Nod
     assoc = event.assoc
     calling = assoc.requestor.ae_title
     sop_instance_uid = str(request.AffectedSOPInstanceUID)
+    partial = getattr(request, "_dataset_file", None)  # pynetdicom's handle on the file it streamed into
+    if isinstance(partial, PartialReceive) and partial.refused:
+        LOGGER.error(
+            "refused instance %s from %s while it streamed in: %s; answered 0x%04X",
+            sop_instance_uid,
+            calling,
+            partial.refused,
+            status.OUT_OF_RESOURCES,
+        )
+        reporter.refused(status.OUT_OF_RESOURCES)
+        return status.OUT_OF_RESOURCES
     free = spool.free_bytes()
     if free < min_free:
         LOGGER.error(
@@ -94,7 +105,7 @@ def _store(event: Event, path: Path, spool: Spool, reporter: Reporter, node: Nod
         received_at=time.time(),
     )
     try:
-        limits.check_size(size, node.max_instance_bytes)  # before any of it goes to disk
+        limits.check_size(size, node.max_instance_bytes)  # PartialReceive stops the same limit as it streams in
         spool_id = spool.commit_received(
             path,
             received,

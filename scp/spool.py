@@ -24,6 +24,8 @@ swept). Spool ids start with the arrival time in nanoseconds, so ages need no fi
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -186,6 +188,7 @@ class Spool:
         for entry in self.tmp.glob(PARTIAL_RECEIVE):
             try:
                 if entry.stat().st_mtime < limit:
+                    os.truncate(entry, 0)  # frees the space now, though the dead transfer may hold it open
                     entry.unlink()
                     removed += 1
             except FileNotFoundError:
@@ -226,9 +229,16 @@ class Spool:
             futures.wait(flushes)
             sidecar.unlink(missing_ok=True)
             raise
-        os.replace(sidecar, self.incoming_dir / f"{spool_id}.json")
-        os.replace(written, self.incoming_dir / f"{spool_id}.dcm")
-        fsync_dir(self.incoming_dir)
+        committed = self.incoming_dir / f"{spool_id}.dcm"
+        os.replace(sidecar, committed.with_suffix(".json"))
+        os.replace(written, committed)
+        try:
+            fsync_dir(self.incoming_dir)
+        except OSError:
+            # The modality is answered a failure and sends it again: this copy must not be processed at a restart.
+            committed.unlink(missing_ok=True)
+            committed.with_suffix(".json").unlink(missing_ok=True)
+            raise
         return spool_id
 
     def incoming(self) -> list[str]:
@@ -258,14 +268,16 @@ class Spool:
         self.spares.claim_file(path)
         return path
 
-    def open_partial_receive(self, *, delete: bool = False, mode: str = "wb", suffix: str = ".dcm") -> PartialReceive:
+    def open_partial_receive(
+        self, *, delete: bool = False, mode: str = "wb", suffix: str = ".dcm", budget: ReceiveBudget | None = None
+    ) -> PartialReceive:
         """A file in tmp/ for pynetdicom to stream a received dataset into, in the place of its
         NamedTemporaryFile (inbound.py); a spare when there is one. Its name matches PARTIAL_RECEIVE."""
         if delete or mode != "wb":
             raise ValueError("only delete=False, mode='wb' (what pynetdicom asks for)")
         path = self.tmp / f"tmp{new_id()}{suffix}"
         self.spares.claim_file(path)
-        return PartialReceive(path)
+        return PartialReceive(path, self.root, budget)
 
     def commit_job(
         self, spool_id: str, destination: str, instance: Path, original: Path, info: dict[str, object]
@@ -376,15 +388,68 @@ class Spool:
         fsync_dir(folder)
 
 
-class PartialReceive:
-    """What pynetdicom uses of a NamedTemporaryFile: the open file as `file`, its `name`, the file's methods."""
+@dataclass(frozen=True)
+class ReceiveBudget:
+    """What a data set may take while it streams in: `max_bytes` of file, and the spool's free space down to
+    `min_free` bytes."""
 
-    def __init__(self, path: Path) -> None:
+    max_bytes: int
+    min_free: int
+
+
+class PartialReceive:
+    """What pynetdicom uses of a NamedTemporaryFile: the open file as `file`, its `name`, the file's methods.
+
+    Writes go straight to the file (unbuffered), so that a full disk shows at the write that meets it. Once the
+    data set passes its `budget`, or a write fails, the rest is discarded and the file emptied at once (a full
+    disk frees up for the other modalities); `refused` says why, for the C-STORE handler to answer 0xA700.
+    """
+
+    def __init__(self, path: Path, spool_root: Path, budget: ReceiveBudget | None = None) -> None:
         self.name = str(path)
-        self.file = open(path, "wb")  # noqa: SIM115 (pynetdicom closes it)
+        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 (pynetdicom closes it)
+        self.refused = ""
+        self._spool_root = spool_root
+        self._budget = budget
+        self._written = 0
+
+    def write(self, data: bytes) -> int:
+        if not self.refused:
+            try:
+                self._within_budget(len(data))
+                view = memoryview(data)
+                while view:
+                    written = self.file.write(view)
+                    if not written:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    view = view[written:]
+                self._written += len(data)
+            except OSError as exc:
+                self._refuse(f"writing it failed: {exc}")
+            except _OverBudget as exc:
+                self._refuse(str(exc))
+        return len(data)  # what pynetdicom expects; a refused data set is drained, not written
+
+    def _within_budget(self, more: int) -> None:
+        if self._budget is None:
+            return
+        if self._written + more > self._budget.max_bytes:
+            raise _OverBudget(f"it is larger than node.max_instance_bytes ({self._budget.max_bytes})")
+        stats = os.statvfs(self._spool_root)
+        if stats.f_bavail * stats.f_frsize - more < self._budget.min_free:
+            raise _OverBudget(f"the spool's free space fell below spool.min_free_mb ({self._budget.min_free // 2**20})")
+
+    def _refuse(self, reason: str) -> None:
+        self.refused = reason
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.file.fileno(), 0)
 
     def __getattr__(self, attribute: str) -> Any:
         return getattr(self.file, attribute)
+
+
+class _OverBudget(Exception):
+    """A data set streaming in passed its ReceiveBudget."""
 
 
 def _oldest(ids: list[str]) -> float | None:

@@ -182,10 +182,15 @@ def test_deflated_data_set_cut_short_is_refused(tmp_path: Path) -> None:
         assert hostile.store(node.port, deflated(body, "whole.dcm")) == status.SUCCESS
 
 
-def test_instance_over_max_instance_bytes_is_refused(tmp_path: Path) -> None:
+def test_instance_over_max_instance_bytes_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Refused as it streams in: the rest of it never reaches the disk (a full disk is caught the same way)."""
     with running_node(_config(tmp_path, max_instance_bytes=16_384)) as node:
         assert hostile.store(node.port, TEST_FILES / "CT_small.dcm") == status.OUT_OF_RESOURCES
         assert not node.spool.incoming()
+        uid = generate_uid()
+        small = hostile.part10(tmp_path / "small.dcm", uid, hostile.header(uid) + hostile.image(8, 8, bytes(64)))
+        assert hostile.store(node.port, small) == status.SUCCESS
+    assert "while it streamed in: it is larger than node.max_instance_bytes (16384)" in caplog.text
 
 
 def test_peer_that_stops_mid_pdu_is_dropped_after_network_timeout(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
 from scp.spares import Spares
-from scp.spool import PARTIAL_RECEIVE, SPARES, Received, Spool
+from scp.spool import PARTIAL_RECEIVE, SPARES, PartialReceive, ReceiveBudget, Received, Spool
 
 RECEIVED = Received("MODALITY", "COMPRESS_SCP", "127.0.0.1", "1.2.3", "1.2.3.4", ExplicitVRLittleEndian, 0.0)
 
@@ -130,3 +130,31 @@ def test_partial_receives_are_spare_files_pynetdicom_can_use(tmp_path: Path) -> 
     assert path.parent == spool.tmp and path.match(PARTIAL_RECEIVE)
     assert path.read_bytes() == b"DICM", "nothing of the spare's old content is left"
     assert not spool.spares.claim_file(spool.tmp / "none"), "the partial receive took the spare"
+
+
+def test_a_partial_receive_past_its_budget_is_emptied_and_drained(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    partial = spool.open_partial_receive(budget=ReceiveBudget(max_bytes=10, min_free=0))
+    assert partial.write(b"DICM") == 4 and not partial.refused
+    assert partial.write(b"0123456789") == 10, "drained as if written, so that pynetdicom reads on"
+    assert "node.max_instance_bytes (10)" in partial.refused
+    assert partial.write(b"more") == 4
+    partial.close()
+    assert Path(partial.name).stat().st_size == 0
+
+
+def test_a_partial_receive_stops_where_the_spool_fills_up(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    free = spool.free_bytes()
+    partial = spool.open_partial_receive(budget=ReceiveBudget(max_bytes=2**40, min_free=free + 2**30))
+    partial.write(b"DICM")
+    partial.close()
+    assert "spool.min_free_mb" in partial.refused and Path(partial.name).stat().st_size == 0
+
+
+def test_a_partial_receive_whose_write_fails_is_refused(tmp_path: Path) -> None:
+    """/dev/full answers every write with ENOSPC, as a full disk does."""
+    partial = PartialReceive(Path("/dev/full"), tmp_path)
+    assert partial.write(b"DICM") == 4
+    partial.close()
+    assert "No space left on device" in partial.refused

@@ -103,6 +103,26 @@ def test_a_failed_fsync_of_a_received_instance_commits_nothing(tmp_path: Path, m
     assert _left_in_tmp(spool) == [written]
 
 
+def test_a_failed_fsync_of_the_incoming_folder_leaves_nothing_to_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The modality is answered a failure: the renamed instance must not be processed after a restart too."""
+    spool = Spool(tmp_path)
+    written = _written(spool)
+    real_fsync = os.fsync
+    incoming = spool.incoming_dir.stat().st_ino
+
+    def fsync(fd: int) -> None:
+        if os.fstat(fd).st_ino == incoming:
+            raise OSError(errno.EIO, "I/O error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="I/O error"):
+        spool.commit_received(written, RECEIVED)
+    assert spool.incoming() == [] and not list(spool.incoming_dir.iterdir())
+
+
 @pytest.mark.parametrize("crash_at", [1, 2])
 def test_a_crash_inside_commit_received_leaves_all_or_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: int
@@ -236,8 +256,11 @@ def test_sweep_at_start_and_abandoned_receives_while_running(tmp_path: Path) -> 
         path.write_bytes(b"partial")
     os.utime(old, (time.time() - 120, time.time() - 120))
     os.utime(ours, (time.time() - 120, time.time() - 120))
+    still_open = open(old, "ab")  # noqa: SIM115 (a dead transfer's file, which pynetdicom never closed)
     assert spool.sweep_abandoned_receives(60) == 1
     assert not old.exists() and fresh.exists() and ours.exists(), "only pynetdicom's old partial files go"
+    assert os.fstat(still_open.fileno()).st_size == 0, "emptied: its space is free though it is still open"
+    still_open.close()
     (spool.incoming_dir / "orphan.json").write_text("{}")
     assert spool.sweep() == 3
     assert not _left_in_tmp(spool) and spool.incoming() == [kept]
