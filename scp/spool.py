@@ -437,7 +437,8 @@ class PartialReceive:
             raise _OverBudget(f"it is larger than node.max_instance_bytes ({self._budget.max_bytes})")
         stats = os.statvfs(self._spool_root)
         if stats.f_bavail * stats.f_frsize - more < self._budget.min_free:
-            raise _OverBudget(f"the spool's free space fell below spool.min_free_mb ({self._budget.min_free // 2**20})")
+            min_free_mb = self._budget.min_free / 2**20
+            raise _OverBudget(f"the spool's free space fell below spool.min_free_mb ({min_free_mb:g})")
 
     def _refuse(self, reason: str) -> None:
         self.refused = reason
