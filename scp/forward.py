@@ -237,7 +237,7 @@ class DicomForwarder:
                 return Delivery(job, Outcome.TRANSIENT, f"sending failed: {exc}")
             except ValueError as exc:
                 # pynetdicom refuses the file before sending anything: unreadable, or its file meta names another
-                # SOP class than the request did (a re-encoded data set whose SOP Class UID differs from it)
+                # SOP class than the job (a job made before receiving refused such data sets with 0xA900)
                 refused.append(f"as {choice.name}: {exc}")
                 continue
             finally:
