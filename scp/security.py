@@ -81,13 +81,9 @@ class CallerPolicy:
 def called_ae_title(assoc: Association) -> str:
     """The AE title the peer called: the node's own or an alias (pynetdicom's `acceptor.ae_title` is always the
     node's own)."""
-    return _request(assoc).called_ae_title.strip()
-
-
-def _request(assoc: Association) -> A_ASSOCIATE:
     request = assoc.requestor.primitive
-    assert request is not None, "an association being negotiated or established has its A-ASSOCIATE request"
-    return request
+    assert isinstance(request, A_ASSOCIATE), "an established association has its A-ASSOCIATE request"
+    return request.called_ae_title.strip()
 
 
 def handle_requested(
@@ -97,8 +93,11 @@ def handle_requested(
     a known one from the wrong address; None: any), before negotiation, so nothing they send is ever read as a
     dataset; `on_reject` is told why."""
     assoc = event.assoc
-    called = called_ae_title(assoc)
-    calling = _request(assoc).calling_ae_title.strip()  # requestor.ae_title is set only once accepted
+    request = assoc.requestor.primitive
+    if not isinstance(request, A_ASSOCIATE):  # an A-P-ABORT of a connection stopped before it sent a request
+        return
+    called = request.called_ae_title.strip()
+    calling = request.calling_ae_title.strip()  # requestor.ae_title is set only once accepted
     address = str(assoc.requestor.address)
     if not node.answers_to(called):
         why, reason = "called AE not recognised", CALLED_AE_NOT_RECOGNISED

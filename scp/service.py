@@ -122,9 +122,10 @@ class Service:
             self._work.put(_STOP)
         for destination in self._destinations.values():
             destination.wake.set()
-        for thread in self._threads:
+        threads = list(self._threads)
+        for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        busy = [thread.name for thread in self._threads if thread.is_alive()]
+        busy = [thread.name for thread in threads if thread.is_alive()]
         if busy:
             LOGGER.warning(
                 "stopping after %g s with work in hand (%s); it stays in the spool for the next start",
@@ -186,7 +187,7 @@ class Service:
 
     def health(self) -> list[str]:
         """What is wrong with the node, or an empty list: every thread alive, none stuck on one item."""
-        problems = [f"thread {t.name} has stopped" for t in self._threads if not t.is_alive()]
+        problems = [f"thread {t.name} has stopped" for t in list(self._threads) if not t.is_alive()]
         receiving = self._inbound.problem() if self._inbound is not None else None
         if receiving is not None:
             problems.append(receiving)
@@ -332,6 +333,9 @@ class Service:
             self._deliver_until_done(state, index)
         finally:
             state.deliverer.close()  # releases the association this thread kept open
+        if not self._stopping.is_set():  # retired by a reload: for `health` an ended thread, not a dead one
+            with self._reload_lock:
+                self._threads.remove(threading.current_thread())
 
     def _deliver_until_done(self, state: _Destination, index: int) -> None:
         while not self._stopping.is_set():

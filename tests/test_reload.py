@@ -100,8 +100,9 @@ def test_sighup_applies_a_valid_config_and_refuses_an_invalid_one(tmp_path: Path
 
 
 def test_reload_drains_a_removed_destination_and_keeps_restart_only_settings(tmp_path: Path) -> None:
-    """Jobs queued for a destination that a reload removes are still delivered (nothing acknowledged is lost);
-    node, spool and workers keep their running values until a restart."""
+    """Jobs queued for a destination that a reload removes are still delivered (nothing acknowledged is lost), and
+    its threads then end without making the node unhealthy; node, spool and workers keep their running values
+    until a restart."""
     from tests.peers import running_node, storescp
 
     down_port = free_port()
@@ -128,6 +129,7 @@ def test_reload_drains_a_removed_destination_and_keeps_restart_only_settings(tmp
         with storescp(tmp_path / "old", ae_title="OLD", port=down_port):
             wait_for(lambda: not node.spool.jobs("old"), 30, "the removed destination's queue to drain")
             wait_for(lambda: not node._destinations["old"].threads, 10, "its delivery threads to stop")
+            wait_for(lambda: not node.health(), 10, "health to count the retired threads as ended, not dead")
         assert _uid("CT_small.dcm") in _syntaxes(tmp_path / "old")
         output = storescu(node.port, [TEST_FILES / "MR_small.dcm"])
         wait_for(lambda: _uid("MR_small.dcm") in _syntaxes(tmp_path / "a"), 20, "MR in a")

@@ -165,3 +165,16 @@ def test_unreadable_certificate_fails_at_start_naming_the_files(tmp_path: Path) 
     tls = {"cert": str(tmp_path / "missing.pem"), "key": str(tmp_path / "missing.key")}
     with pytest.raises(ConfigError, match=r"tls: cannot load certificate .*missing\.pem"):
         security.server_context(config.TlsConfig(**tls))
+
+
+def test_a_connection_that_never_sent_a_request_is_let_go() -> None:
+    """Aborting a connection that sent no A-ASSOCIATE-RQ (a port probe) triggers EVT_REQUESTED with its
+    A-P-ABORT: nothing to check, and nothing to raise."""
+    from types import SimpleNamespace
+
+    from pynetdicom.pdu_primitives import A_P_ABORT
+
+    requestor = SimpleNamespace(primitive=A_P_ABORT(), address="127.0.0.1")
+    event = SimpleNamespace(assoc=SimpleNamespace(requestor=requestor))
+    node = config.NodeConfig()
+    security.handle_requested(event, node, None, lambda why: pytest.fail(f"rejected: {why}"))  # type: ignore[arg-type]
