@@ -195,10 +195,11 @@ class Processor:
         jobs = []
         outcome = {"drop": "dropped", "quarantine": "quarantined"}.get(decision.action, "unchanged")
         if decision.action == "drop":
-            LOGGER.warning("dropped %s by rule %s (%s)", uid, decision.rule, decision.reason)
+            # never decision.reason in a log line: it quotes the values the rule matched, a patient's name perhaps
+            LOGGER.warning("dropped %s by rule %s", uid, decision.rule)
         elif decision.action == "quarantine":
             where = self._quarantine(spool_id, source, info, decision)
-            LOGGER.warning("quarantined %s by rule %s (%s): %s", uid, decision.rule, decision.reason, where)
+            LOGGER.warning("quarantined %s by rule %s (why: its reason.txt): %s", uid, decision.rule, where)
         else:
             outputs, made = produce(
                 source,

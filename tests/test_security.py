@@ -141,6 +141,34 @@ def test_logs_never_name_the_patient(tmp_path: Path, caplog: pytest.LogCaptureFi
         assert secret not in text, f"{secret} was logged"
 
 
+def test_rules_matching_patient_elements_log_no_values(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A rule's reason quotes the values it matched: it goes to the quarantined job's reason.txt (in the spool,
+    with the image), never into a log line."""
+    ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    ds.PatientName = "Zzyzx^Quintessa"
+    ds.PatientID = "PID-8675309"
+    source = tmp_path / "named.dcm"
+    ds.save_as(source)
+    other = pydicom.dcmread(TEST_FILES / "MR_small.dcm")
+    other.PatientID = "PID-8675309"
+    dropped = tmp_path / "dropped.dcm"
+    other.save_as(dropped)
+    rules = [
+        {"name": "test-patients", "match": {"PatientName": {"glob": "Zzyzx*"}}, "quarantine": True},
+        {"name": "drop-test-ids", "match": {"PatientID": {"glob": "PID-*"}}, "drop": True},
+    ]
+    destinations = {"folder": {"type": "directory", "path": str(tmp_path / "folder")}}
+    caplog.set_level(logging.DEBUG)
+    with running_node(node_config(tmp_path, destinations, rules)) as node:
+        storescu(node.port, [source, dropped])
+        wait_for(lambda: node.spool.quarantined(), 30, "the instance quarantined by rule")
+        wait_for(lambda: "dropped" in caplog.text, 30, "the other one dropped")
+        (job,) = node.spool.quarantined()
+    assert "Zzyzx^Quintessa" in job.reason()
+    for secret in ("Zzyzx", "Quintessa", "8675309"):
+        assert secret not in caplog.text, f"{secret} was logged"
+
+
 @pytest.mark.parametrize(
     ("node", "expected"),
     [
