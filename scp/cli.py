@@ -108,6 +108,8 @@ def _queue(args: argparse.Namespace) -> int:
     path = args.spool if args.spool is not None else config.load(args.config).spool.path
     if not (Path(path) / "outgoing").is_dir():
         raise ScpError(f"no spool at {path} (give --spool DIR or the node's --config FILE)")
+    if args.action in ("retry", "purge"):
+        _check_owner(Path(path), args.action)
     spool = Spool(path)
     if args.action == "status":
         print("\n".join(queue_admin.status(spool)))
@@ -122,6 +124,23 @@ def _queue(args: argparse.Namespace) -> int:
     else:
         print(f"{queue_admin.purge(spool, args.destination, args.uids)} job(s) deleted")
     return EXIT_OK
+
+
+def _check_owner(spool: Path, action: str) -> None:
+    """Refuse to change a spool as root when the node runs as another user: the files root leaves there (a
+    retry.json) could not be reused or removed by the node."""
+    owner = spool.stat().st_uid
+    if os.geteuid() == 0 and owner != 0:
+        import pwd
+
+        try:
+            name = pwd.getpwuid(owner).pw_name
+        except KeyError:
+            name = str(owner)
+        raise ScpError(
+            f"the spool at {spool} belongs to {name}: run `queue {action}` as that user "
+            f"(sudo -u {name} compressing-scp queue {action} ...), so that the node can reuse what it writes"
+        )
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -89,6 +89,21 @@ def test_queue_on_a_missing_spool_says_so(tmp_path: Path, capsys: pytest.Capture
     assert "no spool at" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can be refused for the spool's owner")
+@pytest.mark.parametrize("action", ["retry", "purge"])
+def test_root_is_sent_to_the_spool_owner(tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str) -> None:
+    """As root on a spool the node owns, retry and purge stop before writing: root's files in the spool could not
+    be reused by the node. Reading (status, list) is allowed."""
+    (tmp_path / "outgoing").mkdir()
+    os.chown(tmp_path, 65534, 65534)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = [action, "--spool", str(tmp_path)] + (["--all"] if action == "purge" else [])
+    assert cli.main(["queue", *args]) == 1
+    assert f"run `queue {action}` as that user" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert cli.main(["queue", "status", "--spool", str(tmp_path)]) == 0
+
+
 def test_retry_leaves_instances_quarantined_by_a_rule_and_says_why(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
