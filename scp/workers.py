@@ -12,6 +12,7 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -71,7 +72,10 @@ def keep_freed_memory() -> None:
 
 
 def _start_worker(initializer: Callable[[], None] | None) -> None:
-    """Pool initializer: lower priority, end with the node (after `kill -9` of the node nothing else does)."""
+    """Pool initializer: lower priority, ignore SIGTERM (sent to every process of the node by `systemctl stop`:
+    the node lets the instance in hand finish, then stops its workers itself), end with the node (after
+    `kill -9` of the node nothing else does)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Niceness WORKER_NICENESS whatever the process inherited (the node's background threads run at 5).
     os.nice(max(0, WORKER_NICENESS - os.getpriority(os.PRIO_PROCESS, 0)))
     skip_value_validation()

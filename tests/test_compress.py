@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -725,6 +726,18 @@ def test_background_threads_and_encoder_processes_yield_to_receiving() -> None:
     finally:
         encoder.close()
     assert niceness == max(base, workers.WORKER_NICENESS)
+
+
+def test_encoder_processes_outlive_a_sigterm_to_the_process_group() -> None:
+    """SIGTERM to every process of the node (systemd's default KillMode, `kill -- -PGID`) leaves the encoders to
+    finish the instance in hand: the node stops them itself."""
+    encoder = Encoder(1)
+    try:
+        pid = encoder._pool.submit(os.getpid).result(60)
+        os.kill(pid, signal.SIGTERM)
+        assert encoder._pool.submit(os.getpid).result(60) == pid
+    finally:
+        encoder.close()
 
 
 def _page_faults_of_frame_buffers() -> int:
