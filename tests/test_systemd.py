@@ -27,7 +27,7 @@ def _installed_unit(tmp_path: Path) -> Path:
     """The unit with ExecStart pointing at this machine's compressing-scp (verify checks the binary exists)."""
     binary = shutil.which("compressing-scp") or sys.executable
     unit = tmp_path / UNIT.name
-    unit.write_text(UNIT.read_text().replace("/usr/local/bin/compressing-scp", binary))
+    unit.write_text(UNIT.read_text().replace("/opt/compressing-scp/bin/compressing-scp", binary))
     return unit
 
 
@@ -81,6 +81,10 @@ def test_unit_has_what_the_issue_asks_for() -> None:
     for key, value in expected.items():
         assert found.get(key) == value, f"{key}={found.get(key)}"
     assert "WatchdogSec" in found
+    binary = found["ExecStart"][0].split()[0]
+    readme = (PROJECT / "README.md").read_text()
+    venv = re.search(r"^python3 -m venv (\S+) && \1/bin/pip install \.", readme, re.MULTILINE)
+    assert venv and binary == f"{venv.group(1)}/bin/compressing-scp", "ExecStart runs what the README installs"
     sysusers = (PROJECT / "systemd" / "compressing-scp.sysusers").read_text()
     assert re.search(r"^u compressing-scp ", sysusers, re.MULTILINE)
 
