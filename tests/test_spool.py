@@ -86,34 +86,19 @@ def test_a_failed_check_commits_nothing_and_leaves_no_sidecar(tmp_path: Path) ->
     assert _left_in_tmp(spool) == [written]  # the handler removes what it received
 
 
-def test_a_failed_fsync_of_a_received_instance_commits_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spool = Spool(tmp_path)
-    written = _written(spool)
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        if os.fstat(fd).st_ino == written.stat().st_ino:
-            raise OSError(errno.EIO, "I/O error")
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    with pytest.raises(OSError, match="I/O error"):
-        spool.commit_received(written, RECEIVED)
-    assert spool.incoming() == [] and not list(spool.incoming_dir.iterdir())
-    assert _left_in_tmp(spool) == [written]
-
-
-def test_a_failed_fsync_of_the_incoming_folder_leaves_nothing_to_process(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("failing", ["the instance", "incoming/"])
+def test_a_failed_fsync_while_receiving_leaves_nothing_to_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
-    """The modality is answered a failure: the renamed instance must not be processed after a restart too."""
+    """The modality is answered a failure, and sends the instance again: nothing of it may stay in incoming/ (to
+    be processed after a restart too), whether the instance's fsync fails or, after the renames, its folder's."""
     spool = Spool(tmp_path)
     written = _written(spool)
     real_fsync = os.fsync
-    incoming = spool.incoming_dir.stat().st_ino
+    inode = (written if failing == "the instance" else spool.incoming_dir).stat().st_ino
 
     def fsync(fd: int) -> None:
-        if os.fstat(fd).st_ino == incoming:
+        if os.fstat(fd).st_ino == inode:
             raise OSError(errno.EIO, "I/O error")
         real_fsync(fd)
 
@@ -121,6 +106,8 @@ def test_a_failed_fsync_of_the_incoming_folder_leaves_nothing_to_process(
     with pytest.raises(OSError, match="I/O error"):
         spool.commit_received(written, RECEIVED)
     assert spool.incoming() == [] and not list(spool.incoming_dir.iterdir())
+    if failing == "the instance":
+        assert _left_in_tmp(spool) == [written]
 
 
 @pytest.mark.parametrize("crash_at", [1, 2])
