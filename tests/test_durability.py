@@ -15,6 +15,7 @@ import pydicom
 import pytest
 from pydicom.uid import JPEGLSLossless
 
+from scp import status
 from tests.fake_archive import FakeArchive
 from tests.instances import Arrivals, acknowledged, make_instances
 from tests.peers import (
@@ -196,6 +197,31 @@ def test_full_spool_answers_out_of_resources_and_recovers(tmp_path: Path) -> Non
                 assert len(acknowledged(again)) == len(rest), again[-2000:]
                 wait_for(lambda: arrivals.uids() == set(made.values()), 60, "all 150 at the archive")
     print(f"acknowledged {len(acked)} then refused {refused} with 0xA700; the rest taken after recovery")
+
+
+def test_an_instance_larger_than_the_space_left_is_refused_and_its_space_freed(tmp_path: Path) -> None:
+    """A spool on a 2 MB tmpfs, min_free_mb 0, the archive down: a 3 MB instance is answered 0xA700 (the disk
+    fills as it streams in; the association used to die with no status), nothing of it stays on the disk, and
+    the next instance is taken."""
+    from pydicom.uid import generate_uid
+
+    from tests import hostile
+
+    big_uid, small_uid = generate_uid(), generate_uid()
+    big = hostile.part10(
+        tmp_path / "big.dcm", big_uid, hostile.header(big_uid) + hostile.image(1536, 2048, bytes(1536 * 2048))
+    )
+    small = hostile.part10(
+        tmp_path / "small.dcm", small_uid, hostile.header(small_uid) + hostile.image(8, 8, bytes(64))
+    )
+    with _tmpfs(tmp_path / "tiny", "2m") as tiny:
+        data = node_config(tmp_path, archive_destination(free_port(), FAST_RETRY), JPEG_LS_RULES)
+        data["spool"] = {"path": str(tiny / "spool"), "min_free_mb": 0}
+        with running_node(data) as node:
+            assert hostile.store(node.port, big) == status.OUT_OF_RESOURCES
+            assert not list(node.spool.tmp.glob("tmp*.dcm")), "the refused instance left in tmp/"
+            assert hostile.store(node.port, small) == status.SUCCESS
+            assert len(node.spool.incoming()) + len(node.spool.jobs()) >= 1
 
 
 @contextlib.contextmanager
