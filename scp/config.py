@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -449,22 +448,43 @@ class _DuplicateKey(yaml.YAMLError):
     """A mapping of the file gives the same key twice."""
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """`yaml.safe_load`, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+def _safe_load_unique_keys(text: str) -> Any:
+    """`yaml.safe_load`, except that a key given twice in one mapping is an error (PyYAML keeps the last).
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        lines: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *anchor` keys may be overridden on purpose
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, Hashable):
-                continue  # the base class refuses it
-            line = key_node.start_mark.line + 1
-            if key in lines:
-                raise _DuplicateKey(f"key '{key}' is given twice, on lines {lines[key]} and {line}; keep one")
-            lines[key] = line
-        return super().construct_mapping(node, deep=deep)
+    Checked on the composed nodes, before construction: PyYAML flattens `<<:` merges into the mappings it
+    constructs, so that a merged key and its override would look given twice there."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        _check_unique_keys(root)
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()
+
+
+def _check_unique_keys(root: yaml.Node) -> None:
+    seen: set[int] = set()
+    pending = [root]
+    while pending:
+        node = pending.pop()
+        if id(node) in seen:  # an alias to a node already checked
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[tuple[str, str], int] = {}
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
+                    if key in lines:
+                        raise _DuplicateKey(
+                            f"key '{key_node.value}' is given twice, on lines {lines[key]} and {line}; keep one"
+                        )
+                    lines[key] = line
+                pending.extend((key_node, value_node))
+        elif isinstance(node, yaml.SequenceNode):
+            pending.extend(node.value)
 
 
 def load(path: Path | None) -> Config:
@@ -476,7 +496,7 @@ def load(path: Path | None) -> Config:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
+        data = _safe_load_unique_keys(text)
     except _DuplicateKey as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     except yaml.YAMLError as exc:

@@ -160,6 +160,22 @@ def test_merge_keys_may_be_overridden(tmp_path: Path) -> None:
     assert config.load(path).destinations["b"].port == 2  # type: ignore[union-attr]
 
 
+def test_merged_mappings_may_be_merged_again(tmp_path: Path) -> None:
+    """A mapping that merges and overrides, merged in turn by a shallower one (PyYAML constructs the shallower
+    first and flattens the deeper in place: checked on the composed nodes, the override is not a second key)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "destinations:\n"
+        "  research: {type: dicom, ae_title: R, host: h, port: 1, tls: &site {cert: c.pem, key: k.pem, ca: ca.pem}}\n"
+        "  archive: {type: dicom, ae_title: A, host: h, port: 2, tls: &archive {<<: *site, ca: pacs.pem}}\n"
+        "node: {tls: {<<: *archive}}\n"
+        "rules: [{name: r, forward: [archive]}]\n"
+    )
+    loaded = config.load(path)
+    assert loaded.node.tls is not None and loaded.node.tls.ca == Path("pacs.pem")
+    assert loaded.node.tls.cert == Path("c.pem")
+
+
 def test_not_yaml_and_not_a_mapping_are_clear_errors(tmp_path: Path) -> None:
     broken = tmp_path / "broken.yaml"
     broken.write_text("node: [unclosed")
