@@ -360,6 +360,8 @@ class Deliverer:
         with self._lock:
             batch: list[Job] = []
             judged: list[tuple[Job, str]] = []
+            if self._paused_until > now and not any(retry.verdict for retry in self._retries.values()):
+                return batch, judged  # nothing to send, nothing to quarantine: no need to list a long queue
             for job in self.spool.jobs(self.name):
                 retry = self._retries.get(job.id)
                 if job.id in self._in_flight or (retry and retry.not_before > now):
@@ -427,6 +429,11 @@ class Deliverer:
         try:
             where = self.spool.quarantine(job, f"destination: {self.name}\nsop_instance_uid: {uid}\nreason: {detail}")
         except OSError as exc:
+            if not job.path.exists():  # moved, but a flush after the move failed: it is in quarantine
+                self._forget(job)
+                metrics.QUARANTINED.labels(self.name).inc()
+                LOGGER.error("quarantined %s for %s: %s (flushing the move failed: %s)", uid, self.name, detail, exc)
+                return
             with self._lock:
                 retry = self._retries.setdefault(job.id, _Retry(0, 0.0))
                 retry.verdict, retry.moves = detail, retry.moves + 1

@@ -395,6 +395,43 @@ def test_a_failed_move_to_quarantine_is_retried_without_sending_again(
     assert "status 0xA900" in reason, reason
 
 
+def test_a_quarantine_whose_flush_fails_after_the_move_is_not_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The move to quarantine happened, the flush after it failed: the job is in quarantine and nothing of it is
+    left to retry (a stale retry entry made every delivery thread poll 20 times a second, for good)."""
+    real = Spool.quarantine
+
+    def moved_then_failed(self: Spool, job: Job, reason: str) -> Job:
+        real(self, job, reason)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Spool, "quarantine", moved_then_failed)
+    spool = Spool(tmp_path / "spool")
+    (path, uid), *_ = make_instances(tmp_path / "modality", 1).items()
+    _queue_job(spool, 0, path, uid)
+    archive = FakeArchive(answer=lambda n: status.DATASET_DOES_NOT_MATCH_SOP_CLASS)
+    with archive.serving() as port:
+        parsed = config.parse(node_config(tmp_path, archive_destination(port), JPEG_LS))
+        deliverer = Deliverer("archive", parsed.destinations["archive"], spool, "COMPRESS_SCP")
+        _drain(deliverer)
+    assert len(spool.quarantined()) == 1 and not spool.jobs()
+    assert not deliverer._retries and deliverer.next_wake() == 1.0
+
+
+def test_a_paused_destination_does_not_list_its_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a destination is paused (unreachable), a claim sends nothing and reads nothing: listing a queue of
+    tens of thousands of jobs at every wake cost the service a core during an outage."""
+    spool = Spool(tmp_path / "spool")
+    parsed = config.parse(node_config(tmp_path, archive_destination(free_port()), JPEG_LS))
+    deliverer = Deliverer("archive", parsed.destinations["archive"], spool, "COMPRESS_SCP")
+    deliverer._paused_until = time.monotonic() + 60
+    listed: list[str | None] = []
+    monkeypatch.setattr(spool, "jobs", lambda destination=None: listed.append(destination) or [])
+    assert deliverer.run_once() == 0
+    assert listed == []
+
+
 @pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), MemoryError()])
 def test_a_failed_scratch_copy_is_retried_not_quarantined(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException
