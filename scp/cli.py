@@ -274,7 +274,7 @@ def _explain(args: argparse.Namespace) -> int:
             outputs, _ = pipeline.produce(
                 path, facts.transfer_syntax, decision, loaded.destinations, compress.transcode_file, names.__next__
             )
-            sendable = {o.destination: _sendable(o, facts, loaded, Path(scratch)) for o in outputs}
+        sendable = {o.destination: _sendable(o, facts, loaded) for o in outputs}
         report = _explanation(path, decision, outputs, sendable)
         print(json.dumps(report) if args.json else _explanation_text(report))
     return EXIT_FAILURE if failed else EXIT_OK
@@ -286,26 +286,18 @@ def _syntax_name(uid: str | None) -> str:
     return config.KEEP if uid is None else (UID(uid).keyword or str(uid))
 
 
-def _sendable(output: Any, facts: Any, loaded: config.Config, scratch: Path) -> list[str]:
+def _sendable(output: Any, facts: Any, loaded: config.Config) -> list[str]:
     """The syntaxes the running node would deliver `output` in, best first; empty: it would be quarantined.
 
     A directory writes the output as it is; the DICOM forwarder also offers the original and the uncompressed
-    syntaxes it can convert to, so its own choice is asked, from a job record like the one the node writes."""
-    from scp import forward, spool
+    syntaxes it can convert to (its own `sendable_syntaxes`)."""
+    from scp import forward
 
     destination = loaded.destinations[output.destination]
     if isinstance(destination, config.DirectoryDestination):
         accepted = destination.accept is None or output.transfer_syntax in destination.accept
         return [output.transfer_syntax] if accepted else []
-    folder = scratch / f"job-{output.destination}"
-    folder.mkdir()
-    info = {
-        "sop_class_uid": facts.sop_class_uid,
-        "transfer_syntax": output.transfer_syntax,
-        "original_transfer_syntax": facts.transfer_syntax,
-    }
-    (folder / spool.JOB_INFO).write_text(json.dumps(info), encoding="utf-8")
-    return forward._preferred_syntaxes(spool.Job(output.destination, "explain", folder), destination.accept)[1]
+    return forward.sendable_syntaxes(output.transfer_syntax, facts.transfer_syntax, destination.accept)
 
 
 def _explanation(path: Path, decision: Any, outputs: Sequence[Any], sendable: dict[str, list[str]]) -> dict[str, Any]:

@@ -280,14 +280,16 @@ def _no_context(job: Job, wanted: tuple[str, list[str]], where: str) -> Delivery
 def _preferred_syntaxes(job: Job, accept: Sequence[str] | None = None) -> tuple[str, list[str]]:
     """The SOP class and the syntaxes to propose for it, best first; only those in `accept` when given."""
     info = job.info()
-    candidates = [
-        str(info["transfer_syntax"]),
-        str(info["original_transfer_syntax"]),
-        ExplicitVRLittleEndian,
-        ImplicitVRLittleEndian,
-    ]
-    allowed = [ts for ts in dict.fromkeys(candidates) if accept is None or ts in accept]
-    return str(info["sop_class_uid"]), allowed
+    syntaxes = sendable_syntaxes(str(info["transfer_syntax"]), str(info["original_transfer_syntax"]), accept)
+    return str(info["sop_class_uid"]), syntaxes
+
+
+def sendable_syntaxes(syntax: str, original_syntax: str, accept: Sequence[str] | None = None) -> list[str]:
+    """The syntaxes a job made in `syntax` from an instance received in `original_syntax` can be sent in, best
+    first: its own, the original's, then the uncompressed ones the original is converted to; only those in
+    `accept` when given."""
+    candidates = [syntax, original_syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    return [ts for ts in dict.fromkeys(candidates) if accept is None or ts in accept]
 
 
 def _file_in_syntax(job: Job, syntax: UID, scratch: Path) -> tuple[Path, bool]:
