@@ -10,9 +10,10 @@ On the wire (`HardenedServer`):
 - an accepted socket has no timeout, so a peer that stops in the middle of a PDU holds a thread forever. Here
   every read and write times out after `network_timeout`.
 
-In a received instance (`check_size` and `check_instance`, run by the C-STORE handler before it answers): larger
-than allowed, a Deflated data set that inflates past the limit (read in bounded steps, never whole), nesting that
-exhausts the recursion limit, an unreadable file or UIDs, and native Pixel Data shorter than its attributes say.
+In a received instance (`check_instance`, run by the C-STORE handler before it answers; its size is bounded as
+it streams in, by spool.PartialReceive): a Deflated data set that inflates past the limit (read in bounded steps,
+never whole), nesting that exhausts the recursion limit, an unreadable file or UIDs, values cut short, and native
+Pixel Data shorter than its attributes say.
 """
 
 from __future__ import annotations
@@ -179,12 +180,6 @@ class Refused(Exception):
         self.reason = reason
 
 
-def check_size(size: int, max_bytes: int) -> None:
-    """Raise Refused (0xA700, out of resources) for a received file of `size` bytes over `max_bytes`."""
-    if size > max_bytes:
-        raise Refused(status.OUT_OF_RESOURCES, f"{size} bytes, over node.max_instance_bytes ({max_bytes})")
-
-
 def check_instance(
     path: Path, size: int, transfer_syntax: str, max_inflated: int, sop_class_uid: str, sop_instance_uid: str
 ) -> None:
@@ -193,7 +188,7 @@ def check_instance(
     (data set does not match SOP class, PS3.4 B.2.3) when the data set names another SOP Class or Instance UID
     than the C-STORE request (`sop_class_uid`, `sop_instance_uid`: the spool, the rules and the destinations go by
     the request's; DCMTK's storescp does not check), 0xC210 (cannot understand) for anything unreadable. The size
-    limit is check_size's.
+    limit is spool.PartialReceive's.
     """
     deflated = transfer_syntax == DeflatedExplicitVRLittleEndian
     try:

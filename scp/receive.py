@@ -105,7 +105,6 @@ def _store(event: Event, path: Path, spool: Spool, reporter: Reporter, node: Nod
         received_at=time.time(),
     )
     try:
-        limits.check_size(size, node.max_instance_bytes)  # PartialReceive stops the same limit as it streams in
         spool_id = spool.commit_received(
             path,
             received,
