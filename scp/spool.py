@@ -277,7 +277,7 @@ class Spool:
             raise ValueError("only delete=False, mode='wb' (what pynetdicom asks for)")
         path = self.tmp / f"tmp{new_id()}{suffix}"
         self.spares.claim_file(path)
-        return PartialReceive(path, self.root, budget)
+        return PartialReceive(path, self.free_bytes, budget)
 
     def commit_job(
         self, spool_id: str, destination: str, instance: Path, original: Path, info: dict[str, object]
@@ -405,11 +405,11 @@ class PartialReceive:
     disk frees up for the other modalities); `refused` says why, for the C-STORE handler to answer 0xA700.
     """
 
-    def __init__(self, path: Path, spool_root: Path, budget: ReceiveBudget | None = None) -> None:
+    def __init__(self, path: Path, free_bytes: Callable[[], int], budget: ReceiveBudget | None = None) -> None:
         self.name = str(path)
         self.file = open(path, "wb", buffering=0)  # noqa: SIM115 (pynetdicom closes it)
         self.refused = ""
-        self._spool_root = spool_root
+        self._free_bytes = free_bytes
         self._budget = budget
         self._written = 0
 
@@ -435,8 +435,7 @@ class PartialReceive:
             return
         if self._written + more > self._budget.max_bytes:
             raise _OverBudget(f"it is larger than node.max_instance_bytes ({self._budget.max_bytes})")
-        stats = os.statvfs(self._spool_root)
-        if stats.f_bavail * stats.f_frsize - more < self._budget.min_free:
+        if self._free_bytes() - more < self._budget.min_free:
             min_free_mb = self._budget.min_free / 2**20
             raise _OverBudget(f"the spool's free space fell below spool.min_free_mb ({min_free_mb:g})")
 

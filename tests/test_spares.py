@@ -154,7 +154,7 @@ def test_a_partial_receive_stops_where_the_spool_fills_up(tmp_path: Path) -> Non
 
 def test_a_partial_receive_whose_write_fails_is_refused(tmp_path: Path) -> None:
     """/dev/full answers every write with ENOSPC, as a full disk does."""
-    partial = PartialReceive(Path("/dev/full"), tmp_path)
+    partial = PartialReceive(Path("/dev/full"), Spool(tmp_path).free_bytes)
     assert partial.write(b"DICM") == 4
     partial.close()
     assert "No space left on device" in partial.refused
