@@ -326,7 +326,7 @@ def _encode_with(plugin: codecs.Plugin, src: Path, header: Dataset, dst: Path, s
                     samples += frame.size
             fragments.write(encoded + b"\0" * (len(encoded) % 2))  # fragments have even length (PS3.5 A.4)
             lengths.append(len(encoded) + len(encoded) % 2)
-        _prepare_header(header, target, info, len(lengths), _pixel_data_bytes(src, header))
+        _prepare_header(header, target, info, len(lengths), src)
         psnr = None
         if not lossless:
             _mark_lossy(header, spec, len(lengths) * info.frame_bytes / sum(lengths))
@@ -383,10 +383,9 @@ def _pixel_data_bytes(src: Path, header: Dataset) -> int:
     return src.stat().st_size
 
 
-def _prepare_header(header: Dataset, target: UID, info: codecs.FrameInfo, nframes: int, source_bytes: int) -> None:
-    """Set what the target syntax dictates (PS3.5 8.2), and keep a lossy source marked as lossy."""
-    native = nframes * info.frame_bytes
-    _carry_lossy_history(header, UID(header.file_meta.TransferSyntaxUID), native / max(source_bytes, 1))
+def _prepare_header(header: Dataset, target: UID, info: codecs.FrameInfo, nframes: int, src: Path) -> None:
+    """Set what the target syntax dictates (PS3.5 8.2), and keep a lossy source (the file `src`) marked as lossy."""
+    _carry_lossy_history(header, src, nframes * info.frame_bytes)
     header.file_meta.TransferSyntaxUID = target
     header.PhotometricInterpretation = info.photometric_interpretation
     if info.samples_per_pixel > 1:
@@ -396,20 +395,22 @@ def _prepare_header(header: Dataset, target: UID, info: codecs.FrameInfo, nframe
             del header[tag]
 
 
-def _carry_lossy_history(header: Dataset, source: UID, approximate_ratio: float) -> None:
+def _carry_lossy_history(header: Dataset, src: Path, native_bytes: int) -> None:
     """An image once lossy compressed stays marked so, whatever it is written as next (PS3.3 C.7.6.1.1.5).
 
-    A source in a lossy syntax whose header does not say so gets Lossy Image Compression 01, and its own step
-    (method, and the ratio of the native size to the source's Pixel Data) is recorded, as DCMTK and GDCM do when they
-    decompress it. A header saying 00 is believed only where the syntax can also carry a reversible stream.
+    A source (the file `src`) in a lossy syntax whose header does not say so gets Lossy Image Compression 01, and
+    its own step (method, and the ratio of `native_bytes` to the source's Pixel Data) is recorded, as DCMTK and
+    GDCM do when they decompress it. A header saying 00 is believed only where the syntax can also carry a
+    reversible stream.
     """
-    syntax = syntaxes.BY_UID.get(source)
+    syntax = syntaxes.BY_UID.get(UID(header.file_meta.TransferSyntaxUID))
     flag = header.get("LossyImageCompression")
     if syntax is None or syntax.lossless or flag == "01" or (flag == "00" and syntax.may_be_reversible):
         return
     header.LossyImageCompression = "01"
     ratios, methods = _values(header, "LossyImageCompressionRatio"), _values(header, "LossyImageCompressionMethod")
     if len(ratios) == len(methods):  # the two lists go pairwise; a header that breaks that is left as it is
+        approximate_ratio = native_bytes / max(_pixel_data_bytes(src, header), 1)  # read only for a lossy source
         header.LossyImageCompressionRatio = [*ratios, f"{approximate_ratio:.4g}"]
         header.LossyImageCompressionMethod = [*methods, syntax.lossy_method]
 
@@ -591,7 +592,7 @@ def _write_native(src: Path, header: Dataset, dst: Path, syntax: UID) -> None:
     nframes = int(header.get("NumberOfFrames") or 1)
     frame_bytes = info.frame_bytes
     length = nframes * frame_bytes
-    _prepare_header(header, syntax, info, nframes, _pixel_data_bytes(src, header))
+    _prepare_header(header, syntax, info, nframes, src)
     trailing = _split_trailing(header)
     implicit = syntax == ImplicitVRLittleEndian
     with dst.open("wb") as out:
