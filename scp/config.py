@@ -120,12 +120,11 @@ class NodeConfig(_Model):
     """Further called AE titles the node answers to (a rule may route on `called_ae`)."""
     accept_any_called_ae: bool = False
     """True: an association is accepted whatever AE title it calls (PS3.8 7.1.1.4), as DCMTK's storescp does."""
+    tls: TlsConfig | None = None
 
     def answers_to(self, called_ae: str) -> bool:
         """Whether an association calling `called_ae` is accepted."""
         return self.accept_any_called_ae or called_ae in (self.ae_title, *self.aliases)
-
-    tls: TlsConfig | None = None
 
 
 class MetricsConfig(_Model):
