@@ -228,7 +228,7 @@ def _native_frames(src: Path, header: Dataset) -> Iterator[np.ndarray] | None:
     if (
         header.file_meta.TransferSyntaxUID not in _NATIVE_SYNTAXES
         or not isinstance(element, RawDataElement)
-        or element.length == 0xFFFFFFFF
+        or element.length == syntaxes.UNDEFINED_LENGTH
         or "422" in str(header.get("PhotometricInterpretation", ""))
         or not header.get("Rows")
         or not header.get("Columns")
@@ -554,7 +554,7 @@ def _write_encapsulated(
             with body.path.open("rb") as source:
                 source.seek(body.start)
                 _copy(source, out, body.end - body.start)
-        out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF))
+        out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, syntaxes.UNDEFINED_LENGTH))
         out.write(struct.pack("<HHI", 0xFFFE, 0xE000, len(table)) + table)
         for length in lengths:
             out.write(struct.pack("<HHI", 0xFFFE, 0xE000, length))

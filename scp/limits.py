@@ -39,6 +39,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from scp import status
+from scp.syntaxes import UNDEFINED_LENGTH
 
 LOGGER = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ PDV_ALLOWANCE = 1024
 """Peers count the PDV item headers against the maximum length differently (PS3.8 D.1); allow for it."""
 INFLATE_STEP = 1024 * 1024
 PIXEL_DATA = 0x7FE00010
-UNDEFINED_LENGTH = 0xFFFFFFFF
 META_PREFIX = 128 + 4 + 12  # preamble, "DICM", the (0002,0000) element (PS3.10 7.1)
 
 

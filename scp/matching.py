@@ -49,8 +49,6 @@ class Facts:
 Values = tuple[Any, ...]
 """The values a key has for one instance; () when it is absent or empty."""
 
-UNDEFINED_LENGTH = 0xFFFFFFFF
-"""An element length meaning: up to a delimiter (PS3.5 7.1.1)."""
 PRESENT = "(a value)"
 """What a presence-only element (sequence, binary data) reads as: its value is never loaded."""
 UNREADABLE = "(unreadable)"
@@ -161,7 +159,7 @@ def _holds_anything(dataset: Dataset, keyword: str) -> bool:
     if element is None:
         return False
     if isinstance(element, RawDataElement):
-        if element.length != UNDEFINED_LENGTH:
+        if element.length != syntaxes.UNDEFINED_LENGTH:
             return element.length > 0  # a sequence of defined, non-zero length holds an item
         return element.value is None or len(element.value) > 0  # None: deferred, so larger than DEFER_SIZE
     try:

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import pydicom.uid
 from pydicom.uid import UID, AllTransferSyntaxes
 
+UNDEFINED_LENGTH = 0xFFFFFFFF
+"""An element length meaning: up to a delimiter (PS3.5 7.1.1); encapsulated Pixel Data has it (PS3.5 A.4)."""
+
 
 @dataclass(frozen=True)
 class Syntax:
