@@ -72,27 +72,13 @@ def _store(event: Event, path: Path, spool: Spool, reporter: Reporter, node: Nod
     sop_instance_uid = str(request.AffectedSOPInstanceUID)
     partial = getattr(request, "_dataset_file", None)  # pynetdicom's handle on the file it streamed into
     if isinstance(partial, PartialReceive) and partial.refused:
-        LOGGER.error(
-            "refused instance %s from %s while it streamed in: %s; answered 0x%04X",
-            sop_instance_uid,
-            calling,
-            partial.refused,
-            status.OUT_OF_RESOURCES,
+        return _refused(
+            reporter, f"refused instance {sop_instance_uid} from {calling} while it streamed in: {partial.refused}"
         )
-        reporter.refused(status.OUT_OF_RESOURCES)
-        return status.OUT_OF_RESOURCES
     free = spool.free_bytes()
     if free < min_free:
-        LOGGER.error(
-            "refused instance %s from %s: only %d MB free on the spool (min_free_mb %d); answered 0x%04X",
-            sop_instance_uid,
-            calling,
-            free // 2**20,
-            min_free // 2**20,
-            status.OUT_OF_RESOURCES,
-        )
-        reporter.refused(status.OUT_OF_RESOURCES)
-        return status.OUT_OF_RESOURCES
+        why = f"only {free // 2**20} MB free on the spool (min_free_mb {min_free // 2**20})"
+        return _refused(reporter, f"refused instance {sop_instance_uid} from {calling}: {why}")
     size = path.stat().st_size
     syntax = str(event.context.transfer_syntax)
     received = Received(
@@ -113,21 +99,10 @@ def _store(event: Event, path: Path, spool: Spool, reporter: Reporter, node: Nod
             ),
         )
     except limits.Refused as exc:
-        LOGGER.warning(
-            "refused instance %s from %s: %s; answered 0x%04X", sop_instance_uid, calling, exc.reason, exc.status
-        )
-        reporter.refused(exc.status)
-        return exc.status
+        what = f"refused instance {sop_instance_uid} from {calling}: {exc.reason}"
+        return _refused(reporter, what, exc.status, logging.WARNING)
     except (OSError, SpoolError) as exc:
-        LOGGER.error(
-            "could not spool instance %s from %s: %s; answered 0x%04X",
-            sop_instance_uid,
-            calling,
-            exc,
-            status.OUT_OF_RESOURCES,
-        )
-        reporter.refused(status.OUT_OF_RESOURCES)
-        return status.OUT_OF_RESOURCES
+        return _refused(reporter, f"could not spool instance {sop_instance_uid} from {calling}: {exc}")
     LOGGER.info(
         "received %s from %s (%s, %s) as %s",
         sop_instance_uid,
@@ -138,6 +113,13 @@ def _store(event: Event, path: Path, spool: Spool, reporter: Reporter, node: Nod
     )
     reporter.received(spool_id, calling, size)
     return status.SUCCESS
+
+
+def _refused(reporter: Reporter, what: str, code: int = status.OUT_OF_RESOURCES, level: int = logging.ERROR) -> int:
+    """Log `what` with the status answered, tell `reporter`, and return the status for pynetdicom to answer."""
+    LOGGER.log(level, "%s; answered 0x%04X", what, code)
+    reporter.refused(code)
+    return code
 
 
 def handle_connection_open(event: Event) -> None:
