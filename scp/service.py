@@ -22,7 +22,7 @@ from scp.config import Config, DicomDestination, DirectoryDestination
 from scp.forward import Forwarder, make_forwarder
 from scp.inbound import Inbound
 from scp.pipeline import Deliverer, Encoder, Processor
-from scp.spool import Spool
+from scp.spool import Job, Spool
 
 LOGGER = logging.getLogger(__name__)
 
@@ -235,9 +235,13 @@ class Service:
 
     def _state_collector(self) -> metrics.StateCollector:
         def queues() -> list[tuple[str, int, float | None]]:
+            """Every configured destination, and any other with jobs left (removed by a reload and draining, or
+            removed before a restart)."""
+            waiting: dict[str, list[Job]] = {name: [] for name in self.config.destinations}
+            for job in self.spool.jobs():
+                waiting.setdefault(job.destination, []).append(job)
             rows = []
-            for name in self.config.destinations:
-                jobs = self.spool.jobs(name)
+            for name, jobs in sorted(waiting.items()):
                 age = None
                 with contextlib.suppress(OSError, ValueError, KeyError):
                     age = time.time() - float(str(jobs[0].info()["received_at"])) if jobs else None

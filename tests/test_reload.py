@@ -126,6 +126,13 @@ def test_reload_drains_a_removed_destination_and_keeps_restart_only_settings(tmp
         assert node.config.node.ae_title == "COMPRESS_SCP", "node settings need a restart"
         assert [r.name for r in node.config.rules] == ["r"] and list(node.config.destinations) == ["a"]
         assert len(node.spool.jobs("old")) == 1, "the removed destination's queue is kept"
+        depth = {
+            tuple(sample.labels.values()): sample.value
+            for family in node._state_collector().collect()
+            if family.name == "scp_queue_depth"
+            for sample in family.samples
+        }
+        assert set(depth) == {("a",), ("old",)} and depth[("old",)] == 1, "a draining destination stays in them"
         with storescp(tmp_path / "old", ae_title="OLD", port=down_port):
             wait_for(lambda: not node.spool.jobs("old"), 30, "the removed destination's queue to drain")
             wait_for(lambda: not node._destinations["old"].threads, 10, "its delivery threads to stop")
