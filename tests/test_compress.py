@@ -420,6 +420,20 @@ def test_lossy_output_inside_bits_stored_is_kept(tmp_path: Path) -> None:
     assert decoded.min() >= -2048 and np.abs(decoded - frames[0]).max() <= 2
 
 
+def test_near_lossless_never_swaps_the_ends_of_a_full_signed_range(tmp_path: Path) -> None:
+    """Signed 16 of 16 bits, a few samples at -32768 and 32767: a codec that wraps their error around turns
+    padding white and metal black while the PSNR stays high. No sample may be off by more than jls_error."""
+    rows, columns = np.indices((128, 128))
+    frame = (((rows * 7 + columns * 3) % 41) * 20 - 400).astype(np.int16)
+    frame[10:14, 10:14], frame[100:103, 100:103] = -32768, 32767
+    src = write_image(tmp_path / "in.dcm", frame[None], 16)
+    result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax="JPEGLSNearLossless", jls_error=2))
+    if result.compressed:
+        assert np.abs(_pixels(tmp_path / "out.dcm").astype(np.int64) - frame).max() <= 2
+    else:
+        assert "more than jls_error 2" in result.reason, result.reason
+
+
 def _lossy_source(tmp_path: Path, flag: str | None, syntax: str = "JPEGLSNearLossless") -> Path:
     """A bundled lossy file, its Lossy Image Compression set to `flag` (None: absent, as pydicom ships it)."""
     name = {"JPEGLSNearLossless": "JPEGLSNearLossless_08.dcm", "JPEGBaseline8Bit": "SC_rgb_jpeg_dcmtk.dcm"}[syntax]
