@@ -418,15 +418,28 @@ def _carry_lossy_history(header: Dataset, src: Path, native_bytes: int) -> None:
     reversible stream.
     """
     syntax = syntaxes.BY_UID.get(UID(header.file_meta.TransferSyntaxUID))
+    ratios, methods = _paired_history(header, syntax)
     flag = header.get("LossyImageCompression")
     if syntax is None or syntax.lossless or flag == "01" or (flag == "00" and syntax.may_be_reversible):
         return
     header.LossyImageCompression = "01"
+    approximate_ratio = native_bytes / max(_pixel_data_bytes(src, header), 1)  # read only for a lossy source
+    header.LossyImageCompressionRatio = [*ratios, f"{approximate_ratio:.4g}"]
+    header.LossyImageCompressionMethod = [*methods, syntax.lossy_method]
+
+
+def _paired_history(header: Dataset, syntax: syntaxes.Syntax | None) -> tuple[list[Any], list[Any]]:
+    """Lossy Image Compression Ratio and Method as lists of one length (their values go pairwise), so that a
+    step appended to both stays a pair. Many lossy files give a ratio and no method: the method missing is the
+    source syntax's own when it is lossy, else unknown (an empty value); a ratio missing is unknown.
+    """
     ratios, methods = _values(header, "LossyImageCompressionRatio"), _values(header, "LossyImageCompressionMethod")
-    if len(ratios) == len(methods):  # the two lists go pairwise; a header that breaks that is left as it is
-        approximate_ratio = native_bytes / max(_pixel_data_bytes(src, header), 1)  # read only for a lossy source
-        header.LossyImageCompressionRatio = [*ratios, f"{approximate_ratio:.4g}"]
-        header.LossyImageCompressionMethod = [*methods, syntax.lossy_method]
+    if len(ratios) != len(methods):
+        known = syntax.lossy_method if syntax is not None and syntax.lossy_method else ""
+        methods += [known] * (len(ratios) - len(methods))
+        ratios += [""] * (len(methods) - len(ratios))
+        header.LossyImageCompressionRatio, header.LossyImageCompressionMethod = ratios, methods
+    return ratios, methods
 
 
 def _mark_lossy(header: Dataset, spec: CompressSpec, ratio: float) -> None:
@@ -440,14 +453,18 @@ def _mark_lossy(header: Dataset, spec: CompressSpec, ratio: float) -> None:
     method = syntaxes.BY_UID[spec.syntax].lossy_method
     assert method is not None
     header.LossyImageCompression = "01"
-    header.LossyImageCompressionRatio = [*_values(header, "LossyImageCompressionRatio"), f"{ratio:.4g}"]
-    header.LossyImageCompressionMethod = [*_values(header, "LossyImageCompressionMethod"), method]
+    ratios, methods = _paired_history(header, None)  # the source syntax's method is in already (_prepare_header)
+    header.LossyImageCompressionRatio = [*ratios, f"{ratio:.4g}"]
+    header.LossyImageCompressionMethod = [*methods, method]
     if "ImageType" in header:
         header.ImageType = ["DERIVED", *_values(header, "ImageType")[1:]]
     description = f"Lossy compression {method} ratio {ratio:.4g}:1"
     previous = str(header.get("DerivationDescription", ""))
     header.DerivationDescription = (f"{previous}; {description}" if previous else description)[:1024]
-    header.DerivationCodeSequence = [_code(*_LOSSY_COMPRESSION)]
+    earlier = [
+        item for item in header.get("DerivationCodeSequence", []) if item.get("CodeValue") != _LOSSY_COMPRESSION[0]
+    ]
+    header.DerivationCodeSequence = [*earlier, _code(*_LOSSY_COMPRESSION)]
     if spec.keep_sop_instance_uid:
         return
     reference = Dataset()

@@ -470,6 +470,36 @@ def test_a_lossy_source_stays_marked_lossy(spec: CompressSpec, tmp_path: Path) -
     assert float(_values(out, "LossyImageCompressionRatio")[0]) > 1
 
 
+def test_lossy_history_stays_pairwise_and_keeps_earlier_derivations(tmp_path: Path) -> None:
+    """pydicom's lossy JPEG 2000 file gives a ratio and no method, as many do: the method missing is its syntax's,
+    so that the new step's ratio and method stay a pair (PS3.3 C.7.6.1.1.5). Earlier derivation codes are kept."""
+    ds = pydicom.dcmread(next(p for p in bundled_files() if p.name == "693_J2KI.dcm"))
+    assert ds.LossyImageCompression == "01" and "LossyImageCompressionMethod" not in ds
+    segmentation = pydicom.Dataset()
+    segmentation.CodeValue, segmentation.CodingSchemeDesignator, segmentation.CodeMeaning = "113076", "DCM", "Seg"
+    ds.DerivationCodeSequence = [segmentation]
+    ds.save_as(tmp_path / "in.dcm")
+    spec = CompressSpec(syntax="JPEGLSNearLossless", jls_error=2, force=True)  # larger than the lossy source
+    assert compress.transcode_file(tmp_path / "in.dcm", tmp_path / "out.dcm", spec).compressed
+    out = _header(tmp_path / "out.dcm")
+    assert _values(out, "LossyImageCompressionMethod") == ["ISO_15444_1", "ISO_14495_1"]
+    assert len(_values(out, "LossyImageCompressionRatio")) == 2
+    assert [item.CodeValue for item in out.DerivationCodeSequence] == ["113076", "113040"]
+
+
+def test_an_unknown_earlier_method_is_left_empty_not_misattributed(tmp_path: Path) -> None:
+    """A native image marked lossy with a ratio and no method: the earlier step's method is unknown."""
+    src = write_image(tmp_path / "in.dcm", _smooth((1, 32, 32), np.uint16, 12), 12)
+    ds = pydicom.dcmread(src)
+    ds.LossyImageCompression, ds.LossyImageCompressionRatio = "01", "10"
+    ds.save_as(src)
+    spec = CompressSpec(syntax="JPEG2000", j2k_psnr=[50], force=True)
+    assert compress.transcode_file(src, tmp_path / "out.dcm", spec).compressed
+    out = _header(tmp_path / "out.dcm")
+    assert _values(out, "LossyImageCompressionMethod") == ["", "ISO_15444_1"]
+    assert _values(out, "LossyImageCompressionRatio")[0] == 10
+
+
 @pytest.mark.parametrize(
     "syntax, flag, expected",
     [("JPEGLSNearLossless", "00", "00"), ("JPEGBaseline8Bit", "00", "01"), ("JPEGBaseline8Bit", None, "01")],
