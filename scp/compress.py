@@ -30,6 +30,7 @@ from pydicom.encaps import encapsulate
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.pixels import convert_color_space, get_decoder, iter_pixels
 from pydicom.pixels.decoders.base import Decoder
+from pydicom.pixels.utils import get_expected_length
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
@@ -201,6 +202,7 @@ def _source_frames(src: Path, header: Dataset) -> tuple[str, Iterator[np.ndarray
     outside Bits Stored: what the codec loses there, verification catches. One frame at a time from the file; a
     deflated source has to be inflated whole first.
     """
+    _check_frame_count(src, header)
     if (native := _native_frames(src, header)) is not None:
         return str(header.PhotometricInterpretation), native
     if header.file_meta.TransferSyntaxUID.is_deflated:
@@ -214,6 +216,45 @@ def _source_frames(src: Path, header: Dataset) -> tuple[str, Iterator[np.ndarray
     photometric = str(decoded.get("PhotometricInterpretation", header.PhotometricInterpretation))
     photometric = _DECODED_PHOTOMETRIC.get(photometric, photometric)
     return photometric, (f.astype(f.dtype.newbyteorder("="), copy=False) for f in chain([first], frames))
+
+
+def _check_frame_count(src: Path, header: Dataset) -> None:
+    """Raise PassThrough when Pixel Data holds more frames than Number of Frames says (decoding only those would
+    drop the rest of the image without a word), or fewer. Native data shorter than a frame past the last one is
+    padding (pydicom's MR_small_padded.dcm), which decoders ignore; an encapsulated source's offset table, when
+    it has one, gives its frame count."""
+    element = header.get_item(_PIXEL_DATA, keep_deferred=True)
+    if not isinstance(element, RawDataElement) or header.file_meta.TransferSyntaxUID.is_deflated:
+        return
+    value = header.get("NumberOfFrames")
+    nframes = 1 if value in (None, "") else int(value)
+    if nframes < 1:
+        raise PassThrough(f"Number of Frames is {nframes}")
+    if element.length != syntaxes.UNDEFINED_LENGTH:
+        expected = get_expected_length(header, unit="bytes")
+        excess = element.length - expected
+        if excess < 0 or (excess >= expected // nframes and excess != expected % 2):  # a pad byte may be a frame
+            raise PassThrough(
+                f"Pixel Data holds {element.length} bytes where {nframes} frame(s) of this size take {expected}"
+            )
+        return
+    tables = [len(header.ExtendedOffsetTable) // 8] if "ExtendedOffsetTable" in header else []
+    tables.append(_basic_offset_table_entries(src, element))
+    if any(entries not in (0, nframes) for entries in tables):
+        raise PassThrough(f"the offset table lists {max(tables)} frames where Number of Frames says {nframes}")
+
+
+def _basic_offset_table_entries(src: Path, element: RawDataElement) -> int:
+    """How many offsets the Basic Offset Table (the first item of encapsulated Pixel Data) holds."""
+    if element.value is not None:
+        item = element.value[:8]
+    else:
+        with src.open("rb") as file:
+            file.seek(element.value_tell)
+            item = file.read(8)
+    if len(item) < 8:
+        raise CompressionError("encapsulated Pixel Data ends before its offset table")
+    return int(struct.unpack("<4xI", item)[0]) // 4
 
 
 _NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)

@@ -145,8 +145,13 @@ def test_bundled_files_lossy(options: dict[str, Any], tmp_path: Path) -> None:
         before, after = _header(src), _header(dst)
         assert after.LossyImageCompression == "01"
         methods, ratios = _values(after, "LossyImageCompressionMethod"), _values(after, "LossyImageCompressionRatio")
-        assert methods == [*_values(before, "LossyImageCompressionMethod"), method]  # appended (C.7.6.1.1.5)
-        assert len(ratios) == len(_values(before, "LossyImageCompressionRatio")) + 1
+        earlier_methods, earlier_ratios = (
+            _values(before, k) for k in ("LossyImageCompressionMethod", "LossyImageCompressionRatio")
+        )
+        # appended, pairwise (C.7.6.1.1.5): a file giving a method without a ratio gets an empty ratio for it
+        assert len(methods) == len(ratios) == max(len(earlier_methods), len(earlier_ratios)) + 1
+        assert methods[: len(earlier_methods)] == earlier_methods and methods[-1] == method
+        assert ratios[: len(earlier_ratios)] == earlier_ratios
         assert float(ratios[-1]) == pytest.approx(_pixel_ratio(dst), rel=0.02)
         assert after.SOPInstanceUID != before.SOPInstanceUID
         assert after.file_meta.MediaStorageSOPInstanceUID == after.SOPInstanceUID == result.sop_instance_uid
@@ -359,6 +364,37 @@ def test_native_pixel_data_shorter_than_its_frames(tmp_path: Path) -> None:
     ds.save_as(src)
     result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax="JPEGLSLossless", force=True))
     assert not result.compressed and not (tmp_path / "out.dcm").exists()
+
+
+@pytest.mark.parametrize("frames", [None, "0", 2], ids=["absent", "zero", "two"])
+@pytest.mark.parametrize("target", ["JPEGLSLossless", "RLELossless", "ExplicitVRLittleEndian"])
+def test_pixel_data_holding_more_frames_than_number_of_frames_passes_through(
+    frames: str | int | None, target: str, tmp_path: Path
+) -> None:
+    """Three frames of data under a Number of Frames saying one, none or two: encoding what it says would drop
+    frames without a word. The instance goes on unchanged."""
+    src = write_image(tmp_path / "in.dcm", _smooth((3, 16, 16), np.uint16, 12), 12)
+    ds = pydicom.dcmread(src)
+    if frames is None:
+        del ds.NumberOfFrames
+    else:
+        ds.NumberOfFrames = frames
+    if target == "ExplicitVRLittleEndian":
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(src)
+    result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax=target, force=True))
+    assert not result.compressed and not (tmp_path / "out.dcm").exists()
+    assert "Pixel Data holds 1536 bytes" in result.reason or result.reason == "Number of Frames is 0"
+
+
+def test_an_offset_table_listing_more_frames_than_number_of_frames_passes_through(tmp_path: Path) -> None:
+    src = write_image(tmp_path / "in.dcm", _smooth((3, 16, 16), np.uint16, 12), 12)
+    assert compress.transcode_file(src, tmp_path / "rle.dcm", CompressSpec(syntax="RLELossless", force=True)).compressed
+    ds = pydicom.dcmread(tmp_path / "rle.dcm")
+    ds.NumberOfFrames = 2
+    ds.save_as(tmp_path / "rle.dcm")
+    result = compress.transcode_file(tmp_path / "rle.dcm", tmp_path / "out.dcm", CompressSpec(syntax="JPEGLSLossless"))
+    assert not result.compressed and "the offset table lists 3 frames" in result.reason
 
 
 @pytest.mark.parametrize("target", ["RLELossless", "JPEGLSLossless", "JPEG2000Lossless", "HTJ2KLossless"])
