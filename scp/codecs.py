@@ -212,6 +212,20 @@ def _not_narrowed(plugins: list[Plugin]) -> list[Plugin]:
     return [refusing(plugin) for plugin in plugins]
 
 
+def _bytewise(plugins: list[Plugin]) -> list[Plugin]:
+    """RLE codes each byte of a sample as a segment of its own (PS3.5 G.2), whatever Bits Stored says; pydicom's
+    RLE encoders given 16-bit words holding at most 8 bits write one segment too few (pylibjpeg-rle refuses,
+    pydicom's own writes half-length segments that no decoder reads). They are told every bit is stored."""
+
+    def whole_words(plugin: Plugin) -> Plugin:
+        def encode(frame: np.ndarray, info: FrameInfo, options: Mapping[str, Any]) -> bytes:
+            return plugin.encode(frame, replace(info, bits_stored=info.bits_allocated), options)
+
+        return replace(plugin, encode=encode)
+
+    return [whole_words(plugin) for plugin in plugins]
+
+
 def _imagecodecs_jpegls(frame: np.ndarray, info: FrameInfo, options: Mapping[str, Any]) -> bytes:
     import imagecodecs
 
@@ -306,7 +320,9 @@ _HTJ2K_LOSSY_PROFILES = ENCODING_PROFILES[JPEG2000]
 REGISTRY: dict[UID, Codec] = {
     # GDCM's RLE encoder calls terminate() on some odd-sized RGB images: it is tried last.
     RLELossless: Codec(
-        RLELossless, ENCODING_PROFILES[RLELossless], plugins=_pydicom_plugins(RLELossless, ("pylibjpeg", "pydicom"))
+        RLELossless,
+        ENCODING_PROFILES[RLELossless],
+        plugins=_bytewise(_pydicom_plugins(RLELossless, ("pylibjpeg", "pydicom"))),
     ),
     JPEGLSLossless: Codec(
         JPEGLSLossless,

@@ -396,7 +396,7 @@ def _decode(decoder: Decoder, encoded: bytes, info: codecs.FrameInfo, index: int
             **info.pixel_keywords(),
         )
     except Exception as exc:
-        raise CompressionError(f"frame {index} cannot be decoded back from {decoder.UID.name}: {exc}") from exc
+        raise codecs.PluginFailed(f"frame {index} cannot be decoded back from {decoder.UID.name}: {exc}") from exc
     return decoded
 
 

@@ -387,6 +387,17 @@ def test_pixel_data_holding_more_frames_than_number_of_frames_passes_through(
     assert "Pixel Data holds 1536 bytes" in result.reason or result.reason == "Number of Frames is 0"
 
 
+@pytest.mark.parametrize("bits_stored", [8, 5])
+def test_rle_of_16_bit_words_holding_8_bits_or_fewer_decodes(bits_stored: int, tmp_path: Path) -> None:
+    """RLE codes every byte of a 16-bit word whatever Bits Stored says: with verification off, the output must still
+    decode (pylibjpeg-rle refused such frames and pydicom's encoder then wrote half-length segments)."""
+    frames = _smooth((2, 32, 32), np.uint16, bits_stored)
+    src = write_image(tmp_path / "in.dcm", frames, bits_stored)
+    spec = CompressSpec(syntax="RLELossless", verify=False, force=True)
+    assert compress.transcode_file(src, tmp_path / "out.dcm", spec).compressed
+    np.testing.assert_array_equal(_pixels(tmp_path / "out.dcm"), frames)
+
+
 def test_an_offset_table_listing_more_frames_than_number_of_frames_passes_through(tmp_path: Path) -> None:
     src = write_image(tmp_path / "in.dcm", _smooth((3, 16, 16), np.uint16, 12), 12)
     assert compress.transcode_file(src, tmp_path / "rle.dcm", CompressSpec(syntax="RLELossless", force=True)).compressed
