@@ -203,6 +203,7 @@ def _source_frames(src: Path, header: Dataset) -> tuple[str, Iterator[np.ndarray
     deflated source has to be inflated whole first.
     """
     _check_frame_count(src, header)
+    _check_nested_pixel_data(header)
     if (native := _native_frames(src, header)) is not None:
         return str(header.PhotometricInterpretation), native
     if header.file_meta.TransferSyntaxUID.is_deflated:
@@ -242,6 +243,31 @@ def _check_frame_count(src: Path, header: Dataset) -> None:
     tables.append(_basic_offset_table_entries(src, element))
     if any(entries not in (0, nframes) for entries in tables):
         raise PassThrough(f"the offset table lists {max(tables)} frames where Number of Frames says {nframes}")
+
+
+def _check_nested_pixel_data(ds: Dataset) -> None:
+    """Raise PassThrough when an item (an Icon Image Sequence's, say) holds encapsulated Pixel Data: it is in the
+    source's syntax, and written unchanged under another it would be mislabelled and break the whole file."""
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        _check_items(ds)
+
+
+def _check_items(ds: Dataset) -> None:
+    """Only sequences are parsed on the way: every other element stays as read."""
+    for tag in list(ds.keys()):  # tags: iterating a Dataset would parse every element
+        if tag == _PIXEL_DATA or ds.get_item(tag, keep_deferred=True).VR != "SQ":
+            continue
+        for item in ds[tag].value:
+            nested = item.get_item(_PIXEL_DATA, keep_deferred=True)
+            if nested is not None and _undefined_length(nested):
+                raise PassThrough(f"{ds[tag].name} holds compressed pixel data of its own")
+            _check_items(item)
+
+
+def _undefined_length(element: RawDataElement | pydicom.DataElement) -> bool:
+    if isinstance(element, RawDataElement):
+        return element.length == syntaxes.UNDEFINED_LENGTH
+    return element.is_undefined_length
 
 
 def _basic_offset_table_entries(src: Path, element: RawDataElement) -> int:

@@ -398,6 +398,25 @@ def test_rle_of_16_bit_words_holding_8_bits_or_fewer_decodes(bits_stored: int, t
     np.testing.assert_array_equal(_pixels(tmp_path / "out.dcm"), frames)
 
 
+@pytest.mark.parametrize("target", ["ExplicitVRLittleEndian", "RLELossless"])
+def test_an_icon_with_compressed_pixel_data_passes_through(target: str, tmp_path: Path) -> None:
+    """An icon's encapsulated Pixel Data is in the source's syntax: copied under another, it breaks the file."""
+    src = write_image(tmp_path / "in.dcm", _smooth((1, 32, 32), np.uint16, 12), 12)
+    assert compress.transcode_file(src, tmp_path / "jls.dcm", CompressSpec(syntax="JPEGLSLossless")).compressed
+    ds = pydicom.dcmread(tmp_path / "jls.dcm")
+    icon = pydicom.Dataset()
+    icon.Rows = icon.Columns = 4
+    icon.SamplesPerPixel, icon.PhotometricInterpretation = 1, "MONOCHROME2"
+    icon.BitsAllocated, icon.BitsStored, icon.HighBit, icon.PixelRepresentation = 8, 8, 7, 0
+    icon.PixelData = pydicom.encaps.encapsulate([ds.PixelData[16:32]])
+    icon["PixelData"].VR, icon["PixelData"].is_undefined_length = "OB", True
+    ds.IconImageSequence = [icon]
+    ds.save_as(tmp_path / "jls.dcm")
+    spec = CompressSpec(syntax=target, force=True)
+    result = compress.transcode_file(tmp_path / "jls.dcm", tmp_path / "out.dcm", spec)
+    assert not result.compressed and result.reason == "Icon Image Sequence holds compressed pixel data of its own"
+
+
 def test_an_offset_table_listing_more_frames_than_number_of_frames_passes_through(tmp_path: Path) -> None:
     src = write_image(tmp_path / "in.dcm", _smooth((3, 16, 16), np.uint16, 12), 12)
     assert compress.transcode_file(src, tmp_path / "rle.dcm", CompressSpec(syntax="RLELossless", force=True)).compressed
