@@ -84,8 +84,8 @@ def available() -> bool:
 
 
 def encode(frame: np.ndarray, bits_stored: int, near: int = 0) -> bytes:
-    """One frame, shaped (rows, columns[, samples]), as a JPEG-LS codestream declaring `bits_stored` (at least 9
-    for 16-bit samples).
+    """One frame, shaped (rows, columns[, samples]), as a JPEG-LS codestream declaring `bits_stored` (at least 8
+    for 8-bit samples, 9 for 16-bit ones).
 
     Samples outside the range Bits Stored gives (with the frame's signedness) raise ValueError, as pydicom's
     encoder does, so that another encoder takes the frame. Signed samples go in as their two's complement in the
@@ -103,8 +103,9 @@ def encode(frame: np.ndarray, bits_stored: int, near: int = 0) -> bytes:
         raise ValueError(f"samples outside the range of Bits Stored {bits_stored}")
     samples = unsigned_samples(frame)
     # Decoders size their output by the declared precision: up to 8 bits, one byte a sample, which DCMTK refuses
-    # and GDCM aborts on when Bits Allocated is 16. For 16-bit words, 9 bits is the least that keeps them 16-bit.
-    precision = bits_stored if samples.dtype.itemsize == 1 else max(bits_stored, 9)
+    # and GDCM aborts on when Bits Allocated is 16. For 16-bit words, 9 bits is the least that keeps them 16-bit;
+    # for 8-bit words DCMTK reads nothing under 8 bits (as its own dcmcjpls writes).
+    precision = max(bits_stored, 8 if samples.dtype.itemsize == 1 else 9)
     components = frame.shape[2] if frame.ndim == 3 else 1
     info = _FrameInfo(frame.shape[1], frame.shape[0], precision, components)
     encoder = lib.charls_jpegls_encoder_create()

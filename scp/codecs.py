@@ -198,13 +198,15 @@ def _pydicom_plugins(syntax: UID, order: tuple[str, ...] = ()) -> list[Plugin]:
 
 def _not_narrowed(plugins: list[Plugin]) -> list[Plugin]:
     """pydicom's JPEG-LS encoders declare Bits Stored as the sample precision: for 16-bit words holding at most 8
-    bits, decoders other than pydicom's then make 8-bit samples (DCMTK refuses the frame, GDCM aborts). Those
-    frames are left to the plugins after them."""
+    bits, decoders other than pydicom's then make 8-bit samples (DCMTK refuses the frame, GDCM aborts); for 8-bit
+    words holding fewer than 8, DCMTK refuses it. Those frames are left to the plugins after them."""
 
     def refusing(plugin: Plugin) -> Plugin:
         def encode(frame: np.ndarray, info: FrameInfo, options: Mapping[str, Any]) -> bytes:
-            if info.bits_allocated > 8 >= info.bits_stored:
-                raise ValueError("it would declare 8-bit samples for Bits Allocated 16")
+            if info.bits_stored < (9 if info.bits_allocated > 8 else 8):
+                raise ValueError(
+                    f"it would declare {info.bits_stored}-bit samples for Bits Allocated {info.bits_allocated}"
+                )
             return plugin.encode(frame, info, options)
 
         return replace(plugin, encode=encode)

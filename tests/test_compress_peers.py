@@ -77,6 +77,8 @@ NARROW_IN_16_BITS = [
     pytest.param(_gradient((1, 40, 30), "<i2", -128, 127), 8, id="signed 8 of 16"),
     pytest.param(_gradient((1, 40, 30), "<u2", 0, 63), 6, id="unsigned 6 of 16"),
     pytest.param(_gradient((1, 20, 30, 3), "<u2", 0, 255), 8, id="RGB 8 of 16"),
+    pytest.param(_gradient((1, 40, 30), "u1", 0, 63), 6, id="unsigned 6 of 8"),
+    pytest.param(_gradient((1, 40, 30), "u1", 0, 3), 2, id="unsigned 2 of 8"),
 ]
 
 
@@ -86,7 +88,8 @@ def test_jpegls_of_narrow_samples_in_16_bit_words_decodes_everywhere(
     frames: np.ndarray, bits_stored: int, charls: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A codestream declaring at most 8 bits makes decoders write 8-bit samples where Bits Allocated says 16: DCMTK
-    refused such output and GDCM aborted on it. Every plugin order must give both the source pixels."""
+    refused such output and GDCM aborted on it. DCMTK also refuses fewer than 8 bits in 8-bit words. Every plugin
+    order must give both the source pixels."""
     if not charls:
         without_charls(monkeypatch)
     src = write_image(tmp_path / "in.dcm", frames, bits_stored)
