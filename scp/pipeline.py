@@ -97,7 +97,8 @@ def produce(
             if result.compressed:
                 name = UID(result.transfer_syntax).name
                 sizes = f"{result.bytes_in} -> {result.bytes_out} bytes"
-                detail = f"re-encoded as {name}: {sizes} (ratio {result.ratio:.2f}) in {result.seconds:.3f} s"
+                made_as = f"re-encoded as {name}: {sizes} (ratio {result.ratio:.2f}) in {result.seconds:.3f} s"
+                detail = "; ".join([*tried, made_as])  # why any syntax before this one was not made
                 output = Output(
                     delivery.destination, path, result.transfer_syntax, True, detail, result.sop_instance_uid
                 )

@@ -148,5 +148,7 @@ def test_an_accepted_target_that_cannot_be_made_falls_back_through_the_accept_li
         delivery = deliveries[destination]
         assert delivery["transfer_syntax"] == "ExplicitVRLittleEndian", destination
         assert (delivery["deliverable"], delivery["sent_as"][0]) == (True, "ExplicitVRLittleEndian"), destination
+        why = "the source was lossy compressed" if name == "JPEG2000.dcm" else "no pixel data"
+        assert delivery["why"].startswith(why) and "; re-encoded as Explicit VR Little Endian" in delivery["why"]
     assert main(["explain", "--config", str(path), source]) == 0
     assert "quarantined" not in capsys.readouterr().out
