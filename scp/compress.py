@@ -20,18 +20,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import accumulate, chain
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, cast
 
 import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.encaps import encapsulate
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.filereader import read_deferred_data_element
+from pydicom.filewriter import correct_ambiguous_vr_element, write_dataset, write_file_meta_info
+from pydicom.hooks import hooks
 from pydicom.pixels import convert_color_space, get_decoder, iter_pixels
 from pydicom.pixels.decoders.base import Decoder
 from pydicom.pixels.utils import get_expected_length
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from scp import codecs, syntaxes
@@ -158,16 +161,82 @@ _WORD_SIZES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 
 
 def _swap_words(ds: Dataset) -> None:
-    """Byte-swap the other-word values of a big endian dataset, which pydicom writes as read (PS3.5 7.3)."""
+    """Byte-swap the other-word values of a big endian dataset, which pydicom writes as read (PS3.5 7.3).
+
+    Only those and sequences are decoded: text stays raw (see `_keep_text_as_received`)."""
     for tag in list(ds.keys()):
         if tag == _PIXEL_DATA:  # read frame by frame later; never load it here
             continue
-        elem = ds[tag]
-        if elem.VR == "SQ":
-            for item in elem.value:
+        vr = _vr(ds, tag)
+        if vr == "SQ":
+            for item in ds[tag].value:
                 _swap_words(item)
-        elif (size := _WORD_SIZES.get(str(elem.VR))) and isinstance(elem.value, bytes) and len(elem.value) % size == 0:
-            elem.value = np.frombuffer(elem.value, f">u{size}").astype(f"<u{size}").tobytes()
+        elif (size := _WORD_SIZES.get(vr)) and isinstance(value := ds[tag].value, bytes) and len(value) % size == 0:
+            ds[tag].value = np.frombuffer(value, f">u{size}").astype(f"<u{size}").tobytes()
+
+
+def _vr(ds: Dataset, tag: int) -> str:
+    """The VR of an element of `ds`, looked up as pydicom's decoding would (implicit VR, UN), without decoding it."""
+    elem = ds.get_item(tag, keep_deferred=True)
+    if not isinstance(elem, RawDataElement):
+        return str(elem.VR)
+    found: dict[str, Any] = {}
+    hooks.raw_element_vr(elem, found, ds=ds)
+    return str(found["VR"])
+
+
+_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
+
+
+def _keep_text_as_received(ds: Dataset, implicit: bool, ancestors: tuple[Dataset, ...] = ()) -> None:
+    """Have pydicom write `ds` little endian, with `implicit` VR or not, and every text value as received.
+
+    pydicom decodes the elements it writes in another encoding than read, and those whose reading it deferred, and
+    encodes text again in the declared Specific Character Set: bytes invalid in it (Latin-1 under ISO_IR 192, a
+    common mislabel) would come out as U+FFFD. Text bytes do not depend on byte order or VR explicitness (PS3.5
+    7.3), so where the encoding changes, text elements stay raw, given the VR pydicom would look up where the
+    source had none, the others are decoded, and `ds` is declared encoded as it will be written: pydicom then
+    writes raw elements as they are, after reading deferred values here in full. A deferred Pixel Data is left
+    unread: the streaming writers write it themselves.
+    """
+    tags = list(ds.keys())
+    kept: dict[BaseTag, RawDataElement] = {}
+    for tag in tags:
+        if isinstance(elem := ds.get_item(tag, keep_deferred=True), RawDataElement) and tag != _PIXEL_DATA:
+            kept[tag] = elem
+    vrs: dict[BaseTag, str] = {}
+    if ds.original_encoding != (implicit, True):
+        vrs = {tag: _vr(ds, tag) for tag in kept}
+        kept = {tag: raw for tag, raw in kept.items() if vrs[tag] in _TEXT_VRS}
+        _decode_elements(ds, [tag for tag in tags if tag not in kept], implicit, (ds, *ancestors))
+        ds.set_original_encoding(implicit, True)
+    for tag, raw in kept.items():  # last: looking up a private element's VR decodes its private creator
+        # ds[tag] = ... would decode a private element
+        ds._dict[tag] = _read_deferred(ds, raw)._replace(VR=raw.VR or vrs.get(tag))
+
+
+def _decode_elements(ds: Dataset, tags: list[BaseTag], implicit: bool, ancestors: tuple[Dataset, ...]) -> None:
+    """Decode these elements of `ds` and resolve their ambiguous VRs as pydicom's writer would (PS3.5 A.1 c); a
+    sequence's items are prepared by `_keep_text_as_received` in turn."""
+    for tag in tags:
+        if tag == _PIXEL_DATA and ds.get_item(tag, keep_deferred=True).value is None:
+            continue
+        correct_ambiguous_vr_element(ds[tag], ds, True, list(ancestors))
+        if (elem := ds[tag]).VR == "SQ":
+            for item in elem.value:
+                _keep_text_as_received(item, implicit, ancestors)
+
+
+def _read_deferred(ds: Dataset, raw: RawDataElement) -> RawDataElement:
+    """`raw` with its value read where pydicom deferred it (from the file, or the inflated data set of a deflated
+    one, as pydicom would), but not decoded."""
+    if raw.value is not None or not raw.length or not isinstance(ds, FileDataset):
+        return raw
+    source = ds.filename if ds.buffer is None else cast(BinaryIO, ds.buffer)
+    assert source is not None  # _read_header reads a file
+    return read_deferred_data_element(ds.fileobj_type, source, ds.timestamp, raw)
 
 
 def _check_eligible(ds: Dataset, spec: CompressSpec) -> None:
@@ -560,12 +629,16 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
 
 
 def _split_trailing(header: Dataset) -> Dataset:
-    """Remove and return the elements after Pixel Data (padding, signatures), written after it again."""
-    trailing = Dataset()
+    """Remove and return the elements after Pixel Data (padding, signatures), written after it again: as read, in
+    the header's encoding and character set."""
+    trailing = Dataset(parent_encoding=header._character_set)
+    implicit, little = header.original_encoding
+    trailing.set_original_encoding(implicit, little, header.original_character_set)
     tags = list(header.keys())
     for tag in [t for t in tags if t >= _PIXEL_DATA]:
-        if tag > _PIXEL_DATA:
-            trailing[tag] = header[tag]
+        elem = header.get_item(tag, keep_deferred=True)
+        if tag > _PIXEL_DATA:  # ds[tag] = ... would decode a private element
+            trailing._dict[tag] = _read_deferred(header, elem) if isinstance(elem, RawDataElement) else elem
         del header[tag]
     return trailing
 
@@ -646,6 +719,7 @@ def _write_encapsulated(
         table = struct.pack(f"<{len(offsets)}I", *offsets)
     with dst.open("wb") as out:
         if body is None:
+            _keep_text_as_received(header, implicit=False)
             pydicom.dcmwrite(out, header, enforce_file_format=True)
         else:
             _write_file_meta(out, header)
@@ -672,6 +746,7 @@ def _copy(src: IO[bytes], dst: BinaryIO, length: int, chunk: int = 1 << 20) -> N
 
 def _write_trailing(out: BinaryIO, trailing: Dataset, implicit: bool) -> None:
     if len(trailing):
+        _keep_text_as_received(trailing, implicit)
         fp = pydicom.filebase.DicomFileLike(out)
         fp.is_little_endian = True
         fp.is_implicit_VR = implicit
@@ -694,6 +769,7 @@ def _write_native(src: Path, header: Dataset, dst: Path, syntax: UID) -> None:
     trailing = _split_trailing(header)
     implicit = syntax == ImplicitVRLittleEndian
     with dst.open("wb") as out:
+        _keep_text_as_received(header, implicit)
         pydicom.dcmwrite(out, header, enforce_file_format=True)
         if implicit:
             out.write(struct.pack("<HHI", 0x7FE0, 0x0010, length + length % 2))
@@ -721,4 +797,5 @@ def _write_native_whole(src: Path, dst: Path, syntax: UID) -> None:
     if ds.file_meta.TransferSyntaxUID.is_compressed:
         ds.decompress(generate_instance_uid=False)
     ds.file_meta.TransferSyntaxUID = syntax
+    _keep_text_as_received(ds, syntax == ImplicitVRLittleEndian)
     ds.save_as(dst, enforce_file_format=True)
