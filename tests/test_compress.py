@@ -666,6 +666,51 @@ def test_elements_after_pixel_data_are_kept(tmp_path: Path) -> None:
     assert pydicom.dcmread(tmp_path / "out.dcm").DataSetTrailingPadding == b"\0" * 6
 
 
+NAMES = {
+    "latin-1 mislabelled as UTF-8": ("ISO_IR 192", b"M\xfcller^Hans"),
+    "UTF-8": ("ISO_IR 192", "Müller^Hans".encode()),
+    "ISO 2022 JIS": ("\\ISO 2022 IR 87", b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B"),
+}
+TEXT_TARGETS: list[dict[str, Any]] = [
+    {"syntax": "JPEGLSLossless"},
+    {"syntax": "JPEGLSNearLossless", "jls_error": 2},
+    {"syntax": "ExplicitVRLittleEndian"},
+]
+
+
+def _text_values(path: Path) -> list[bytes]:
+    """Patient's Name, a sequence item's Patient ID and Image Comments, as raw bytes."""
+    ds = pydicom.dcmread(path)
+    item = ds.OtherPatientIDsSequence[0]
+    return [ds.get_item("PatientName").value, item.get_item("PatientID").value, ds.get_item("ImageComments").value]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("source", [ImplicitVRLittleEndian, ExplicitVRBigEndian])
+@pytest.mark.parametrize("target", TEXT_TARGETS)
+def test_text_values_are_written_as_received(target: dict[str, Any], source: UID, name: str, tmp_path: Path) -> None:
+    """Where pydicom writes the header, text reaches the output byte for byte: bytes invalid in the declared
+    character set are not replaced by U+FFFD, nor valid ISO 2022 re-encoded; in a sequence item too, and in a value
+    longer than the reader's defer size."""
+    charset, value = NAMES[name]
+    src = write_image(tmp_path / "in.dcm", _smooth((1, 32, 32), np.uint8, 8), 8, syntax=source)
+    ds = pydicom.dcmread(src)
+    placeholder = "@" * len(value)  # same length: patched with the raw bytes below, as a modality would send them
+    ds.SpecificCharacterSet = charset
+    ds.PatientName = placeholder
+    ds.OtherPatientIDsSequence = [pydicom.Dataset()]
+    ds.OtherPatientIDsSequence[0].PatientID = placeholder
+    ds.ImageComments = placeholder + "x" * 5000
+    ds.save_as(src)
+    src.write_bytes(src.read_bytes().replace(placeholder.encode(), value))
+    received = _text_values(src)
+    assert all(v.startswith(value) for v in received)
+    spec = CompressSpec.model_validate({**target, "force": True})
+    result = compress.transcode_file(src, tmp_path / "out.dcm", spec)
+    assert result.compressed, result.reason
+    assert _text_values(tmp_path / "out.dcm") == received
+
+
 # A crash of the native codec: only the instance that crashes it falls back to its original.
 
 CRASH_ROWS = 13
