@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -50,3 +51,9 @@ def ceiling(codec_mb_s: float, cpu_per_mb: float, cores: int) -> float:
 def ratio(numerator: float, denominator: float) -> float:
     """numerator / denominator, 0.0 when the denominator is missing."""
     return numerator / denominator if denominator > 0 else 0.0
+
+
+def shown_down(value: float, places: int) -> str:
+    """`value` with `places` decimals, rounded down: a figure just under a target never reads as reaching it
+    (2.998 shows as 2.99, not 3.00)."""
+    return f"{math.floor(value * 10**places) / 10**places:.{places}f}"
