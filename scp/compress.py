@@ -271,8 +271,6 @@ def _source_frames(src: Path, header: Dataset) -> tuple[str, Iterator[np.ndarray
     outside Bits Stored: what the codec loses there, verification catches. One frame at a time from the file; a
     deflated source has to be inflated whole first.
     """
-    _check_frame_count(src, header)
-    _check_nested_pixel_data(header)
     if (native := _native_frames(src, header)) is not None:
         return str(header.PhotometricInterpretation), native
     if header.file_meta.TransferSyntaxUID.is_deflated:
@@ -286,6 +284,13 @@ def _source_frames(src: Path, header: Dataset) -> tuple[str, Iterator[np.ndarray
     photometric = str(decoded.get("PhotometricInterpretation", header.PhotometricInterpretation))
     photometric = _DECODED_PHOTOMETRIC.get(photometric, photometric)
     return photometric, (f.astype(f.dtype.newbyteorder("="), copy=False) for f in chain([first], frames))
+
+
+def _check_pixel_layout(src: Path, header: Dataset) -> None:
+    """Raise PassThrough for Pixel Data that reading frame by frame would get wrong; once per instance, before
+    the frames are read (by each encoder tried in turn)."""
+    _check_frame_count(src, header)
+    _check_nested_pixel_data(header)
 
 
 def _check_frame_count(src: Path, header: Dataset) -> None:
@@ -418,6 +423,7 @@ def _encode_file(src: Path, header: Dataset, dst: Path, spec: CompressSpec) -> _
     container's size, and pydicom decides how to read signed samples once for all frames).
     """
     assert spec.syntax is not None
+    _check_pixel_layout(src, header)
     return codecs.get(spec.syntax).with_first_plugin_that_works(
         lambda plugin: _encode_with(plugin, src, header, dst, spec)
     )
@@ -760,6 +766,7 @@ def _write_native(src: Path, header: Dataset, dst: Path, syntax: UID) -> None:
     if header.get("BitsAllocated") == 1 or "PixelData" not in header:
         _write_native_whole(src, dst, syntax)
         return
+    _check_pixel_layout(src, header)
     photometric, frames = _source_frames(src, header)
     info = _frame_info(header, photometric)
     nframes = int(header.get("NumberOfFrames") or 1)
