@@ -116,6 +116,8 @@ class Codec:
     """pydicom decoding plugins to check lossless output with, fastest first; pydicom's default when none is
     available. Each decodes the bytes actually written; for JPEG-LS that is CharLS again (the encoder's library,
     chosen for speed: ~4x pylibjpeg-libjpeg), for HTJ2K OpenJPEG (an implementation other than the encoder's)."""
+    limit: Callable[[FrameInfo], str | None] | None = None
+    """Why the libraries cannot code pixels the standard allows (see `_openjpeg_limit`), or None if they can."""
 
     @property
     def available(self) -> bool:
@@ -132,7 +134,7 @@ class Codec:
         return next((name for name in self.verify_with if name in available), "")
 
     def check(self, info: FrameInfo) -> str | None:
-        """Why this syntax cannot carry pixels described by `info` (PS3.5 8.2), or None if it can."""
+        """Why this syntax cannot carry pixels described by `info` (PS3.5 8.2, then `limit`), or None if it can."""
         for pi, samples, representations, allocated, stored in self.profiles:
             if (
                 info.photometric_interpretation == pi
@@ -141,7 +143,7 @@ class Codec:
                 and info.bits_allocated in allocated
                 and info.bits_stored in stored
             ):
-                return None
+                return self.limit(info) if self.limit else None
         sign = "signed" if info.pixel_representation else "unsigned"
         return (
             f"{self.syntax.name} cannot carry {info.photometric_interpretation}, {info.samples_per_pixel} "
@@ -310,6 +312,30 @@ def _openjph(encode: EncodeFunction) -> Plugin:
     return Plugin("imagecodecs (OpenJPH)", encode, ("imagecodecs",), _imagecodecs_ready("HTJ2K"))
 
 
+OPENJPEG_MAX_BITS_STORED = 24
+"""JPEG 2000 allows 38 bits stored, but OpenJPEG (this node's JPEG 2000 encoder and verifier, and the decoder of
+pydicom and GDCM) keeps at most 24 exactly: pylibjpeg-openjpeg refuses more, and imagecodecs' build made
+codestreams of 32 bits stored that decode to other values (unsigned, values up to 2^24 or 2^32)."""
+
+
+def _openjpeg_limit(info: FrameInfo) -> str | None:
+    if info.bits_stored <= OPENJPEG_MAX_BITS_STORED:
+        return None
+    return (
+        f"Bits Stored {info.bits_stored}: OpenJPEG, which encodes and decodes JPEG 2000 here and in pydicom and "
+        f"GDCM, keeps at most {OPENJPEG_MAX_BITS_STORED} bits exactly"
+    )
+
+
+def _openjph_limit(info: FrameInfo) -> str | None:
+    if info.bits_allocated <= 16:
+        return None
+    return (
+        f"Bits Allocated {info.bits_allocated}: OpenJPH codes the whole {info.bits_allocated}-bit word, which "
+        "OpenJPEG, the HTJ2K decoder of pydicom and GDCM, cannot read"
+    )
+
+
 # Verification decoders. JPEG-LS: CharLS's decoder through pyjpegls (~5x the speed of pydicom's default,
 # pylibjpeg-libjpeg, measured on 512x512 12-bit CT: 3.5 ms against 17 ms a frame; the encode takes ~5 ms).
 # HTJ2K: OpenJPEG through pylibjpeg-openjpeg, an implementation independent of the OpenJPH encoder.
@@ -354,24 +380,28 @@ REGISTRY: dict[UID, Codec] = {
             *_pydicom_plugins(JPEG2000Lossless),
             _openjpeg(),
         ],
+        limit=_openjpeg_limit,
     ),
     JPEG2000: Codec(
         JPEG2000,
         ENCODING_PROFILES[JPEG2000],
         frozenset({"j2k_cr", "j2k_psnr"}),
         [*_pydicom_plugins(JPEG2000), _openjpeg()],
+        limit=_openjpeg_limit,
     ),
     HTJ2KLossless: Codec(
         HTJ2KLossless,
         _HTJ2K_LOSSLESS_PROFILES,
         plugins=[_openjph(_imagecodecs_htj2k())],
         verify_with=_HTJ2K_VERIFY,
+        limit=_openjph_limit,
     ),
     HTJ2KLosslessRPCL: Codec(
         HTJ2KLosslessRPCL,
         _HTJ2K_LOSSLESS_PROFILES,
         plugins=[_openjph(_imagecodecs_htj2k(rpcl=True))],
         verify_with=_HTJ2K_VERIFY,
+        limit=_openjph_limit,
     ),
     HTJ2K: Codec(
         HTJ2K,
@@ -379,6 +409,7 @@ REGISTRY: dict[UID, Codec] = {
         frozenset({"htj2k_qstep"}),
         [_openjph(_imagecodecs_htj2k(lossy=True))],
         verify_with=_HTJ2K_VERIFY,
+        limit=_openjph_limit,
     ),
 }
 

@@ -602,6 +602,47 @@ def test_what_no_codec_takes_passes_through(name: str, why: str, tmp_path: Path)
     assert not result.compressed and why in result.reason
 
 
+def _full_32_bits(shape: tuple[int, ...], signed: bool) -> np.ndarray:
+    """A compressible image whose values need every one of 32 bits."""
+    frames = _smooth(shape, np.int64, 24) << 8
+    frames[0, 0, :2] = (-(1 << 31), (1 << 31) - 1) if signed else (0, (1 << 32) - 1)
+    return frames.astype(np.int32 if signed else np.uint32)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("options", [{}, {"j2k_psnr": [60]}], ids=["lossless", "lossy"])
+def test_jpeg2000_of_more_than_24_bits_stored_passes_through(
+    signed: bool, options: dict[str, Any], tmp_path: Path
+) -> None:
+    """OpenJPEG keeps at most 24 bits of a sample exactly (pylibjpeg-openjpeg refuses more; imagecodecs' build
+    decodes other values): such an image passes through unencoded, so without a failed verification."""
+    src = write_image(tmp_path / "in.dcm", _full_32_bits((2, 16, 16), signed), 32)
+    syntax = "JPEG2000" if options else "JPEG2000Lossless"
+    result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax=syntax, **options))
+    assert not result.compressed and "24" in result.reason and "OpenJPEG" in result.reason
+    assert not result.verify_failed
+
+
+@pytest.mark.parametrize("syntax", ["HTJ2KLossless", "HTJ2KLosslessRPCL", "HTJ2K"])
+def test_htj2k_of_32_bit_words_passes_through(syntax: str, tmp_path: Path) -> None:
+    """OpenJPH codes the whole 32-bit word, which OpenJPEG (pydicom's and GDCM's decoder) cannot read."""
+    src = next(p for p in bundled_files() if p.name == "rtdose.dcm")  # Bits Allocated 32, values within 16 bits
+    result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax=syntax))
+    assert not result.compressed and "OpenJPEG" in result.reason
+    assert not result.verify_failed
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_jpeg2000_keeps_24_bits_stored_in_32_bit_words(signed: bool, tmp_path: Path) -> None:
+    """The limit above is on Bits Stored: 24 of them in 32-bit words round-trip exactly."""
+    frames = _smooth((2, 16, 16), np.int32 if signed else np.uint32, 24) << 2
+    frames[0, 0, :2] = (-(1 << 23), (1 << 23) - 1) if signed else (0, (1 << 24) - 1)
+    src = write_image(tmp_path / "in.dcm", frames, 24)
+    result = compress.transcode_file(src, tmp_path / "out.dcm", CompressSpec(syntax="JPEG2000Lossless"))
+    assert result.compressed, result.reason
+    assert np.array_equal(pixel_array(tmp_path / "out.dcm"), frames)
+
+
 def test_float_pixel_data_passes_through(tmp_path: Path) -> None:
     src = write_image(tmp_path / "in.dcm", _smooth((1, 8, 8), np.uint16, 12), 12)
     ds = pydicom.dcmread(src)
