@@ -302,6 +302,8 @@ class Service:
             for job in jobs:
                 state = self._destinations.get(job.destination)
                 if state is not None:
+                    if state.retired:  # processed under the rules before a reload: its threads may have stopped
+                        self._spawn_deliverers(state)
                     state.wake.set()
 
     def _processing_failed(self, spool_id: str, exc: Exception) -> None:

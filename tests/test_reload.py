@@ -218,3 +218,70 @@ def test_a_refused_reload_changes_no_destination(tmp_path: Path) -> None:
         assert set(node._destinations) == {"a", "pacs"}, "no destination added"
         assert node._destinations["a"].deliverer.destination == running.destinations["a"], "none changed"
         assert not any(thread.name.startswith("deliver-new") for thread in node._threads)
+
+
+def test_a_job_committed_after_its_removed_destination_drained_is_still_delivered(tmp_path: Path) -> None:
+    """An instance processed under the old rules while a reload removes its destination is committed after that
+    destination's threads saw an empty queue and stopped: they start again for it (nothing acknowledged is lost)."""
+    import threading
+
+    from tests.peers import running_node
+
+    first = node_config(
+        tmp_path,
+        {"x": {"type": "directory", "path": str(tmp_path / "x")}},
+        [{"name": "to-x", "compress": "JPEGLSLossless", "forward": ["x"]}],
+    )
+    second = {
+        **first,
+        "destinations": {"y": {"type": "directory", "path": str(tmp_path / "y")}},
+        "rules": [{"name": "to-y", "forward": ["y"]}],
+    }
+    encoding, reloaded = threading.Event(), threading.Event()
+    with running_node(first) as node:
+        assert node._encoder is not None
+        transcode = node._encoder.transcode
+
+        def after_the_reload(*args: Any, **kwargs: Any) -> Any:
+            encoding.set()
+            assert reloaded.wait(30)
+            return transcode(*args, **kwargs)
+
+        node._encoder.transcode = after_the_reload  # type: ignore[method-assign]
+        output = storescu(node.port, [TEST_FILES / "CT_small.dcm"])
+        assert "Received Store Response (Success)" in output, output
+        assert encoding.wait(30), "processing under the old rules started"
+        node.reload(config.parse(second))
+        wait_for(lambda: not node._destinations["x"].threads, 10, "x's threads to find its queue empty and stop")
+        reloaded.set()
+        wait_for(lambda: _uid("CT_small.dcm") in _syntaxes(tmp_path / "x"), 30, "the late job delivered to x")
+        assert _syntaxes(tmp_path / "x")[_uid("CT_small.dcm")] == JPEGLSLossless
+        wait_for(lambda: not node._destinations["x"].threads, 10, "x's threads to stop again")
+        assert not node.spool.jobs("x") and not node.health()
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("# Radiologie Z\xfcrich\nrules: []\n".encode("latin-1"), "not UTF-8"),
+        (
+            b"destinations: {a: {type: directory, path: a}}\n"
+            b"rules: [{name: r, match: {StationName: {regex: 'CT{4294967296}'}}, forward: [a]}]\n",
+            "bad regular expression",
+        ),
+    ],
+    ids=["latin-1", "regex-overflow"],
+)
+def test_a_file_that_fails_otherwise_than_validation_is_refused_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, text: bytes, problem: str
+) -> None:
+    """Bytes that are not UTF-8, or a regex too big for Python's compiler, are a ConfigError naming the file, as
+    any invalid file: check-config says so, and a reload is refused with the node still running."""
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError, match=problem) as refused:
+        config.load(path)
+    assert str(path) in str(refused.value)
+    service = _Refusing()
+    cli._reload(service, path)
+    assert not service.offered and "reload rejected, the running configuration stays in force" in caplog.text
