@@ -240,6 +240,8 @@ def _reload(service: Any, path: Path | None) -> None:
         service.reload(loaded)
     except ScpError as exc:
         LOGGER.error("reload rejected, the running configuration stays in force: %s", exc)
+    except Exception:  # a bug in reading or applying it: the node, running fine until now, goes on
+        LOGGER.exception("reload failed unexpectedly; the node goes on running (check its configuration)")
     else:
         configure_logging(loaded.logging.level)
     notify.ready(f"listening on port {service.port}")

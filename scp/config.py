@@ -494,6 +494,11 @@ def load(path: Path | None) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text: byte 0x{exc.object[exc.start]:02x} on line {line}; save it as UTF-8"
+        ) from exc
     try:
         data = _safe_load_unique_keys(text)
     except _DuplicateKey as exc:

@@ -281,7 +281,7 @@ def _regex(key: str, spec: Field, args: Mapping[str, Any]) -> Test:
     pattern = _text(args["regex"])
     try:
         compiled = re.compile(pattern)
-    except re.error as exc:
+    except (re.error, OverflowError) as exc:  # OverflowError: a repeat count past the compiler's limit
         raise ValueError(f"{key}: bad regular expression {pattern!r}: {exc}") from None
 
     def holds(values: Values) -> bool:
