@@ -55,9 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--config", type=Path, help="YAML configuration (default: the built-in one)")
     explain.add_argument("--json", action="store_true", help="one JSON object per file, one per line")
-    explain.add_argument("--calling-ae", default="EXPLAIN", help="calling AE title to assume (default: EXPLAIN)")
+    explain.add_argument(
+        "--calling-ae", help="calling AE title to assume (default: EXPLAIN, let through allowed_calling_aets)"
+    )
     explain.add_argument("--called-ae", help="called AE title to assume (default: the node's)")
-    explain.add_argument("--peer", default="127.0.0.1", help="peer IP address to assume (default: 127.0.0.1)")
+    explain.add_argument("--peer", help="peer IP address to assume (default: 127.0.0.1)")
     explain.add_argument("files", type=Path, nargs="+", metavar="DICOMFILE")
     explain.set_defaults(handler=_explain)
 
@@ -250,21 +252,29 @@ def _reload(service: Any, path: Path | None) -> None:
 def _explain(args: argparse.Namespace) -> int:
     import pydicom
 
-    from scp import compress, pipeline, rules
+    from scp import compress, pipeline, rules, security
 
     loaded = config.load(args.config)
     called_ae = args.called_ae or loaded.node.ae_title
-    if not loaded.node.answers_to(called_ae):
-        print(
-            f"the node rejects associations calling '{called_ae}': it is neither node.ae_title nor one of "
+    # The calling AE and address are checked against allowed_calling_aets only when given: the defaults stand
+    # for no modality in particular.
+    asserted = args.calling_ae is not None or args.peer is not None
+    calling_ae, peer = args.calling_ae or "EXPLAIN", args.peer or "127.0.0.1"
+    callers = security.caller_policy(loaded.node) if asserted else None
+    refusal = security.refused(loaded.node, callers, called_ae, calling_ae, peer)
+    if refusal is not None:
+        why = {
+            security.CALLED_AE_NOT_RECOGNISED: f"calling '{called_ae}': it is neither node.ae_title nor one of "
             "node.aliases, and node.accept_any_called_ae is false",
-            file=sys.stderr,
-        )
+            security.CALLING_AE_NOT_RECOGNISED: f"from '{calling_ae}' at {peer}: not permitted by "
+            "node.allowed_calling_aets (give --calling-ae and --peer of a modality it allows)",
+        }[refusal[1]]
+        print(f"the node rejects associations {why}", file=sys.stderr)
         return EXIT_FAILURE
     failed = 0
     for path in args.files:
         try:
-            facts = pipeline.read_facts(path, args.calling_ae, called_ae, args.peer)
+            facts = pipeline.read_facts(path, calling_ae, called_ae, peer)
         except (OSError, pydicom.errors.InvalidDicomError, ValueError, AttributeError, KeyError) as exc:
             failed += 1
             error = {"file": str(path), "error": f"cannot be read as DICOM: {exc}"}

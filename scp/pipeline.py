@@ -143,7 +143,8 @@ def read_header(path: Path) -> pydicom.Dataset:
 
 
 def read_facts(path: Path, calling_ae: str, called_ae: str, peer_address: str) -> rules.Facts:
-    """The facts rules see about a Part 10 file, syntax and SOP class from its file meta (`explain`)."""
+    """The facts rules see about a Part 10 file (`explain`): its syntax from the file meta, its SOP class from the
+    data set, as a C-STORE request must give it (the receiving process refuses a data set naming another)."""
     header = read_header(path)
     meta = header.file_meta
     return rules.Facts(
@@ -151,7 +152,7 @@ def read_facts(path: Path, calling_ae: str, called_ae: str, peer_address: str) -
         called_ae=called_ae,
         peer_address=peer_address,
         transfer_syntax=str(meta.TransferSyntaxUID),
-        sop_class_uid=str(meta.get("MediaStorageSOPClassUID") or header.get("SOPClassUID", "")),
+        sop_class_uid=str(header.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID", "")),
         read_header=lambda: header,
     )
 

@@ -99,12 +99,10 @@ def handle_requested(
     called = request.called_ae_title.strip()
     calling = request.calling_ae_title.strip()  # requestor.ae_title is set only once accepted
     address = str(assoc.requestor.address)
-    if not node.answers_to(called):
-        why, reason = "called AE not recognised", CALLED_AE_NOT_RECOGNISED
-    elif callers is not None and not callers.permits(calling, address):
-        why, reason = "calling AE not recognised", CALLING_AE_NOT_RECOGNISED
-    else:
+    refusal = refused(node, callers, called, calling, address)
+    if refusal is None:
         return
+    why, reason = refusal
     LOGGER.warning("rejected association from %s at %s to %s: %s", calling, address, called, why)
     on_reject(why)
     assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, reason)
@@ -113,10 +111,26 @@ def handle_requested(
     assoc.kill()
 
 
+def refused(
+    node: NodeConfig, callers: CallerPolicy | None, called: str, calling: str, address: str
+) -> tuple[str, int] | None:
+    """Why the node rejects an association (the log's words and the A-ASSOCIATE-RJ reason), or None."""
+    if not node.answers_to(called):
+        return "called AE not recognised", CALLED_AE_NOT_RECOGNISED
+    if callers is not None and not callers.permits(calling, address):
+        return "calling AE not recognised", CALLING_AE_NOT_RECOGNISED
+    return None
+
+
+def caller_policy(node: NodeConfig) -> CallerPolicy | None:
+    """The node's `allowed_calling_aets`; None when any calling AE may associate."""
+    return None if node.allowed_calling_aets is None else CallerPolicy.from_config(node.allowed_calling_aets)
+
+
 def access_handlers(node: NodeConfig, on_reject: Callable[[str], None]) -> list[tuple[object, ...]]:
     """The EVT_REQUESTED handler enforcing the node's called AE titles (`ae_title` and `aliases`, unless
     `accept_any_called_ae`) and `allowed_calling_aets`; none when neither is checked."""
-    callers = None if node.allowed_calling_aets is None else CallerPolicy.from_config(node.allowed_calling_aets)
+    callers = caller_policy(node)
     if node.accept_any_called_ae and callers is None:
         return []
     return [(evt.EVT_REQUESTED, handle_requested, [node, callers, on_reject])]

@@ -95,9 +95,9 @@ def test_research_destination_gets_only_uncompressed(capsys: pytest.CaptureFixtu
 @pytest.mark.parametrize(
     ("option", "rule", "action"),
     [
-        (["--calling-ae", "SERVICE_CT2"], "service-test-images", "drop"),
-        (["--peer", "203.0.113.7"], "outside-the-hospital-networks", "quarantine"),
-        (["--peer", "10.20.30.40"], "ct-mr-cr-dx-nm-pt", "forward"),
+        (["--calling-ae", "SERVICE_QA"], "service-test-images", "drop"),
+        (["--calling-ae", "CT_ROOM1", "--peer", "203.0.113.7"], "outside-the-hospital-networks", "quarantine"),
+        (["--calling-ae", "WARD_CR", "--peer", "10.20.30.40"], "ct-mr-cr-dx-nm-pt", "forward"),
         (["--called-ae", "COMPRESS_RSRCH"], "research-by-title", "forward"),
     ],
 )
@@ -152,3 +152,50 @@ def test_an_accepted_target_that_cannot_be_made_falls_back_through_the_accept_li
         assert delivery["why"].startswith(why) and "; re-encoded as Explicit VR Little Endian" in delivery["why"]
     assert main(["explain", "--config", str(path), source]) == 0
     assert "quarantined" not in capsys.readouterr().out
+
+
+def test_explain_routes_on_the_data_sets_sop_class_as_the_node_does(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The node routes on the C-STORE request's SOP class, which must be the data set's (it refuses others): a
+    file meta naming another SOP class must not change explain's answer."""
+    from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage
+
+    source = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    source.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    mislabelled = tmp_path / "ct.dcm"
+    source.save_as(mislabelled)
+    data = {
+        "destinations": {"a": {"type": "directory", "path": str(tmp_path / "a")}},
+        "rules": [
+            {"name": "sc", "match": {"sop_class": SecondaryCaptureImageStorage.keyword}, "forward": ["a"]},
+            {"name": "ct", "match": {"sop_class": CTImageStorage.keyword}, "forward": ["a"]},
+        ],
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["explain", "--config", str(path), "--json", str(mislabelled)]) == 0
+    assert json.loads(capsys.readouterr().out)["rule"] == "ct"
+
+
+@pytest.mark.parametrize(
+    "calling, peer, allowed",
+    [("CT_ROOM1", "10.1.2.3", True), ("INTRUDER", "10.1.2.3", False), ("CT_ROOM1", "192.168.0.9", False)],
+)
+def test_explain_refuses_a_caller_the_node_rejects(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, calling: str, peer: str, allowed: bool
+) -> None:
+    data = {
+        "node": {"allowed_calling_aets": [{"ae_title": "CT_ROOM1", "hosts": ["10.1.0.0/16"]}]},
+        "destinations": {"a": {"type": "directory", "path": str(tmp_path / "a")}},
+        "rules": [{"name": "all", "forward": ["a"]}],
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    args = ["explain", "--config", str(path), "--calling-ae", calling, "--peer", peer, str(TEST_FILES / "CT_small.dcm")]
+    status = main(args)
+    captured = capsys.readouterr()
+    assert (status == 0) == allowed and bool(captured.out) == allowed
+    if not allowed:
+        assert f"the node rejects associations from '{calling}' at {peer}" in captured.err
+        assert "allowed_calling_aets" in captured.err
