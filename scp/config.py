@@ -11,7 +11,7 @@ import functools
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -44,6 +44,26 @@ _DESTINATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yes_no_only_for_yes_no(cls, data: Any) -> Any:
+        """YAML reads yes/no/on/off/true/false as booleans, which pydantic would take as 1 and 0 for a number
+        (`min_free_mb: no` would turn the disk reserve off): only a yes/no setting takes them."""
+        if not isinstance(data, dict):
+            return data
+        for key, value in data.items():
+            field = cls.model_fields.get(key)
+            if field is None or field.annotation is bool or bool in get_args(field.annotation):
+                continue
+            if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value)):
+                raise ValueError(f"{key}: {value!r} is a yes/no value (YAML reads yes, no, on, off, true and false so)")
+        return data
+        if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value)):
+            raise ValueError(
+                f"{value!r} is a yes/no value (as YAML reads yes, no, on, off, true, false); give a number or text"
+            )
+        return value
 
 
 def _ae_title(value: str) -> str:

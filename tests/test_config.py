@@ -223,3 +223,26 @@ def test_logging_follows_the_current_standard_error(capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert "WARNING scp.test: written after the first stream closed" in err
     assert "Logging error" not in err
+
+
+@pytest.mark.parametrize(
+    "setting, where",
+    [
+        ("spool:\n  min_free_mb: no\n", "spool: min_free_mb: False"),
+        ("node:\n  port: on\n", "node: port: True"),
+        ("destinations:\n  a: {type: directory, path: a, batch_size: yes}\n", "destinations.a.directory: batch_size"),
+        ("default:\n  forward: [a]\n  compress: {syntax: JPEG2000, j2k_psnr: [true]}\n", "j2k_psnr"),
+    ],
+)
+def test_yes_and_no_are_not_numbers(tmp_path: Path, setting: str, where: str) -> None:
+    """YAML reads yes/no/on/off/true/false as booleans, which pydantic would take as 1 and 0: `min_free_mb: no`
+    would silently turn the disk reserve off. Only a yes/no setting takes them."""
+    data = yaml.safe_load(setting)
+    base: dict[str, object] = {
+        "destinations": {"a": {"type": "directory", "path": "a"}},
+        "rules": [{"name": "r", "forward": ["a"]}],
+    }
+    with pytest.raises(ConfigError, match=re.escape(where)) as refused:
+        config.parse({**base, **data})
+    assert "yes/no" in str(refused.value)
+    assert config.parse({**base, "rules": [{"name": "r", "drop": True}]}).rules[0].drop
