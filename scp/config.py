@@ -413,6 +413,22 @@ class Config(_Model):
                 raise ValueError(f"{where}.forward: a destination is listed twice in rule '{rule.name}'")
         return self
 
+    @model_validator(mode="after")
+    def _rules_named_apart_and_reachable(self) -> Config:
+        """Logs, metrics and explain tell rules apart by name; a rule with no condition (a `match:` whose lines
+        were all commented out, say) takes every instance, so a rule after it could never apply."""
+        first: dict[str, int] = {}
+        for index, rule in enumerate(self.rules):
+            if rule.name in first:
+                raise ValueError(f"rules.{index}: rule name '{rule.name}' is also rules.{first[rule.name]}'s")
+            first[rule.name] = index
+            if not rule.match and index + 1 < len(self.rules):
+                raise ValueError(
+                    f"rules.{index}: rule '{rule.name}' matches every instance, so rule '{self.rules[index + 1].name}' "
+                    "after it could never apply; give it a match, or make it the last rule or the default"
+                )
+        return self
+
     @functools.cached_property
     def default_rule(self) -> Rule:
         """The configured default, or the built-in one: an unmatched instance is never dropped silently.

@@ -246,3 +246,23 @@ def test_yes_and_no_are_not_numbers(tmp_path: Path, setting: str, where: str) ->
         config.parse({**base, **data})
     assert "yes/no" in str(refused.value)
     assert config.parse({**base, "rules": [{"name": "r", "drop": True}]}).rules[0].drop
+
+
+def test_two_rules_of_one_name_are_an_error() -> None:
+    """Logs, metrics and explain tell rules apart by name."""
+    rules = [{"name": "ct", "forward": ["archive"], "match": {"modality": m}} for m in ("CT", "MR")]
+    with pytest.raises(ConfigError, match=r"rules.1: rule name 'ct' is also rules.0's"):
+        config.parse(_with({"rules": rules}))
+
+
+@pytest.mark.parametrize("match", [None, {}], ids=["no-match", "empty-match"])
+def test_a_rule_that_matches_everything_must_be_the_last(match: dict[str, object] | None) -> None:
+    """A `match:` whose conditions were all commented out reads as none: the rule takes every instance and the
+    rules after it never apply, which is surely not what was meant."""
+    catch_all: dict[str, object] = {"name": "all", "forward": ["archive"]}
+    if match is not None:
+        catch_all["match"] = match
+    ct = {"name": "ct", "match": {"modality": "CT"}, "forward": ["folder"]}
+    with pytest.raises(ConfigError, match=r"rules.0: rule 'all' matches every instance, so rule 'ct' after it"):
+        config.parse(_with({"rules": [catch_all, ct]}))
+    assert config.parse(_with({"rules": [ct, catch_all]})).rules[1].name == "all"
