@@ -91,6 +91,13 @@ def _text(value: Any) -> str:
     return value
 
 
+def _ae_title(value: Any) -> str:
+    """An AE title as every other of the file: validated and stripped (pynetdicom strips the padding it receives)."""
+    from scp import config  # imported here as config imports this module; one validator for every AE title
+
+    return config._ae_title(_text(value))
+
+
 def _number(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a number")
@@ -179,8 +186,8 @@ FACT_FIELDS: dict[str, Field] = {
     "sop_class": Field(lambda f: (UID(f.sop_class_uid),), UID_KIND, _sop_class),
     "transfer_syntax": Field(lambda f: (UID(f.transfer_syntax),), UID_KIND, lambda v: syntaxes.resolve(_text(v))),
     "modality": Field(_dataset_values("Modality", TEXT), TEXT, _text),
-    "calling_ae": Field(lambda f: (f.calling_ae,), TEXT, _text),
-    "called_ae": Field(lambda f: (f.called_ae,), TEXT, _text),
+    "calling_ae": Field(lambda f: (f.calling_ae,), TEXT, _ae_title),
+    "called_ae": Field(lambda f: (f.called_ae,), TEXT, _ae_title),
     "peer_address": Field(lambda f: (f.peer_address,), ADDRESS, _network),
 }
 
