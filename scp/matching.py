@@ -175,9 +175,22 @@ def _holds_anything(dataset: Dataset, keyword: str) -> bool:
         return True
 
 
+class Number(float):
+    """A numeric element's value: compares as a float; `written` is the value as the instance holds it (DS `5.0`,
+    IS `007`), which glob and regex see."""
+
+    __slots__ = ("written",)
+    written: str
+
+    def __new__(cls, value: Any) -> Number:
+        number = super().__new__(cls, value)
+        number.written = str(getattr(value, "original_string", value)).strip()  # PS3.5 6.2: DS, IS padding
+        return number
+
+
 def _number_or_text(value: Any) -> Any:
     try:
-        return float(value)
+        return Number(value)
     except (TypeError, ValueError):
         return str(value)
 
@@ -238,6 +251,8 @@ def _show(values: Values) -> str:
 def _short(value: Any) -> str:
     if value in (PRESENT, UNREADABLE):
         return str(value)
+    if isinstance(value, Number):
+        return value.written
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     if isinstance(value, UID) and value.keyword:
@@ -281,7 +296,7 @@ def _names(value: Any, kind: str) -> tuple[str, ...]:
     """The strings a pattern is tried against: a UID also by its keyword."""
     if kind == UID_KIND and isinstance(value, UID) and value.keyword:
         return (str(value), value.keyword)
-    return (_short(value) if isinstance(value, float) else str(value),)
+    return (value.written if isinstance(value, Number) else str(value),)
 
 
 def _regex(key: str, spec: Field, args: Mapping[str, Any]) -> Test:

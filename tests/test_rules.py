@@ -7,7 +7,14 @@ from typing import Any
 
 import pydicom
 import pytest
-from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
+from pydicom.uid import (
+    JPEG2000,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+)
 
 from scp import config, rules
 from scp.errors import ConfigError
@@ -162,6 +169,45 @@ def test_an_empty_sequence_or_binary_element_is_not_present(tmp_path: Path, synt
         assert not _holds({keyword: {"present": True}}, facts), keyword
     for keyword in ("SourceImageSequence", "ReferencedStudySequence"):
         assert _holds({keyword: {"present": True}}, facts), keyword
+
+
+def _written(tmp_path: Path, *elements: tuple[int, str, str]) -> rules.Facts:
+    """The facts of a Part 10 file holding `elements` (tag, VR, value as written) and nothing else."""
+    ds = pydicom.Dataset()
+    for tag, vr, value in elements:
+        ds.add(pydicom.DataElement(tag, vr, value))
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, "1.2.3"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "written.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return read_facts(path, "MODALITY1", "COMPRESS_SCP", "10.1.2.3")
+
+
+@pytest.mark.parametrize(
+    ("match", "expected"),
+    [
+        ({"SliceThickness": {"glob": "5.0"}}, True),
+        ({"SliceThickness": {"glob": "5"}}, False),
+        ({"SliceThickness": {"regex": "^5\\.0$"}}, True),
+        ({"PixelSpacing": {"glob": "0.00001"}}, True),
+        ({"PixelSpacing": {"regex": "e-05"}}, False),
+        ({"SeriesNumber": {"glob": "00*"}}, True),
+        ({"SliceThickness": 5}, True),
+        ({"SeriesNumber": "7"}, True),
+        ({"PixelSpacing": {"min": 0.000005, "max": 0.00002}}, True),
+        ({"SeriesNumber": {"min": 7, "max": 7}}, True),
+    ],
+    ids=str,
+)
+def test_patterns_see_a_number_as_written_and_values_compare_as_numbers(
+    tmp_path: Path, match: dict[str, Any], expected: bool
+) -> None:
+    """DS `5.0` was tried as `5`, DS `0.00001` as `1e-05`, IS `007` as `7`: glob and regex see the value as sent."""
+    facts = _written(
+        tmp_path, (0x00180050, "DS", "5.0"), (0x00280030, "DS", "0.00001\\0.00001"), (0x00200011, "IS", "007")
+    )
+    assert _holds(match, facts) is expected
 
 
 BAD: list[tuple[dict[str, Any], str]] = [
