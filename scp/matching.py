@@ -69,6 +69,8 @@ FILE_META_GROUP = 0x0002
 """PS3.10 7.1: the file meta information, written around the dataset, not in it."""
 _NUMERIC_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "IS", "DS", "UV", "SV", "US or SS"}
 _PRESENCE_VRS = {"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "OB or OW", "US or OW", "US or SS or OW"}
+_UNPADDED_VRS = {"AE", "CS", "LO", "PN", "SH"}
+"""PS3.5 6.2: leading and trailing spaces of these are not significant; of other text VRs, trailing ones only."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,14 @@ def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ValueError(f"{value!r} is not an IP address or network (CIDR such as 10.1.0.0/16)") from None
 
 
-def _dataset_values(keyword: str, kind: str) -> Callable[[Facts], Values]:
+def _unpadding(vr: str) -> Callable[[str], str]:
+    """How to drop the spaces of a text value that PS3.5 6.2 calls not significant."""
+    if vr in _UNPADDED_VRS:
+        return lambda text: text.strip(" ")
+    return lambda text: text.rstrip(" ")
+
+
+def _dataset_values(keyword: str, kind: str, unpad: Callable[[str], str]) -> Callable[[Facts], Values]:
     def read(facts: Facts) -> Values:
         if keyword not in facts.dataset:
             return ()
@@ -154,7 +163,7 @@ def _dataset_values(keyword: str, kind: str) -> Callable[[Facts], Values]:
             return tuple(_number_or_text(v) for v in items)
         if kind == UID_KIND:
             return tuple(UID(str(v)) for v in items)
-        return tuple(str(v) for v in items)
+        return tuple(text for text in (unpad(str(v)) for v in items) if text)
 
     return read
 
@@ -195,10 +204,19 @@ def _number_or_text(value: Any) -> Any:
         return str(value)
 
 
+def _element_field(keyword: str) -> Field:
+    """A dataset element's key, from the VR pydicom's dictionary gives it."""
+    vr = datadict.dictionary_VR(keyword)
+    kind = NUMBER if vr in _NUMERIC_VRS else PRESENCE if vr in _PRESENCE_VRS else UID_KIND if vr == "UI" else TEXT
+    unpad = _unpadding(vr)
+    normalise = {NUMBER: _number, UID_KIND: _any_uid}.get(kind, lambda value: unpad(_text(value)))
+    return Field(_dataset_values(keyword, kind, unpad), kind, normalise)
+
+
 FACT_FIELDS: dict[str, Field] = {
     "sop_class": Field(lambda f: (UID(f.sop_class_uid),), UID_KIND, _sop_class),
     "transfer_syntax": Field(lambda f: (UID(f.transfer_syntax),), UID_KIND, lambda v: syntaxes.resolve(_text(v))),
-    "modality": Field(_dataset_values("Modality", TEXT), TEXT, _text),
+    "modality": _element_field("Modality"),
     "calling_ae": Field(lambda f: (f.calling_ae,), TEXT, _ae_title),
     "called_ae": Field(lambda f: (f.called_ae,), TEXT, _ae_title),
     "peer_address": Field(lambda f: (f.peer_address,), ADDRESS, _network),
@@ -218,10 +236,7 @@ def _field(key: str) -> Field:
             f"'{key}' is a file meta element (group 0002), not part of the dataset rules look at: match the syntax "
             "the instance arrived in with transfer_syntax, its SOP class with sop_class"
         )
-    vr = datadict.dictionary_VR(tag)
-    kind = NUMBER if vr in _NUMERIC_VRS else PRESENCE if vr in _PRESENCE_VRS else UID_KIND if vr == "UI" else TEXT
-    normalise = {NUMBER: _number, UID_KIND: _any_uid}.get(kind, _text)
-    return Field(_dataset_values(key, kind), kind, normalise)
+    return _element_field(key)
 
 
 # -- the tests ------------------------------------------------------------------------------------------------

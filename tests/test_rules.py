@@ -210,6 +210,39 @@ def test_patterns_see_a_number_as_written_and_values_compare_as_numbers(
     assert _holds(match, facts) is expected
 
 
+@pytest.mark.parametrize(
+    ("match", "expected"),
+    [
+        ({"modality": "CT"}, True),
+        ({"Modality": ["MR", "CT "]}, True),
+        ({"StationName": "CT_ROOM1"}, True),
+        ({"StationName": {"glob": "CT_*"}}, True),
+        ({"StationName": {"regex": "^CT_ROOM1$"}}, True),
+        ({"ImageType": "ORIGINAL"}, True),
+        ({"ImageType": {"glob": "PRIMARY"}}, True),
+        ({"StudyDescription": "Head"}, True),
+        ({"ReferringPhysicianName": "Doe^John"}, True),
+        ({"ImageComments": "  leading spaces count"}, True),
+        ({"ImageComments": "leading spaces count"}, False),
+        ({"ImageComments": "  leading spaces count  "}, True),
+    ],
+    ids=str,
+)
+def test_spaces_that_do_not_count_do_not_break_a_match(tmp_path: Path, match: dict[str, Any], expected: bool) -> None:
+    """PS3.5 6.2: leading and trailing spaces of AE, CS, LO, PN and SH are not significant, of ST, LT, UT only
+    trailing ones; pydicom keeps leading spaces and the trailing spaces of all but the last value."""
+    facts = _written(
+        tmp_path,
+        (0x00080008, "CS", " ORIGINAL \\ PRIMARY "),
+        (0x00080060, "CS", " CT"),
+        (0x00080090, "PN", " Doe^John "),
+        (0x00081010, "SH", "  CT_ROOM1"),
+        (0x00081030, "LO", " Head "),
+        (0x00204000, "LT", "  leading spaces count "),
+    )
+    assert _holds(match, facts) is expected
+
+
 BAD: list[tuple[dict[str, Any], str]] = [
     ({"Modalty": "CT"}, "rule 'bad': match.Modalty: 'Modalty' is neither a match key"),
     ({"Modalty": "CT"}, "did you mean 'Modality'"),
