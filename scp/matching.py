@@ -104,9 +104,12 @@ def _number(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a number")
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{value!r} is not a number") from None
+    if math.isnan(number):
+        raise ValueError(f"{value!r} is not a number: NaN equals nothing and bounds a range nothing is within")
+    return number
 
 
 _UIDS = {info[4]: UID(uid) for uid, info in UID_dictionary.items() if info[4]}
