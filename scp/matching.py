@@ -23,6 +23,7 @@ from pydicom import datadict
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import Tag
 from pydicom.uid import UID, UID_dictionary
 
 from scp import syntaxes
@@ -150,31 +151,58 @@ def _unpadding(vr: str) -> Callable[[str], str]:
     return lambda text: text.rstrip(" ")
 
 
-def _dataset_values(keyword: str, kind: str, unpad: Callable[[str], str]) -> Callable[[Facts], Values]:
+Locate = Callable[[Dataset], list[int]]
+"""The tags of a key's elements at the top level of a dataset."""
+
+
+def _single(keyword: str) -> Locate:
+    tag = Tag(keyword)
+    return lambda dataset: [tag] if tag in dataset else []
+
+
+def _repeating(mask: str) -> Locate:
+    """Every even group of a repeating-group mask of pydicom's dictionary (`60xx3000`: 6000,3000 to 601E,3000 for
+    the overlays of PS3.5 7.6); an odd group is private."""
+    fixed = int(mask.replace("x", "0"), 16)
+    care = int("".join("0" if c == "x" else "F" for c in mask), 16)
+
+    def locate(dataset: Dataset) -> list[int]:
+        tags = dataset.keys()  # not the dataset itself: iterating it would convert every element's value
+        return [tag for tag in tags if not tag & 0x10000 and (tag ^ fixed) & care == 0]
+
+    return locate
+
+
+def _dataset_values(locate: Locate, kind: str, unpad: Callable[[str], str]) -> Callable[[Facts], Values]:
+    convert: Callable[[Any], Any] = {NUMBER: _number_or_text, UID_KIND: lambda v: UID(str(v))}.get(
+        kind, lambda v: unpad(str(v))
+    )
+
     def read(facts: Facts) -> Values:
-        if keyword not in facts.dataset:
-            return ()
+        tags = locate(facts.dataset)
         if kind == PRESENCE:  # never load the value: it may be deferred pixel data
-            return (PRESENT,) if _holds_anything(facts.dataset, keyword) else ()
-        try:
-            value = facts.dataset[keyword].value
-        except Exception:  # a malformed value must not stop the instance (STYLE rule 6)
-            return (UNREADABLE,)
-        items = tuple(value) if isinstance(value, MultiValue | list) else (value,)
-        items = tuple(v for v in items if v is not None and v != "")
-        if kind == NUMBER:
-            return tuple(_number_or_text(v) for v in items)
-        if kind == UID_KIND:
-            return tuple(UID(str(v)) for v in items)
-        return tuple(text for text in (unpad(str(v)) for v in items) if text)
+            return (PRESENT,) if any(_holds_anything(facts.dataset, tag) for tag in tags) else ()
+        items = (item for tag in tags for item in _items(facts.dataset, tag))
+        values = (item if item is UNREADABLE else convert(item) for item in items)
+        return tuple(value for value in values if value != "")  # unpadded to nothing
 
     return read
 
 
-def _holds_anything(dataset: Dataset, keyword: str) -> bool:
+def _items(dataset: Dataset, tag: int) -> Values:
+    """An element's values, as pydicom reads them: empty ones left out, `UNREADABLE` for a value it cannot read."""
+    try:
+        value = dataset[tag].value
+    except Exception:  # a malformed value must not stop the instance (STYLE rule 6)
+        return (UNREADABLE,)
+    items = tuple(value) if isinstance(value, MultiValue | list) else (value,)
+    return tuple(v for v in items if v is not None and v != "")
+
+
+def _holds_anything(dataset: Dataset, tag: int) -> bool:
     """Whether a sequence or binary element has an item or a byte, told from its length or item count: an empty
     one (zero length, no items) reads as absent. The value is never loaded."""
-    element = dataset.get_item(keyword, keep_deferred=True)
+    element = dataset.get_item(tag, keep_deferred=True)
     if element is None:
         return False
     if isinstance(element, RawDataElement):
@@ -207,13 +235,20 @@ def _number_or_text(value: Any) -> Any:
         return str(value)
 
 
+_REPEATING = {entry[4]: mask for mask, entry in datadict.RepeatersDictionary.items()}
+"""The keywords of pydicom's repeating-group elements (`OverlayData`, `CurveData` …) and their tag masks."""
+
+
 def _element_field(keyword: str) -> Field:
     """A dataset element's key, from the VR pydicom's dictionary gives it."""
-    vr = datadict.dictionary_VR(keyword)
+    if keyword in _REPEATING:
+        vr, locate = datadict.RepeatersDictionary[_REPEATING[keyword]][0], _repeating(_REPEATING[keyword])
+    else:
+        vr, locate = datadict.dictionary_VR(keyword), _single(keyword)
     kind = NUMBER if vr in _NUMERIC_VRS else PRESENCE if vr in _PRESENCE_VRS else UID_KIND if vr == "UI" else TEXT
     unpad = _unpadding(vr)
     normalise = {NUMBER: _number, UID_KIND: _any_uid}.get(kind, lambda value: unpad(_text(value)))
-    return Field(_dataset_values(keyword, kind, unpad), kind, normalise)
+    return Field(_dataset_values(locate, kind, unpad), kind, normalise)
 
 
 FACT_FIELDS: dict[str, Field] = {
@@ -230,11 +265,11 @@ def _field(key: str) -> Field:
     if key in FACT_FIELDS:
         return FACT_FIELDS[key]
     tag = datadict.tag_for_keyword(key)
-    if tag is None:
-        close = difflib.get_close_matches(key, [*FACT_FIELDS, *datadict.keyword_dict], n=1)
+    if tag is None and key not in _REPEATING:
+        close = difflib.get_close_matches(key, [*FACT_FIELDS, *datadict.keyword_dict, *_REPEATING], n=1)
         hint = f" - did you mean '{close[0]}'?" if close else ""
         raise ValueError(f"'{key}' is neither a match key ({', '.join(FACT_FIELDS)}) nor a DICOM keyword{hint}")
-    if tag >> 16 == FILE_META_GROUP:
+    if tag is not None and tag >> 16 == FILE_META_GROUP:
         raise ValueError(
             f"'{key}' is a file meta element (group 0002), not part of the dataset rules look at: match the syntax "
             "the instance arrived in with transfer_syntax, its SOP class with sop_class"

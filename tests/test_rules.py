@@ -171,7 +171,7 @@ def test_an_empty_sequence_or_binary_element_is_not_present(tmp_path: Path, synt
         assert _holds({keyword: {"present": True}}, facts), keyword
 
 
-def _written(tmp_path: Path, *elements: tuple[int, str, str]) -> rules.Facts:
+def _written(tmp_path: Path, *elements: tuple[int, str, Any]) -> rules.Facts:
     """The facts of a Part 10 file holding `elements` (tag, VR, value as written) and nothing else."""
     ds = pydicom.Dataset()
     for tag, vr, value in elements:
@@ -243,9 +243,43 @@ def test_spaces_that_do_not_count_do_not_break_a_match(tmp_path: Path, match: di
     assert _holds(match, facts) is expected
 
 
+@pytest.mark.parametrize(
+    ("match", "expected"),
+    [
+        ({"OverlayData": {"present": True}}, True),
+        ({"OverlayRows": 512}, True),
+        ({"OverlayRows": {"max": 256}}, True),
+        ({"OverlayType": "R"}, True),
+        ({"OverlayType": "G"}, True),
+        ({"OverlayType": "X"}, False),
+        ({"CurveData": {"present": True}}, False),
+        ({"OverlayDescription": {"present": True}}, False),
+    ],
+    ids=str,
+)
+def test_a_repeating_group_keyword_matches_any_of_its_groups(
+    tmp_path: Path, match: dict[str, Any], expected: bool
+) -> None:
+    """OverlayData (60xx,3000) was refused with "did you mean 'OverlayDate'": it is in pydicom's dictionary of
+    repeating groups, and matches in every even group (the overlays 6000-601E); an odd group is private."""
+    facts = _written(
+        tmp_path,
+        (0x60000010, "US", 256),
+        (0x60000040, "CS", "G"),
+        (0x60013000, "OW", b"\0\0"),
+        (0x60010022, "LO", "private"),
+        (0x60020010, "US", 512),
+        (0x60020040, "CS", "R"),
+        (0x60023000, "OW", b"\1\0"),
+    )
+    assert _holds(match, facts) is expected
+
+
 BAD: list[tuple[dict[str, Any], str]] = [
     ({"Modalty": "CT"}, "rule 'bad': match.Modalty: 'Modalty' is neither a match key"),
     ({"Modalty": "CT"}, "did you mean 'Modality'"),
+    ({"OverlyData": {"present": True}}, "did you mean 'OverlayData'"),
+    ({"OverlayRows": {"glob": "5*"}, "OverlayData": "yes"}, "match.OverlayData: OverlayData holds a sequence or"),
     ({"InstitutionName": {"regex": "(unclosed"}}, "rule 'bad': match.InstitutionName: bad regular expression"),
     ({"PatientName": {"min": 3}}, "rule 'bad': match.PatientName: min does not apply to text values"),
     ({"BitsStored": {"min": 12, "max": 8}}, "min 12 is greater than max 8"),
