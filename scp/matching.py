@@ -1,7 +1,8 @@
 """Match conditions of routing rules, compiled once at load time into a tree of tests.
 
 A `match` is a mapping; every key must hold. A key is a fact of the association or file meta (`FACT_FIELDS`) or
-a DICOM keyword of the dataset, checked against pydicom's data dictionary. A value is a scalar (equals), a list
+a DICOM keyword of the dataset, checked against pydicom's data dictionary and read at its top level only (never in
+sequence items). A value is a scalar (equals), a list
 (one of), or a mapping naming one operator of `OPERATORS` (`regex`, `glob`, `min`/`max`, `present`). `any:` takes
 a list of matches of which one must hold, `not:` a match that must not hold. What each key's values are and which
 operators apply to them is data (`Field.kind`, `Operator.kinds`), checked once here, never at run time.

@@ -96,6 +96,7 @@ CASES: list[tuple[str, dict[str, Any], str, dict[str, str], bool]] = [
     ("absent-miss", {"PixelData": {"present": False}}, "MR_small.dcm", {}, False),
     ("absent-text", {"StudyDescription": {"present": False}}, "MR_small.dcm", {}, True),
     ("present-sequence", {"ContentSequence": {"present": True}}, "test-SR.dcm", {}, True),
+    ("nested-only-reads-absent", {"ReferencedSOPClassUID": {"present": False}}, "rtplan.dcm", {}, True),
     ("all-keys-hold", {"modality": "CT", "BitsStored": {"min": 12}, "calling_ae": "MODALITY1"}, "CT_small.dcm", {},
      True),
     ("all-keys-one-fails", {"modality": "CT", "BitsStored": {"max": 8}}, "CT_small.dcm", {}, False),
