@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -182,10 +183,22 @@ class _StandardErrorHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Writes control characters of a message escaped (`\\n`, `\\x00`): a UID or AE title off the wire may hold a
+    newline, which would forge a log line. Tracebacks, which are ours, keep their lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = _CONTROL.sub(lambda found: found[0].encode("unicode_escape").decode(), record.message)
+        return super().formatMessage(record)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def configure_logging(level: str) -> None:
     """One line per event on standard error, which journald keeps under systemd."""
     handler = _StandardErrorHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 

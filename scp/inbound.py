@@ -117,8 +117,9 @@ class Inbound:
         kind, *args = message
         if kind == "received":
             spool_id, calling_ae, size = args
-            metrics.RECEIVED.labels(calling_ae).inc()
-            metrics.RECEIVED_BYTES.labels(calling_ae).inc(size)
+            label = metrics.calling_ae_label(calling_ae)
+            metrics.RECEIVED.labels(label).inc()
+            metrics.RECEIVED_BYTES.labels(label).inc(size)
             self.on_received(spool_id)
         elif kind == "refused":
             metrics.REFUSED.labels(f"0x{args[0]:04X}").inc()
@@ -173,9 +174,9 @@ class _PipeLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             text = record.getMessage()
-            if record.exc_info:
-                text += "\n" + logging.Formatter().formatException(record.exc_info)
             where = {"pathname": record.pathname, "lineno": record.lineno, "funcName": record.funcName}
+            if record.exc_info:  # kept apart from the message: the service's formatter escapes newlines in that
+                where["exc_text"] = logging.Formatter().formatException(record.exc_info)
             self.send(("log", record.name, record.levelno, text, where))
         except Exception:
             self.handleError(record)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
 import socket
 import ssl
 import struct
@@ -198,6 +199,9 @@ def check_instance(
             raise Refused(
                 status.OUT_OF_RESOURCES, f"the Deflated data set inflates past node.max_inflated_bytes ({max_inflated})"
             )
+        if _first_group(path, deflated) in (b"\x02\x00", b"\x00\x02"):
+            # pydicom would read them as the file's own: a stale Transfer Syntax UID there misreads the pixels
+            raise ValueError("the data set holds File Meta elements (group 0002), which PS3.10 7.1 keeps out of it")
         ds = pydicom.dcmread(path, defer_size=4096)
         # pydicom converts values lazily and a bad one raises on first access: touch what the node relies on.
         # Other values are carried through as received (a stray bad value is not worth refusing an image for).
@@ -216,8 +220,28 @@ def check_instance(
         if str(ds[keyword].value) != requested:
             raise Refused(
                 status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                f"the data set's {keyword} {ds[keyword].value} is not the C-STORE request's {requested}",
+                f"the data set's {keyword} {_as_uid(ds[keyword].value)} is not the C-STORE request's {requested}",
             )
+
+
+_UID_LIKE = re.compile(r"[0-9.]{1,64}")
+
+
+def _as_uid(value: object) -> str:
+    """A data set's UID as a log line may show it: itself when it looks like one, else only its length. One wrong
+    length byte makes a UID run over the elements after it, a patient's name and ID among them."""
+    text = str(value)
+    return text if _UID_LIKE.fullmatch(text) else f"(not a UID: {len(text)} characters)"
+
+
+def _first_group(path: Path, deflated: bool) -> bytes:
+    """The group number's two bytes of the data set's first element, as written (little or big endian)."""
+    with open(path, "rb") as f:
+        f.seek(META_PREFIX - 4)
+        (group_length,) = struct.unpack("<L", f.read(4))
+        f.seek(META_PREFIX + group_length)
+        head = f.read(256 if deflated else 2)  # 256 deflated bytes give the first two, bar a perverse stream
+    return zlib.decompressobj(-zlib.MAX_WBITS).decompress(head, 2) if deflated else head
 
 
 def _inflated_size(path: Path, limit: int) -> int | None:
@@ -263,7 +287,7 @@ def _check_pixel_data(ds: Dataset) -> None:
         return  # not an image the codecs could touch: it is forwarded unchanged
     frames = int(ds.get("NumberOfFrames") or 1)
     samples = int(ds.get("SamplesPerPixel") or 1)
-    if samples == 3 and ds.get("PhotometricInterpretation") == "YBR_FULL_422":
+    if samples == 3 and ds.get("PhotometricInterpretation") in ("YBR_FULL_422", "YBR_PARTIAL_422"):
         samples = 2  # two chrominance samples per pair of pixels (PS3.3 C.7.6.3.1.2)
     expected = math.ceil(int(ds.Rows) * int(ds.Columns) * samples * frames * int(ds.BitsAllocated) / 8)
     if declared < expected:

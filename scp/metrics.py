@@ -26,6 +26,31 @@ REGISTRY = CollectorRegistry()
 REJECTED = Counter(
     "scp_associations_rejected", "Associations rejected by access control", ["reason"], registry=REGISTRY
 )
+CALLING_AE_LABELS = 100
+"""Calling AE titles counted under a label of their own; later ones are counted together under OTHER_CALLING_AE.
+A label's series lives as long as the node, and without `allowed_calling_aets` any title may call."""
+OTHER_CALLING_AE = "(other)"
+
+
+class BoundedLabels:
+    """The first `limit` values seen keep their own label; the rest share `other`."""
+
+    def __init__(self, limit: int, other: str) -> None:
+        self.limit = limit
+        self.other = other
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        with self._lock:
+            if value not in self._seen and len(self._seen) >= self.limit:
+                return self.other
+            self._seen.add(value)
+            return value
+
+
+calling_ae_label = BoundedLabels(CALLING_AE_LABELS, OTHER_CALLING_AE)
+
 RECEIVED = Counter(
     "scp_instances_received", "Instances received and committed to the spool", ["calling_ae"], registry=REGISTRY
 )

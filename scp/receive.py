@@ -58,11 +58,23 @@ def handle_store(event: Event, spool: Spool, reporter: Reporter, node: NodeConfi
     the modality keeps it and tries again, instead of trusting a node that may not be able to keep it.
     Whatever happens, the received file does not stay in tmp/ unless it was committed.
     """
-    path: Path = event.dataset_path
+    path: Path | None = event.dataset_path
+    if path is None:  # the request's command said it carries none (PS3.7 9.3.1.1)
+        return _refused(
+            reporter,
+            f"{_refusing(event)}: the C-STORE request carries no data set",
+            status.CANNOT_UNDERSTAND,
+            logging.WARNING,
+        )
     try:
         return _store(event, path, spool, reporter, node, min_free)
     finally:
         path.unlink(missing_ok=True)  # pynetdicom leaves it behind when a handler raises
+
+
+def _refusing(event: Event) -> str:
+    request = cast(C_STORE, event.request)
+    return f"refused instance {request.AffectedSOPInstanceUID} from {event.assoc.requestor.ae_title}"
 
 
 def _store(event: Event, path: Path, spool: Spool, reporter: Reporter, node: NodeConfig, min_free: int) -> int:
@@ -70,15 +82,16 @@ def _store(event: Event, path: Path, spool: Spool, reporter: Reporter, node: Nod
     assoc = event.assoc
     calling = assoc.requestor.ae_title
     sop_instance_uid = str(request.AffectedSOPInstanceUID)
+    if request.AffectedSOPClassUID != event.context.abstract_syntax:
+        why = f"it names {request.AffectedSOPClassUID} on the presentation context of {event.context.abstract_syntax}"
+        return _refused(reporter, f"{_refusing(event)}: {why}", status.SOP_CLASS_NOT_SUPPORTED, logging.WARNING)
     partial = getattr(request, "_dataset_file", None)  # pynetdicom's handle on the file it streamed into
     if isinstance(partial, PartialReceive) and partial.refused:
-        return _refused(
-            reporter, f"refused instance {sop_instance_uid} from {calling} while it streamed in: {partial.refused}"
-        )
+        return _refused(reporter, f"{_refusing(event)} while it streamed in: {partial.refused}")
     free = spool.free_bytes()
     if free < min_free:
         why = f"only {free // 2**20} MB free on the spool (min_free_mb {min_free // 2**20})"
-        return _refused(reporter, f"refused instance {sop_instance_uid} from {calling}: {why}")
+        return _refused(reporter, f"{_refusing(event)}: {why}")
     size = path.stat().st_size
     syntax = str(event.context.transfer_syntax)
     received = Received(
@@ -99,7 +112,7 @@ def _store(event: Event, path: Path, spool: Spool, reporter: Reporter, node: Nod
             ),
         )
     except limits.Refused as exc:
-        what = f"refused instance {sop_instance_uid} from {calling}: {exc.reason}"
+        what = f"{_refusing(event)}: {exc.reason}"
         return _refused(reporter, what, exc.status, logging.WARNING)
     except (OSError, SpoolError) as exc:
         return _refused(reporter, f"could not spool instance {sop_instance_uid} from {calling}: {exc}")

@@ -172,3 +172,32 @@ def echo(port: int) -> int | None:
     with association(port) as assoc:
         response = assoc.send_c_echo()
         return int(response.Status) if "Status" in response else None
+
+
+def raw_store(port: int, context_class: str, request_class: str, uid: str, data_set: bytes | None) -> int | None:
+    """Send a C-STORE-RQ naming `request_class` on a presentation context for `context_class`, with `data_set`
+    (Explicit VR Little Endian bytes) or with none at all; the status answered, or None."""
+    import io
+    import time
+
+    from pynetdicom.dimse_primitives import C_STORE
+
+    with association(port, (ExplicitVRLittleEndian,), context_class) as assoc:
+        request = C_STORE()
+        request.MessageID = 1
+        request.AffectedSOPClassUID = request_class
+        request.AffectedSOPInstanceUID = uid
+        request.Priority = 2
+        if data_set is not None:
+            request.DataSet = io.BytesIO(data_set)
+        context = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == context_class)
+        assoc._reactor_checkpoint.clear()  # take the reactor's place to read the response ourselves
+        deadline = time.monotonic() + 10
+        while not assoc._is_paused and time.monotonic() < deadline:
+            time.sleep(0.001)
+        try:
+            assoc.dimse.send_msg(request, context.context_id)
+            _, response = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
+        return None if response is None or response.Status is None else int(response.Status)

@@ -266,3 +266,28 @@ def test_a_rule_that_matches_everything_must_be_the_last(match: dict[str, object
     with pytest.raises(ConfigError, match=r"rules.0: rule 'all' matches every instance, so rule 'ct' after it"):
         config.parse(_with({"rules": [catch_all, ct]}))
     assert config.parse(_with({"rules": [ct, catch_all]})).rules[1].name == "all"
+
+
+def test_a_log_line_is_one_line_whatever_a_peer_put_in_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """A UID or AE title off the wire may hold a newline: it must not forge a second log line. A traceback, which
+    is ours, keeps its lines."""
+    import logging
+
+    from scp.cli import configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("INFO")
+        logger = logging.getLogger("scp.test")
+        logger.info("received %s from %s", "1.2.3\n2026-11-22 INFO scp.pipeline: forwarded 9.9", "CT\r1\x00")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("it failed")
+    finally:
+        root.handlers[:], root.level = saved
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith(r"received 1.2.3\n2026-11-22 INFO scp.pipeline: forwarded 9.9 from CT\r1\x00")
+    assert lines[1].endswith("it failed") and lines[2] == "Traceback (most recent call last):"
+    assert lines[-1] == "ValueError: boom"

@@ -238,3 +238,84 @@ def test_the_servers_contexts_deep_copy_into_independent_equal_contexts() -> Non
     assert all(a is not b and a._transfer_syntax is not b._transfer_syntax for a, b in pairs)
     clones[0].transfer_syntax = [ExplicitVRLittleEndian]
     assert len(contexts[0].transfer_syntax) > 1
+
+
+def test_a_refusal_never_logs_what_a_broken_uid_swallowed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One wrong length byte makes the SOP Instance UID run over the Patient module: the 0xA900 refusal must not
+    write the patient's name, ID and birth date into the log (nor the control bytes between them)."""
+    uid = generate_uid()
+    patient = b"".join(
+        (
+            hostile.element(0x0010, 0x0010, "PN", b"DOE^JANE"),
+            hostile.element(0x0010, 0x0020, "LO", b"MRN4711 "),
+            hostile.element(0x0010, 0x0030, "DA", b"19700101"),
+        )
+    )
+    value = hostile.uid_value(uid)
+    body = (
+        hostile.element(0x0008, 0x0016, "UI", hostile.uid_value("1.2.840.10008.5.1.4.1.1.2"))
+        + hostile.element(0x0008, 0x0018, "UI", value, len(value) + len(patient))
+        + patient
+    )
+    path = hostile.part10(tmp_path / "swallowing.dcm", uid, body)
+    with running_node(_config(tmp_path)) as node:
+        assert hostile.store(node.port, path) == status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    refusal = next(r.getMessage() for r in caplog.records if "refused instance" in r.getMessage())
+    assert "is not the C-STORE request's" in refusal and "not a UID" in refusal
+    for secret in ("DOE", "MRN4711", "19700101"):
+        assert secret not in caplog.text
+
+
+def test_native_ybr_partial_422_holds_two_samples_a_pixel(tmp_path: Path) -> None:
+    """YBR_PARTIAL_422 (retired, found in old ultrasound archives) is subsampled like YBR_FULL_422: 8 x 8 pixels
+    take 128 bytes, not 192."""
+    paths = []
+    for photometric in ("YBR_FULL_422", "YBR_PARTIAL_422"):
+        uid = generate_uid()
+        pixels = b"".join(
+            (
+                hostile.element(0x0028, 0x0002, "US", struct.pack("<H", 3)),
+                hostile.element(0x0028, 0x0004, "CS", photometric.encode().ljust(16)),
+                hostile.element(0x0028, 0x0006, "US", struct.pack("<H", 0)),
+                hostile.element(0x0028, 0x0010, "US", struct.pack("<H", 8)),
+                hostile.element(0x0028, 0x0011, "US", struct.pack("<H", 8)),
+                hostile.element(0x0028, 0x0100, "US", struct.pack("<H", 8)),
+                hostile.element(0x0028, 0x0101, "US", struct.pack("<H", 8)),
+                hostile.element(0x0028, 0x0102, "US", struct.pack("<H", 7)),
+                hostile.element(0x0028, 0x0103, "US", struct.pack("<H", 0)),
+                hostile.element(0x7FE0, 0x0010, "OB", bytes(128)),
+            )
+        )
+        paths.append(hostile.part10(tmp_path / f"{photometric}.dcm", uid, hostile.header(uid) + pixels))
+    with running_node(_config(tmp_path)) as node:
+        assert [hostile.store(node.port, path) for path in paths] == [status.SUCCESS, status.SUCCESS]
+
+
+def test_a_data_set_holding_file_meta_elements_is_refused(tmp_path: Path) -> None:
+    """File Meta elements (group 0002) have no place in a C-STORE data set; pydicom would read a stale Transfer
+    Syntax UID there as the file's own, and the node would then misread (and mis-forward) the pixels."""
+    uid = generate_uid()
+    stale = hostile.element(0x0002, 0x0010, "UI", hostile.uid_value("1.2.840.10008.1.2.4.80"))
+    body = hostile.header(uid) + hostile.image(8, 8, bytes(64))
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    with running_node(_config(tmp_path)) as node:
+        assert hostile.raw_store(node.port, ct, ct, uid, stale + body) == status.CANNOT_UNDERSTAND
+        assert not node.spool.incoming()
+        assert hostile.raw_store(node.port, ct, ct, uid, body) == status.SUCCESS
+
+
+def test_a_request_on_another_classs_context_or_without_a_data_set_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An MR C-STORE sent on the context negotiated for CT: 0x0122 (not stored under a class the association never
+    agreed on). A C-STORE whose command says it carries no data set: 0xC210, one log line, counted."""
+    mr, uid = "1.2.840.10008.5.1.4.1.1.4", generate_uid()
+    data_set = hostile.header(uid, mr) + hostile.element(0x0008, 0x0060, "CS", b"MR")
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    with running_node(_config(tmp_path)) as node:
+        assert hostile.raw_store(node.port, ct, mr, uid, data_set) == status.SOP_CLASS_NOT_SUPPORTED
+        assert hostile.raw_store(node.port, ct, ct, generate_uid(), None) == status.CANNOT_UNDERSTAND
+        assert hostile.echo(node.port) == status.SUCCESS
+        assert not node.spool.incoming()
+    assert "Traceback" not in caplog.text
+    assert "carries no data set" in caplog.text and "on the presentation context of" in caplog.text

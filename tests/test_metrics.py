@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from scp import config
 from tests import hostile
 from tests.peers import TEST_FILES, free_port, node_config, running_node, storescu, wait_for
 
@@ -120,3 +121,29 @@ def test_health_reports_a_stuck_worker(tmp_path: Path, monkeypatch: pytest.Monke
         release.set()
         wait_for(lambda: _health(metrics_port)[0] == 200, 10, "/health to recover")
     assert code == 503 and "processor-0" in body, body
+
+
+def test_calling_ae_labels_are_bounded(tmp_path: Path) -> None:
+    """Without allowed_calling_aets any title may call, and a label series is never freed: past
+    CALLING_AE_LABELS titles, new ones are counted together under `(other)`."""
+    from scp import metrics
+    from scp.inbound import Inbound
+
+    def series() -> dict[str, float]:
+        return {
+            s.labels["calling_ae"]: s.value
+            for family in metrics.RECEIVED.collect()
+            for s in family.samples
+            if s.name.endswith("_total")
+        }
+
+    data = node_config(tmp_path, {"a": {"type": "directory", "path": "a"}}, [{"name": "r", "forward": ["a"]}])
+    inbound = Inbound(config.parse(data), lambda spool_id: None)
+    other_before = series().get(metrics.OTHER_CALLING_AE, 0.0)
+    titles = [f"FLOOD{n:04d}" for n in range(metrics.CALLING_AE_LABELS + 50)]
+    for title in titles:
+        inbound._apply(("received", "id", title, 10))
+    after = series()
+    assert len(after) <= metrics.CALLING_AE_LABELS + 1
+    counted = sum(after.get(title, 0.0) for title in titles) + after[metrics.OTHER_CALLING_AE] - other_before
+    assert counted == len(titles), "every instance is still counted"
