@@ -225,10 +225,10 @@ class Processor:
                 for result, path in made:  # jobs hold their own links; a failed commit (full disk) must not leak
                     _observe(decision.rule, result)
                     path.unlink(missing_ok=True)
-        metrics.PROCESSED.labels(decision.rule, outcome).inc()
-        with self._counts_lock:
-            self.counts[{"drop": "dropped", "quarantine": "quarantined"}.get(decision.action, "forwarded")] += 1
         self.spool.finish_received(spool_id)
+        metrics.PROCESSED.labels(decision.rule, outcome).inc()
+        with self._counts_lock:  # counted once done: a count of n means n instances left incoming/
+            self.counts[{"drop": "dropped", "quarantine": "quarantined"}.get(decision.action, "forwarded")] += 1
         return jobs
 
     def give_up(self, spool_id: str, reason: str) -> Path:
