@@ -268,11 +268,11 @@ def _explain(args: argparse.Namespace) -> int:
     from scp import compress, pipeline, rules, security
 
     loaded = config.load(args.config)
-    called_ae = args.called_ae or loaded.node.ae_title
+    called_ae = (args.called_ae or loaded.node.ae_title).strip()
     # The calling AE and address are checked against allowed_calling_aets only when given: the defaults stand
     # for no modality in particular.
     asserted = args.calling_ae is not None or args.peer is not None
-    calling_ae, peer = args.calling_ae or "EXPLAIN", args.peer or "127.0.0.1"
+    calling_ae, peer = (args.calling_ae or "EXPLAIN").strip(), args.peer or "127.0.0.1"  # as pynetdicom strips
     callers = security.caller_policy(loaded.node) if asserted else None
     refusal = security.refused(loaded.node, callers, called_ae, calling_ae, peer)
     if refusal is not None:

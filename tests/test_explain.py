@@ -99,6 +99,7 @@ def test_research_destination_gets_only_uncompressed(capsys: pytest.CaptureFixtu
         (["--calling-ae", "CT_ROOM1", "--peer", "203.0.113.7"], "outside-the-hospital-networks", "quarantine"),
         (["--calling-ae", "WARD_CR", "--peer", "10.20.30.40"], "ct-mr-cr-dx-nm-pt", "forward"),
         (["--called-ae", "COMPRESS_RSRCH"], "research-by-title", "forward"),
+        (["--called-ae", "COMPRESS_RSRCH  "], "research-by-title", "forward"),  # padded, as on the wire
     ],
 )
 def test_explain_uses_the_association_facts(
