@@ -59,11 +59,6 @@ class _Model(BaseModel):
             if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value)):
                 raise ValueError(f"{key}: {value!r} is a yes/no value (YAML reads yes, no, on, off, true and false so)")
         return data
-        if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value)):
-            raise ValueError(
-                f"{value!r} is a yes/no value (as YAML reads yes, no, on, off, true, false); give a number or text"
-            )
-        return value
 
 
 def _ae_title(value: str) -> str:
