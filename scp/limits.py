@@ -29,7 +29,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from socketserver import BaseServer
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.dataelem import RawDataElement
@@ -234,12 +234,17 @@ def _as_uid(value: object) -> str:
     return text if _UID_LIKE.fullmatch(text) else f"(not a UID: {len(text)} characters)"
 
 
+def _seek_data_set(f: BinaryIO) -> None:
+    """Move a Part 10 file to its data set's first byte, past the file meta its group length covers."""
+    f.seek(META_PREFIX - 4)
+    (group_length,) = struct.unpack("<L", f.read(4))
+    f.seek(META_PREFIX + group_length)
+
+
 def _first_group(path: Path, deflated: bool) -> bytes:
     """The group number's two bytes of the data set's first element, as written (little or big endian)."""
     with open(path, "rb") as f:
-        f.seek(META_PREFIX - 4)
-        (group_length,) = struct.unpack("<L", f.read(4))
-        f.seek(META_PREFIX + group_length)
+        _seek_data_set(f)
         head = f.read(256 if deflated else 2)  # 256 deflated bytes give the first two, bar a perverse stream
     return zlib.decompressobj(-zlib.MAX_WBITS).decompress(head, 2) if deflated else head
 
@@ -247,9 +252,7 @@ def _first_group(path: Path, deflated: bool) -> bytes:
 def _inflated_size(path: Path, limit: int) -> int | None:
     """The size of the inflated data set of a Deflated file, or None once it passes `limit` (PS3.5 A.5)."""
     with open(path, "rb") as f:
-        f.seek(META_PREFIX - 4)
-        (group_length,) = struct.unpack("<L", f.read(4))
-        f.seek(META_PREFIX + group_length)
+        _seek_data_set(f)
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         total = 0
         while chunk := f.read(INFLATE_STEP):
