@@ -61,15 +61,7 @@ class _Model(BaseModel):
         return data
 
 
-def _ae_title(value: str) -> str:
-    """An AE title is 1-16 characters of the default repertoire (printable ASCII), no backslash, not all spaces
-    (PS3.5 6.2)."""
-    if not value.strip() or len(value) > 16 or "\\" in value or not all(" " <= c <= "~" for c in value):
-        raise ValueError(f"'{value}' is not a valid AE title (1-16 printable ASCII characters, no backslash)")
-    return value.strip()
-
-
-AETitle = Annotated[str, AfterValidator(_ae_title)]
+AETitle = Annotated[str, AfterValidator(matching.ae_title)]
 TransferSyntax = Annotated[
     UID,
     GetPydanticSchema(lambda _, handler: handler(str)),  # validated as the str it is; pydantic knows no UID

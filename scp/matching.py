@@ -95,11 +95,12 @@ def _text(value: Any) -> str:
     return value
 
 
-def _ae_title(value: Any) -> str:
-    """An AE title as every other of the file: validated and stripped (pynetdicom strips the padding it receives)."""
-    from scp import config  # imported here as config imports this module; one validator for every AE title
-
-    return config._ae_title(_text(value))
+def ae_title(value: str) -> str:
+    """An AE title, stripped (pynetdicom strips the padding it receives): 1-16 characters of the default repertoire
+    (printable ASCII), no backslash, not all spaces (PS3.5 6.2). Every AE title of the configuration, rules' too."""
+    if not value.strip() or len(value) > 16 or "\\" in value or not all(" " <= c <= "~" for c in value):
+        raise ValueError(f"'{value}' is not a valid AE title (1-16 printable ASCII characters, no backslash)")
+    return value.strip()
 
 
 def _number(value: Any) -> float:
@@ -256,8 +257,8 @@ FACT_FIELDS: dict[str, Field] = {
     "sop_class": Field(lambda f: (UID(f.sop_class_uid),), UID_KIND, _sop_class),
     "transfer_syntax": Field(lambda f: (UID(f.transfer_syntax),), UID_KIND, lambda v: syntaxes.resolve(_text(v))),
     "modality": _element_field("Modality"),
-    "calling_ae": Field(lambda f: (f.calling_ae,), TEXT, _ae_title),
-    "called_ae": Field(lambda f: (f.called_ae,), TEXT, _ae_title),
+    "calling_ae": Field(lambda f: (f.calling_ae,), TEXT, lambda v: ae_title(_text(v))),
+    "called_ae": Field(lambda f: (f.called_ae,), TEXT, lambda v: ae_title(_text(v))),
     "peer_address": Field(lambda f: (f.peer_address,), ADDRESS, _network),
 }
 
