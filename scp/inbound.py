@@ -170,6 +170,7 @@ class _PipeLogHandler(logging.Handler):
     def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
         super().__init__()
         self.send = send
+        self.addFilter(_peer_pdu_faults)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -180,6 +181,21 @@ class _PipeLogHandler(logging.Handler):
             self.send(("log", record.name, record.levelno, text, where))
         except Exception:
             self.handleError(record)
+
+
+def _peer_pdu_faults(record: logging.LogRecord) -> bool:
+    """Log a PDU the peer got wrong as a warning without a traceback; pynetdicom aborts the association.
+
+    An A-ASSOCIATE-RQ whose AE title is all spaces or holds a backslash, or a PDU cut short, made pynetdicom log
+    three errors, one with a traceback of its own code: about 19 lines for a peer's mistake. What is left is
+    its two lines (what failed, and why), as warnings: the duplicate line of its AE-title check is dropped.
+    """
+    if record.name == "pynetdicom.utils" and record.funcName == "set_ae":
+        return False
+    if record.name == "pynetdicom.dul" and record.funcName == "_read_pdu_data":
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
 
 
 def _serve(config: _ChildConfig, conn: Connection, associations: Synchronized[int]) -> None:
