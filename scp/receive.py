@@ -22,7 +22,7 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # its SOP class names are made at import
 
-from scp import limits, status, syntaxes
+from scp import limits, sop_classes, status, syntaxes
 from scp.config import NodeConfig
 from scp.errors import SpoolError
 from scp.forward import set_nodelay
@@ -44,7 +44,8 @@ class Reporter(Protocol):
 
 
 def add_supported_contexts(ae: AE) -> None:
-    """Accept Verification and every storage SOP class in every transfer syntax pydicom knows."""
+    """Accept Verification and every storage SOP class pynetdicom lists in every transfer syntax pydicom knows
+    (the others a peer proposes are added per association: sop_classes.py)."""
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         # every context of pynetdicom's storage list names its SOP class; the attribute is typed Optional
@@ -143,6 +144,7 @@ def handle_connection_open(event: Event) -> None:
 def handlers(spool: Spool, reporter: Reporter, node: NodeConfig, min_free: int = 0) -> list[tuple[object, ...]]:
     """The event handlers of the SCP, with their dependencies bound in (STYLE rule 4)."""
     return [
+        (evt.EVT_REQUESTED, sop_classes.handle_requested),
         (evt.EVT_C_STORE, handle_store, [spool, reporter, node, min_free]),
         (evt.EVT_CONN_OPEN, handle_connection_open),
     ]

@@ -11,6 +11,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEGLSLossless
 
+from tests import hostile
 from tests.peers import (
     DEFAULT_PORT,
     TEST_FILES,
@@ -112,3 +113,38 @@ def test_failure_to_spool_answers_out_of_resources(tmp_path: Path) -> None:
             (tmp_path / "moved-away").rename(incoming)
     assert "Refused: OutOfResources" in output, output
     assert not (tmp_path / "folder").exists() or not list((tmp_path / "folder").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "rule_match"),
+    [
+        ("1.3.12.2.1107.5.9.1", "1.3.12.2.1107.5.9.1"),  # Siemens CSA Non-Image Storage: private
+        ("1.2.840.10008.5.1.4.1.1.6", "UltrasoundImageStorageRetired"),  # older ultrasound units send it
+    ],
+)
+def test_storage_classes_pynetdicom_does_not_list_are_received_and_routed(
+    tmp_path: Path, sop_class: str, rule_match: str
+) -> None:
+    """An instance of such a class is accepted, its rules see it, and storescp (accepting unknown classes) gets
+    it. DCMTK's storescu refuses to send a class it does not know (the private one): pynetdicom sends that."""
+    source = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    source.SOPClassUID = source.file_meta.MediaStorageSOPClassUID = sop_class
+    sent = tmp_path / "unlisted.dcm"
+    source.save_as(sent)
+    rules = [
+        {"name": "unlisted", "match": {"sop_class": rule_match}, "compress": "JPEGLSLossless", "forward": ["archive"]},
+        {"name": "everything-else", "drop": True},
+    ]
+    with storescp(tmp_path / "archive", extra=["--promiscuous"]) as archive_port:
+        destinations = {"archive": {"type": "dicom", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": archive_port}}
+        with running_node(node_config(tmp_path, destinations, rules)) as node:
+            if sop_class.startswith("1.2.840.10008."):
+                output = storescu(node.port, [sent], extra=["-R"])  # -R: propose the file's class, not DCMTK's list
+                assert "Received Store Response (Success)" in output, output
+            else:
+                assert hostile.store(node.port, sent) == 0x0000
+            wait_for(lambda: _by_uid(tmp_path / "archive"), 60, "the instance at storescp")
+    arrived = pydicom.dcmread(next(iter(_by_uid(tmp_path / "archive").values())))
+    assert arrived.SOPClassUID == sop_class
+    assert arrived.file_meta.TransferSyntaxUID == JPEGLSLossless
+    assert np.array_equal(arrived.pixel_array, source.pixel_array)
