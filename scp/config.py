@@ -326,7 +326,7 @@ class Rule(_Model):
         try:
             self._condition = matching.compile_match(self.match)
         except ValueError as exc:
-            raise ValueError(f"rule '{self.name}': {exc}") from None
+            raise ValueError("\n".join(f"rule '{self.name}': {problem}" for problem in str(exc).splitlines())) from None
         return self
 
     @property
@@ -448,6 +448,8 @@ def _describe(error: dict[str, Any]) -> str:
     if not path:
         return str(error["msg"]).removeprefix("Value error, ")
     message = str(error["msg"]).removeprefix("Value error, ")
+    if "\n" in message:  # several problems of one value (a rule's match), one a line
+        return "\n  ".join(f"{path}: {line}" for line in message.splitlines())
     if error["type"] == "extra_forbidden":
         return f"{path}: unknown key"
     if "input" in error and error["type"] not in ("missing",) and not isinstance(error["input"], dict):

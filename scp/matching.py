@@ -478,31 +478,45 @@ class Not:
 
 
 def compile_match(match: Mapping[str, Any] | None, where: str = "match") -> Condition:
-    """Compile a `match` mapping; raise ValueError naming the key path of the first problem."""
+    """Compile a `match` mapping; raise ValueError naming the key path of every problem, one a line."""
     if match is None:
         return All(())
     if not isinstance(match, Mapping):
         raise ValueError(f"{where}: must be a mapping of keys to conditions, got {match!r}")
+    return All(tuple(_compile_all([(f"{where}.{key}", key, value) for key, value in match.items()])))
+
+
+def _compile_all(items: list[tuple[str, Any, Any]]) -> list[Condition]:
+    """Compile each (path, key, value) of a match; raise ValueError with the problems of all of them."""
     parts: list[Condition] = []
-    for key, value in match.items():
-        path = f"{where}.{key}"
-        if key == "any":
-            if not isinstance(value, list) or not value:
-                raise ValueError(f"{path}: must be a non-empty list of matches")
-            parts.append(AnyOf(tuple(_nested(m, f"{path}.{i}") for i, m in enumerate(value))))
-        elif key == "not":
-            parts.append(Not(_nested(value, path)))
-        else:
-            try:
-                parts.append(_test(str(key), value))
-            except ValueError as exc:
-                message = str(exc)
-                raise ValueError(
-                    message.replace(f"{key}: ", f"{path}: ", 1)
-                    if message.startswith(f"{key}: ")
-                    else f"{path}: {message}"
-                ) from None
-    return All(tuple(parts))
+    problems: list[str] = []
+    for path, key, value in items:
+        try:
+            parts.append(_part(path, key, value))
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ValueError("\n".join(problems))
+    return parts
+
+
+def _part(path: str, key: Any, value: Any) -> Condition:
+    """One key of a match: `any:` (a list of matches), `not:` (a match) or a test of a fact or element."""
+    if key == "any":
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"{path}: must be a non-empty list of matches")
+        return AnyOf(tuple(_compile_all([(f"{path}.{i}", None, m) for i, m in enumerate(value)])))
+    if key is None:  # an item of `any:`
+        return _nested(value, path)
+    if key == "not":
+        return Not(_nested(value, path))
+    try:
+        return _test(str(key), value)
+    except ValueError as exc:
+        message = str(exc)
+        raise ValueError(
+            message.replace(f"{key}: ", f"{path}: ", 1) if message.startswith(f"{key}: ") else f"{path}: {message}"
+        ) from None
 
 
 def _nested(match: Any, where: str) -> Condition:

@@ -337,6 +337,29 @@ def test_bad_match_is_a_config_error_naming_the_rule(match: dict[str, Any], expe
     assert expected in str(raised.value)
 
 
+def test_every_problem_of_a_match_is_reported_with_its_path() -> None:
+    """check-config lists all the mistakes of a match, in `any:` and `not:` too, not only the first."""
+    match = {
+        "modality": {"glob": 5},
+        "NoSuchKeyword": 3,
+        "any": [{"Rows": {"min": 5, "max": 2}}, {}],
+        "not": {"sop_class": "NotAClass", "calling_ae": "A\\B"},
+    }
+    with pytest.raises(ConfigError) as raised:
+        _config([{"name": "bad", "match": match, "forward": ["archive"]}])
+    lines = str(raised.value).splitlines()[1:]
+    paths = [line.split(": ")[2] for line in lines]
+    assert paths == [
+        "match.modality",
+        "match.NoSuchKeyword",
+        "match.any.0.Rows",
+        "match.any.1",
+        "match.not.sop_class",
+        "match.not.calling_ae",
+    ], lines
+    assert all(line.startswith("  rules.0: rule 'bad': ") for line in lines), lines
+
+
 @pytest.mark.parametrize(
     ("rule", "expected"),
     [
