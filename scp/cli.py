@@ -157,6 +157,8 @@ def _check_config(args: argparse.Namespace) -> int:
             failed += 1
             continue
         print(f"{path}: OK ({len(loaded.rules)} rules, {len(loaded.destinations)} destinations)")
+        for warning in loaded.unseen_titles():
+            print(f"{path}: warning: {warning}", file=sys.stderr)
     return EXIT_FAILURE if failed else EXIT_OK
 
 
@@ -210,6 +212,7 @@ def _run(args: argparse.Namespace) -> int:
     loaded = config.load(args.config)
     config.check_files(loaded, str(args.config or "<built-in default>"))
     configure_logging(loaded.logging.level)
+    _warn(loaded)
     skip_value_validation()
     service = Service(loaded)
     stop = threading.Event()
@@ -258,8 +261,14 @@ def _reload(service: Any, path: Path | None) -> None:
     except Exception:  # a bug in reading or applying it: the node, running fine until now, goes on
         LOGGER.exception("reload failed unexpectedly; the node goes on running (check its configuration)")
     else:
+        _warn(loaded)
         configure_logging(loaded.logging.level)
     notify.ready(f"listening on port {service.port}")
+
+
+def _warn(loaded: config.Config) -> None:
+    for warning in loaded.unseen_titles():
+        LOGGER.warning("configuration: %s", warning)
 
 
 def _explain(args: argparse.Namespace) -> int:

@@ -416,6 +416,25 @@ class Config(_Model):
                 )
         return self
 
+    def unseen_titles(self) -> list[str]:
+        """Warnings for rule values the node never sees: a `calling_ae` that `allowed_calling_aets` rejects, a
+        `called_ae` it does not answer to. Only plain values at the top of a match are looked at."""
+        allowed = self.node.allowed_calling_aets
+        callers = None if allowed is None else {e if isinstance(e, str) else e.ae_title for e in allowed}
+        found = []
+        for index, rule in enumerate(self.rules):
+            for key in ("calling_ae", "called_ae"):
+                value = (rule.match or {}).get(key)
+                for title in (t.strip() for t in (value if isinstance(value, list) else [value]) if isinstance(t, str)):
+                    if key == "calling_ae" and callers is not None and title not in callers:
+                        why = "node.allowed_calling_aets rejects it"
+                    elif key == "called_ae" and not self.node.answers_to(title):
+                        why = "it is neither node.ae_title nor one of node.aliases"
+                    else:
+                        continue
+                    found.append(f"rules.{index}: rule '{rule.name}': match.{key}: '{title}' is never seen: {why}")
+        return found
+
     @functools.cached_property
     def default_rule(self) -> Rule:
         """The configured default, or the built-in one: an unmatched instance is never dropped silently.

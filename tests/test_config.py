@@ -44,7 +44,28 @@ def test_check_config_accepts_every_shipped_file(
     copy = tmp_path / path.name
     copy.write_text(path.read_text().replace("/etc/compressing-scp/tls/", f"{tmp_path}/"))
     assert main(["check-config", str(copy)]) == 0
-    assert f"{copy}: OK" in capsys.readouterr().out
+    told = capsys.readouterr()
+    assert f"{copy}: OK" in told.out
+    assert "warning" not in told.err
+
+
+def test_check_config_warns_of_titles_a_rule_never_sees(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A calling AE that allowed_calling_aets rejects, or a called AE the node does not answer to, is valid
+    (a rule written ahead of a change) but never matches: a warning, not an error."""
+    node = {"aliases": ["ALIAS"], "allowed_calling_aets": ["CT1", {"ae_title": "MR1", "hosts": ["10.0.0.0/8"]}]}
+    rules = [
+        {"name": "r1", "match": {"calling_ae": ["CT1", "CT2", " MR1"], "called_ae": "ALIAS"}, "forward": ["archive"]},
+        {"name": "r2", "match": {"called_ae": ["OTHER"], "calling_ae": {"glob": "X*"}}, "forward": ["archive"]},
+    ]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_with({"node": node, "rules": rules})))
+    assert main(["check-config", str(path)]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}: warning: rules.0: rule 'r1': match.calling_ae: 'CT2' is never seen: node.allowed_calling_aets "
+        "rejects it",
+        f"{path}: warning: rules.1: rule 'r2': match.called_ae: 'OTHER' is never seen: it is neither "
+        "node.ae_title nor one of node.aliases",
+    ]
 
 
 def test_check_config_names_tls_files_it_cannot_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -173,6 +173,27 @@ def test_a_reload_the_service_or_the_files_refuse_keeps_the_node_running(
         assert f"destinations.pacs.tls.cert: cannot read {tmp_path / cert}" in caplog.text
 
 
+class _Accepting:
+    port = 0
+
+    def __init__(self) -> None:
+        self.offered: list[object] = []
+
+    def reload(self, new: object) -> None:
+        self.offered.append(new)
+
+
+def test_a_reload_warns_of_titles_a_rule_never_sees(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = {"type": "directory", "path": str(tmp_path / "a")}
+    rules = [{"name": "ct2", "match": {"calling_ae": "CT2"}, "forward": ["a"]}]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(node_config(tmp_path, {"a": folder}, rules, node={"allowed_calling_aets": ["CT1"]})))
+    service = _Accepting()
+    cli._reload(service, path)
+    assert len(service.offered) == 1, "a warning does not refuse the file"
+    assert "configuration: rules.0: rule 'ct2': match.calling_ae: 'CT2' is never seen" in caplog.text
+
+
 @pytest.mark.parametrize("port", [None, 9101])
 def test_a_reload_changing_metrics_warns_that_it_needs_a_restart(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, port: int | None
