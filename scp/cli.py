@@ -227,11 +227,17 @@ def _run(args: argparse.Namespace) -> int:
         print(f"compressing-scp: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     notify.ready(f"listening on port {service.port}")
+    outcome = EXIT_OK
     try:
         while not stop.wait(0.2):
             if hangup.is_set():
                 hangup.clear()
                 _reload(service, args.config)
+            if stopped := service.stopped_parts():
+                # Not only under systemd's watchdog: any service manager restarts a node that exits with a failure.
+                LOGGER.error("%s; stopping, for the service manager to start the node again", "; ".join(stopped))
+                outcome = EXIT_FAILURE
+                break
     finally:
         LOGGER.info("stopping")
         notify.stopping()
@@ -239,8 +245,8 @@ def _run(args: argparse.Namespace) -> int:
     if not finished:
         # Threads still in a C-STORE or an encode: leave now, as after a crash; the spool has their work.
         logging.shutdown()
-        os._exit(EXIT_OK)
-    return EXIT_OK
+        os._exit(outcome)
+    return outcome
 
 
 def _reload(service: Any, path: Path | None) -> None:

@@ -32,6 +32,8 @@ PROCESSING_THREADS_PER_PROCESS = 2
 the header when a rule looks at an element, committing the jobs: three fsyncs, four with an encoded output);
 with one thread per process an encoder process would wait meanwhile. Measured side by side, JPEG-LS, 300 CT
 slices, 3 runs each: end-to-end 31 -> 36 MB/s (medians); the modality side unchanged."""
+HEALTH_INTERVAL = 5.0
+"""Seconds between two health checks when systemd's watchdog does not set the pace."""
 PROCESSING_ATTEMPTS = 5
 """Failed processing attempts of one instance before it is quarantined as unprocessable."""
 
@@ -101,9 +103,8 @@ class Service:
                 self.config.metrics.host, self.config.metrics.port, self._state_collector(), self.health
             )
             self.metrics.start()
-        interval = notify.watchdog_interval()
-        if interval is not None:
-            threading.Thread(target=self._watchdog_loop, args=(interval,), name="watchdog", daemon=True).start()
+        watchdog = notify.watchdog_interval()
+        threading.Thread(target=self._health_loop, args=(watchdog,), name="health", daemon=True).start()
         LOGGER.info("listening as %s on %s:%d%s", node.ae_title, node.host, self.port, " (TLS)" if node.tls else "")
 
     def stop(self, timeout: float | None = None) -> bool:
@@ -185,12 +186,15 @@ class Service:
                 self._inbound.set_log_level(new.logging.level)
         LOGGER.info("reloaded the configuration: %d rules, %d destinations", len(new.rules), len(new.destinations))
 
-    def health(self) -> list[str]:
-        """What is wrong with the node, or an empty list: every thread alive, none stuck on one item."""
+    def stopped_parts(self) -> list[str]:
+        """Parts of the node that have stopped for good (a thread, the receiving process): only a restart helps."""
         problems = [f"thread {t.name} has stopped" for t in list(self._threads) if not t.is_alive()]
         receiving = self._inbound.problem() if self._inbound is not None else None
-        if receiving is not None:
-            problems.append(receiving)
+        return problems + ([receiving] if receiving is not None else [])
+
+    def health(self) -> list[str]:
+        """What is wrong with the node, or an empty list: every part running, no thread stuck on one item."""
+        problems = self.stopped_parts()
         limit = self.config.node.stall_timeout
         now = time.monotonic()
         with self._busy_lock:
@@ -221,14 +225,21 @@ class Service:
             if name in self._busy:
                 self._busy[name] = time.monotonic()
 
-    def _watchdog_loop(self, interval: float) -> None:
-        """Ping systemd's watchdog while healthy; withhold the ping otherwise, so that systemd restarts us."""
-        while not self._stopping.wait(interval):
+    def _health_loop(self, watchdog: float | None) -> None:
+        """Check health every `watchdog` seconds, pinging systemd's watchdog while healthy and withholding the
+        ping otherwise (systemd then restarts us); without a watchdog, every HEALTH_INTERVAL seconds. Problems are
+        logged at each check under a watchdog, otherwise when they change."""
+        told: list[str] = []
+        while not self._stopping.wait(watchdog or HEALTH_INTERVAL):
             problems = self.health()
-            if problems:
-                LOGGER.error("unhealthy, withholding the watchdog ping: %s", "; ".join(problems))
-            else:
+            if problems and (watchdog or problems != told):
+                withheld = ", withholding the watchdog ping" if watchdog else ""
+                LOGGER.error("unhealthy%s: %s", withheld, "; ".join(problems))
+            elif not problems and told:
+                LOGGER.info("healthy again")
+            if watchdog and not problems:
                 notify.watchdog()
+            told = problems
 
     def _processing_threads(self) -> int:
         return PROCESSING_THREADS_PER_PROCESS * self.config.workers.processes

@@ -51,6 +51,20 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _listens(pid: int, port: int) -> bool:
+    """Whether process `pid` holds the socket listening on TCP `port` (from /proc/net/tcp and its fds)."""
+    inodes = {
+        fields[9]
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+        if (fields := line.split())[3] == "0A" and int(fields[1].split(":")[1], 16) == port
+    }
+    try:
+        links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+    except OSError:
+        return False
+    return any(link == f"socket:[{inode}]" for link in links for inode in inodes)
+
+
 def test_the_receiving_process_dies_with_the_service(tmp_path: Path) -> None:
     """kill -9 of the service must not leave a listener behind that acknowledges what nobody will process."""
     port = free_port()
@@ -63,7 +77,8 @@ def test_the_receiving_process_dies_with_the_service(tmp_path: Path) -> None:
         assert not listening(port)
 
 
-def test_a_dead_receiving_process_makes_the_node_unhealthy(tmp_path: Path) -> None:
+def test_a_dead_receiving_process_makes_the_node_unhealthy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """health() (for /health and the watchdog) names it, and the log says so without a watchdog too."""
     with running_node(_config(tmp_path)) as node:
         assert node.health() == []
         output = storescu(node.port, [TEST_FILES / "CT_small.dcm"])
@@ -73,6 +88,20 @@ def test_a_dead_receiving_process_makes_the_node_unhealthy(tmp_path: Path) -> No
         os.kill(receiver.pid, signal.SIGKILL)
         wait_for(lambda: node.health(), 10, "the node to notice")
         assert any("receiving process has exited" in problem for problem in node.health())
+        wait_for(lambda: "unhealthy: the receiving process has exited" in caplog.text, 15, "the log line")
+
+
+def test_a_node_whose_receiving_process_died_exits_with_a_failure(tmp_path: Path) -> None:
+    """Without systemd's watchdog too: a node that can no longer receive says why and exits 1, so that any
+    service manager (Restart=on-failure) starts it again instead of leaving it running deaf."""
+    port = free_port()
+    with node_process(tmp_path, _config(tmp_path, port)) as node:
+        assert node.proc is not None
+        (receiver,) = [pid for pid in _children(node.proc.pid) if _listens(pid, port)]
+        os.kill(receiver, signal.SIGKILL)
+        assert node.proc.wait(30) == 1
+    log = node.log.read_text()
+    assert "the receiving process has exited (exit code -9); stopping, for the service manager" in log, log
 
 
 def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
