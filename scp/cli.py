@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from scp import __version__, config, notify
-from scp.errors import ScpError
+from scp.errors import ConfigError, ScpError
 
 LOGGER = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_CONFIG = 78
+"""`run` with an invalid configuration (sysexits.h EX_CONFIG): the unit's RestartPreventExitStatus= stops systemd
+from restarting a node that would fail the same way every time."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -209,8 +212,12 @@ def _run(args: argparse.Namespace) -> int:
     from scp.service import Service  # imported here: check-config must not need the network stack
     from scp.workers import skip_value_validation
 
-    loaded = config.load(args.config)
-    config.check_files(loaded, str(args.config or "<built-in default>"))
+    try:
+        loaded = config.load(args.config)
+        config.check_files(loaded, str(args.config or "<built-in default>"))
+    except ConfigError as exc:
+        print(f"compressing-scp: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     configure_logging(loaded.logging.level)
     _warn(loaded)
     skip_value_validation()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -165,6 +166,12 @@ class RetryConfig(_Model):
     max_attempts: int | None = Field(None, ge=1)
     max_age: float | None = Field(None, gt=0)
     """Seconds since the instance was received after which it is quarantined instead of retried."""
+
+    @model_validator(mode="after")
+    def _ceiling_above_start(self) -> RetryConfig:
+        if self.max_delay < self.initial_delay:
+            raise ValueError(f"max_delay {self.max_delay:g} is below initial_delay {self.initial_delay:g}")
+        return self
 
 
 class DicomDestination(_Model):
@@ -553,10 +560,12 @@ def load(path: Path | None) -> Config:
 
 
 def check_files(loaded: Config, source: str) -> None:
-    """The TLS files of the node and of every DICOM destination exist and can be read.
+    """The TLS files of the node and of every DICOM destination exist and can be read, and the addresses the
+    node listens on (`node.host`, `metrics.host`) resolve.
 
     Apart from `load()` so that commands which never open a connection (`explain`, `queue`) need no certificates;
-    `check-config`, `run` and reload call it."""
+    `check-config`, `run` and reload call it. A destination's host is not resolved: an archive whose name does not
+    resolve yet is a delivery failure, retried, not a reason to refuse receiving."""
     places = [("node.tls", loaded.node.tls)] + [
         (f"destinations.{name}.tls", d.tls)
         for name, d in loaded.destinations.items()
@@ -569,8 +578,23 @@ def check_files(loaded: Config, source: str) -> None:
         for key, path in (("cert", tls.cert), ("key", tls.key), ("ca", tls.ca))
         if path is not None and (reason := _unreadable(path))
     ]
+    listening = [("node.host", loaded.node.host)] + ([("metrics.host", loaded.metrics.host)] if loaded.metrics else [])
+    problems += [
+        f"  {where}: cannot listen on {host!r}: {reason}"
+        for where, host in listening
+        if (reason := _unresolvable(host))
+    ]
     if problems:
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems))
+
+
+def _unresolvable(host: str) -> str | None:
+    """Why `host` is no address to listen on, or None."""
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        return str(exc.args[-1]) if exc.args else str(exc)
+    return None
 
 
 def _unreadable(path: Path) -> str | None:

@@ -68,6 +68,19 @@ def test_check_config_warns_of_titles_a_rule_never_sees(tmp_path: Path, capsys: 
     ]
 
 
+def test_check_config_names_listen_addresses_that_do_not_resolve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`run` could not listen on them; a destination's host is not resolved (an archive down is retried)."""
+    archive = {"type": "dicom", "ae_title": "PACS", "host": "pacs.invalid", "port": 4242}
+    data = _with({"node": {"host": "999.0.0.1"}, "metrics": {"port": 9100, "host": "no-such-host.invalid"}})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**data, "destinations": {"archive": archive}}))
+    assert main(["check-config", str(path)]) == 1
+    problems = capsys.readouterr().err.splitlines()[1:]
+    assert [line.split(":")[0].strip() for line in problems] == ["node.host", "metrics.host"], problems
+
+
 def test_check_config_names_tls_files_it_cannot_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "node.pem").write_text("")
     tls = {"cert": str(tmp_path / "node.pem"), "key": str(tmp_path / "node.key")}
@@ -96,6 +109,10 @@ def test_check_config_names_tls_files_it_cannot_read(tmp_path: Path, capsys: pyt
         ({"node": {"ae_titel": "X"}}, "node.ae_titel: unknown key"),
         ({"destinations": {"a": {"type": "ftp"}}}, "destinations.a"),
         ({"rules": []}, "rules: List should have at least 1 item"),
+        (
+            {"destinations": {"f": {"type": "directory", "path": "f", "retry": {"initial_delay": 60, "max_delay": 1}}}},
+            "destinations.f.directory.retry: max_delay 1 is below initial_delay 60",
+        ),
     ],
 )
 def test_check_config_rejects_with_the_key_path(

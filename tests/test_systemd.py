@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from scp import cli
 from tests.peers import PROJECT, TEST_FILES, free_port, listening, node_config, running_node, storescu, tool
 
 UNIT = PROJECT / "systemd" / "compressing-scp.service"
@@ -81,12 +82,25 @@ def test_unit_has_what_the_issue_asks_for() -> None:
     for key, value in expected.items():
         assert found.get(key) == value, f"{key}={found.get(key)}"
     assert "WatchdogSec" in found
+    assert found["RestartPreventExitStatus"] == [str(cli.EXIT_CONFIG)], "an invalid configuration is not retried"
     binary = found["ExecStart"][0].split()[0]
     readme = (PROJECT / "README.md").read_text()
     venv = re.search(r"^python3 -m venv (\S+) && \1/bin/pip install \.", readme, re.MULTILINE)
     assert venv and binary == f"{venv.group(1)}/bin/compressing-scp", "ExecStart runs what the README installs"
     sysusers = (PROJECT / "systemd" / "compressing-scp.sysusers").read_text()
     assert re.search(r"^u compressing-scp ", sysusers, re.MULTILINE)
+
+
+def test_run_with_an_invalid_configuration_exits_with_ex_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """78, which the unit does not restart: the node would fail the same way every 5 s."""
+    path = tmp_path / "node.yaml"
+    data = node_config(tmp_path, {"a": {"type": "directory", "path": "a"}}, [{"name": "r", "drop": True}])
+    data["node"]["host"] = "not-an-address"
+    path.write_text(yaml.safe_dump(data))
+    assert cli.main(["run", "--config", str(path)]) == cli.EXIT_CONFIG == 78
+    assert "node.host: cannot listen on 'not-an-address'" in capsys.readouterr().err
 
 
 @pytest.fixture
