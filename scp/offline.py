@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -113,15 +114,18 @@ def compress_tree(
     def one(pair: tuple[Path, Path]) -> tuple[Path, Result]:
         src, relative = pair
         dst = output / relative
-        dst.parent.mkdir(parents=True, exist_ok=True)
         partial = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.part")
         try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
             result = encoder.transcode(src, partial, spec)
             if not result.compressed:
                 shutil.copyfile(src, partial)
             os.replace(partial, dst)
+        except OSError as exc:  # the output cannot be written (read-only, full): the next one could not be either
+            raise ScpError(f"cannot write {dst}: {exc.strerror or exc}") from exc
         finally:
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
         return relative, result
 
     try:

@@ -171,3 +171,22 @@ def test_an_output_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.Capt
     argv = ["compress", "--to", "RLELossless", "--output", str(tmp_path / "afile"), "--jobs", "1", str(source)]
     assert cli.main(argv) == cli.EXIT_FAILURE
     assert "afile is a file; give a folder" in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full or read-only output disk stops the command with the file and the reason; no partial file stays."""
+    import errno
+
+    from scp import offline
+
+    def full(*_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(offline.os, "replace", full)
+    source, out = _tree(tmp_path / "in"), tmp_path / "out"
+    argv = ["compress", "--to", "RLELossless", "--output", str(out), "--jobs", "1", str(source / "a.dcm")]
+    assert cli.main(argv) == cli.EXIT_FAILURE
+    assert capsys.readouterr().err == f"compressing-scp: cannot write {out / 'a.dcm'}: No space left on device\n"
+    assert not list(out.iterdir())
