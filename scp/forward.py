@@ -85,14 +85,17 @@ class DirectoryForwarder:
         if self.accept is not None and info["transfer_syntax"] not in self.accept:
             syntax = UID(str(info["transfer_syntax"])).name
             return Delivery(job, Outcome.PERMANENT, f"{syntax} is not in the destination's accept list")
+        partial = self.path / f".{name}.{job.id}.partial"
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            partial = self.path / f".{name}.{job.id}.partial"
             shutil.copyfile(job.instance, partial)
             fsync_file(partial)
             os.replace(partial, self.path / name)
             fsync_dir(self.path)
         except OSError as exc:
+            # what a failed write left would hold its space (a full disk stays full for every later job)
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
             return Delivery(job, Outcome.TRANSIENT, f"cannot write to {self.path}: {exc.strerror}")
         return Delivery(job, Outcome.DELIVERED, f"written as {name}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -346,6 +347,35 @@ def test_directory_destination_keeps_apart_uids_sharing_a_long_prefix(tmp_path: 
     written = sorted(path.read_bytes() for path in folder.iterdir())
     assert written == sorted(path.read_bytes() for path, _ in made)
     assert all(len(path.name) <= 255 and path.name.startswith("invalid-uid-") for path in folder.iterdir())
+
+
+def test_a_failed_directory_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder on a disk with room for three small instances (simulated) gets a big one first: its write fails
+    for want of space and leaves nothing behind, so the small ones after it are written (its partial file had
+    filled the disk for every later job)."""
+    spool = Spool(tmp_path / "spool")
+    big = list(make_instances(tmp_path / "big", 1, rows=256).items())
+    small = list(make_instances(tmp_path / "small", 3).items())
+    for index, (path, uid) in enumerate(big + small):
+        _queue_job(spool, index, path, uid)
+    folder = tmp_path / "folder"
+    capacity = sum(path.stat().st_size for path, _ in small)
+    assert big[0][0].stat().st_size > capacity
+
+    def small_disk(src: Path, dst: Path) -> Path:
+        data = Path(src).read_bytes()
+        room = capacity - sum(path.stat().st_size for path in folder.iterdir())
+        Path(dst).write_bytes(data[:room])
+        if len(data) > room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return dst
+
+    monkeypatch.setattr(shutil, "copyfile", small_disk)
+    forwarder = DirectoryForwarder(DirectoryDestination(type="directory", path=str(folder)))
+    deliveries = list(forwarder.deliver(spool.jobs("archive")))
+    assert [d.outcome for d in deliveries] == [Outcome.TRANSIENT] + [Outcome.DELIVERED] * 3, deliveries
+    assert "No space left on device" in deliveries[0].detail
+    assert sorted(path.name for path in folder.iterdir()) == sorted(f"{uid}.dcm" for _, uid in small)
 
 
 def test_jobs_behind_an_aborted_association_count_no_attempt(tmp_path: Path) -> None:
