@@ -43,6 +43,16 @@ _DESTINATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 """A destination's name is a folder of the spool (outgoing/<name>, quarantine/<name>): one safe path component."""
 
 
+def check_destination_name(name: str) -> str:
+    """`name` if it can name a destination's spool folder; ValueError saying what a name may hold otherwise."""
+    if not _DESTINATION_NAME.fullmatch(name):
+        raise ValueError(
+            f"'{name}' is not a valid destination name: it names a spool folder, so use letters, digits, "
+            "'_', '.' and '-', starting with a letter or digit"
+        )
+    return name
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -382,11 +392,7 @@ class Config(_Model):
     @classmethod
     def _safe_names(cls, value: dict[str, Any]) -> dict[str, Any]:
         for name in value:
-            if not _DESTINATION_NAME.fullmatch(name):
-                raise ValueError(
-                    f"'{name}' is not a valid destination name: it names a spool folder, so use letters, digits, "
-                    "'_', '.' and '-', starting with a letter or digit"
-                )
+            check_destination_name(name)
             if name in _RESERVED_NAMES:
                 raise ValueError(f"'{name}' is reserved for a spool folder; reserved: {', '.join(_RESERVED_NAMES)}")
         return value

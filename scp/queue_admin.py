@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 
-from scp.config import RESERVED_DESTINATIONS
-from scp.errors import SpoolError
+from scp.config import RESERVED_DESTINATIONS, check_destination_name
+from scp.errors import ScpError, SpoolError
 from scp.spool import Job, Spool, arrival
 
 STATES = ("incoming", "outgoing", "quarantine")
@@ -40,8 +40,19 @@ def status(spool: Spool) -> list[str]:
     return _table(("STATE", "DESTINATION", "COUNT", "OLDEST"), rows)
 
 
+def _folder(destination: str | None) -> str | None:
+    """`destination` (None: every one) when it is a destination's name, never a path to another spool folder."""
+    if destination is None:
+        return None
+    try:
+        return check_destination_name(destination)
+    except ValueError as exc:
+        raise ScpError(f"--destination: {exc}") from exc
+
+
 def listing(spool: Spool, state: str | None = None, destination: str | None = None) -> list[str]:
     """One line per item: state, destination, spool id, SOP Instance UID, age, and the quarantine reason."""
+    destination = _folder(destination)
     now = time.time()
     rows: list[tuple[str, ...]] = []
     if state in (None, "incoming") and destination is None:
@@ -83,7 +94,7 @@ def _select(jobs: Iterable[Job], uids: Sequence[str]) -> list[Job]:
 def retry(spool: Spool, destination: str | None, uids: Sequence[str]) -> tuple[int, list[str]]:
     """Send quarantined jobs (all, or those with these UIDs) back to the queue; return (count, problems)."""
     moved, problems = 0, []
-    for job in _select(spool.quarantined(destination), uids):
+    for job in _select(spool.quarantined(_folder(destination)), uids):
         if job.destination in RESERVED_DESTINATIONS:
             problems.append(
                 f"{job.id} was quarantined by a rule or because processing failed, not by a destination: there is "
@@ -101,7 +112,7 @@ def retry(spool: Spool, destination: str | None, uids: Sequence[str]) -> tuple[i
 
 def purge(spool: Spool, destination: str | None, uids: Sequence[str]) -> int:
     """Delete quarantined jobs for good (all of `destination`, or those with these UIDs); return how many."""
-    jobs = _select(spool.quarantined(destination), uids)
+    jobs = _select(spool.quarantined(_folder(destination)), uids)
     for job in jobs:
         spool.purge(job)
     return len(jobs)

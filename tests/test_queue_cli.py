@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pynetdicom.sop_class import CTImageStorage
 
 from scp import cli
+from scp.spool import Spool
 from tests.fake_archive import FakeArchive
 from tests.instances import make_instances
 from tests.peers import PROJECT, node_config, running_node, storescu, wait_for
@@ -118,3 +120,32 @@ def test_retry_leaves_instances_quarantined_by_a_rule_and_says_why(
         assert "quarantined by a rule" in capsys.readouterr().err
         assert len(node.spool.quarantined()) == 1
         assert node.spool.jobs() == []
+
+
+def _spool_with_jobs(tmp_path: Path, waiting: dict[str, int], quarantined: dict[str, int]) -> tuple[Spool, list[str]]:
+    """A spool (no node) with jobs waiting and quarantined, by destination; return it and the UIDs, in order."""
+    spool = Spool(tmp_path / "spool")
+    wanted = [(d, False) for d, n in waiting.items() for _ in range(n)]
+    wanted += [(d, True) for d, n in quarantined.items() for _ in range(n)]
+    made = make_instances(tmp_path / "modality", len(wanted))
+    for index, ((path, uid), (destination, held)) in enumerate(zip(made.items(), wanted, strict=True)):
+        info = {"sop_class_uid": CTImageStorage, "sop_instance_uid": uid, "received_at": 0}
+        job = spool.commit_job(f"{index:020d}-test", destination, path, path, info)
+        if held:
+            spool.quarantine(job, "reason: test")
+    return spool, list(made.values())
+
+
+@pytest.mark.parametrize("name", ["", "..", "../outgoing", "/", "archive/..", ".hidden"])
+@pytest.mark.parametrize("action", [["list"], ["retry"], ["purge", "--all"]])
+def test_destination_must_be_a_name_not_a_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], action: list[str], name: str
+) -> None:
+    """`--destination ../outgoing` purged the waiting jobs and an empty one meant every destination: a name that
+    is not a destination's is refused (exit 1) before anything is read or changed."""
+    spool, _ = _spool_with_jobs(tmp_path, {"archive": 2}, {"archive": 1, "old": 1})
+    code = cli.main(["queue", *action, "--destination", name, "--spool", str(spool.root)])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""
+    assert f"--destination: '{name}' is not a valid destination name" in err, err
+    assert len(spool.jobs()) == 2 and len(spool.quarantined()) == 2
