@@ -123,13 +123,26 @@ def _queue(args: argparse.Namespace) -> int:
         print("\n".join(queue_admin.listing(spool, args.state, args.destination)))
     elif args.action == "retry":
         moved, problems = queue_admin.retry(spool, args.destination, args.uids)
-        print(f"{moved} job(s) sent back to the queue")
-        for problem in problems:
-            print(problem, file=sys.stderr)
-        return EXIT_FAILURE if problems else EXIT_OK
+        if args.config is not None:
+            names = [job.destination for job in moved] + ([args.destination] if args.destination else [])
+            _to_stderr(queue_admin.unconfigured(names, config.load(args.config).destinations, args.config))
+        return _report(f"{len(moved)} job(s) sent back to the queue", problems)
     else:
-        print(f"{queue_admin.purge(spool, args.destination, args.uids)} job(s) deleted")
+        deleted, problems = queue_admin.purge(spool, args.destination, args.uids)
+        return _report(f"{deleted} job(s) deleted", problems)
     return EXIT_OK
+
+
+def _to_stderr(lines: list[str]) -> None:
+    for line in lines:
+        print(line, file=sys.stderr)
+
+
+def _report(done: str, problems: list[str]) -> int:
+    """Print what was done, then the problems; exit 1 if there are any."""
+    print(done)
+    _to_stderr(problems)
+    return EXIT_FAILURE if problems else EXIT_OK
 
 
 def _check_owner(spool: Path, action: str) -> None:

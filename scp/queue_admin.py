@@ -7,7 +7,8 @@ directory (quarantine → outgoing, or → tmp/ for deletion), which the node's 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from pathlib import Path
 
 from scp.config import RESERVED_DESTINATIONS, check_destination_name
 from scp.errors import ScpError, SpoolError
@@ -85,16 +86,27 @@ def _reason_line(reason: str) -> str:
     return reason.splitlines()[0] if reason else ""
 
 
-def _select(jobs: Iterable[Job], uids: Sequence[str]) -> list[Job]:
-    """The jobs whose SOP Instance UID is in `uids` (all of them when `uids` is empty)."""
-    wanted = set(uids)
-    return [job for job in jobs if not wanted or str(job.info().get("sop_instance_uid")) in wanted]
+def _select(jobs: Iterable[Job], destination: str | None, uids: Sequence[str]) -> tuple[list[Job], list[str]]:
+    """The jobs whose SOP Instance UID is in `uids` (all of them when `uids` is empty), and a problem naming the
+    UIDs no job has (a typo must not pass for "nothing to do")."""
+    wanted, found, chosen = set(uids), set(), []
+    for job in jobs:
+        uid = str(job.info().get("sop_instance_uid"))
+        if not wanted or uid in wanted:
+            chosen.append(job)
+            found.add(uid)
+    missing = [uid for uid in dict.fromkeys(uids) if uid not in found]
+    if not missing:
+        return chosen, []
+    of = f" of {destination!r}" if destination is not None else ""
+    return chosen, [f"no quarantined job{of} has the SOP Instance UID {', '.join(missing)}"]
 
 
-def retry(spool: Spool, destination: str | None, uids: Sequence[str]) -> tuple[int, list[str]]:
-    """Send quarantined jobs (all, or those with these UIDs) back to the queue; return (count, problems)."""
-    moved, problems = 0, []
-    for job in _select(spool.quarantined(_folder(destination)), uids):
+def retry(spool: Spool, destination: str | None, uids: Sequence[str]) -> tuple[list[Job], list[str]]:
+    """Send quarantined jobs (all, or those with these UIDs) back to the queue; return (those moved, problems)."""
+    chosen, problems = _select(spool.quarantined(_folder(destination)), destination, uids)
+    moved = []
+    for job in chosen:
         if job.destination in RESERVED_DESTINATIONS:
             problems.append(
                 f"{job.id} was quarantined by a rule or because processing failed, not by a destination: there is "
@@ -103,16 +115,26 @@ def retry(spool: Spool, destination: str | None, uids: Sequence[str]) -> tuple[i
             )
             continue
         try:
-            spool.requeue(job)
-            moved += 1
+            moved.append(spool.requeue(job))
         except SpoolError as exc:
             problems.append(str(exc))
     return moved, problems
 
 
-def purge(spool: Spool, destination: str | None, uids: Sequence[str]) -> int:
-    """Delete quarantined jobs for good (all of `destination`, or those with these UIDs); return how many."""
-    jobs = _select(spool.quarantined(_folder(destination)), uids)
+def unconfigured(destinations: Iterable[str], configured: Collection[str], source: Path) -> list[str]:
+    """A warning for each destination jobs were sent back to that the configuration `source` does not have:
+    nobody delivers its queue."""
+    return [
+        f"warning: {name!r} is not a destination of {source}: its jobs wait in outgoing/{name}/, delivered by "
+        "nobody, until it is configured again"
+        for name in sorted(set(destinations) - set(configured) - set(RESERVED_DESTINATIONS))
+    ]
+
+
+def purge(spool: Spool, destination: str | None, uids: Sequence[str]) -> tuple[int, list[str]]:
+    """Delete quarantined jobs for good (all of `destination`, or those with these UIDs); return (how many,
+    problems)."""
+    jobs, problems = _select(spool.quarantined(_folder(destination)), destination, uids)
     for job in jobs:
         spool.purge(job)
-    return len(jobs)
+    return len(jobs), problems

@@ -149,3 +149,36 @@ def test_destination_must_be_a_name_not_a_path(
     assert code == 1 and out == ""
     assert f"--destination: '{name}' is not a valid destination name" in err, err
     assert len(spool.jobs()) == 2 and len(spool.quarantined()) == 2
+
+
+@pytest.mark.parametrize("action", ["retry", "purge"])
+def test_uids_that_match_nothing_are_named_and_fail(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str
+) -> None:
+    """A mistyped UID, or one quarantined for another destination than --destination, is named and the command
+    exits 1 ("0 job(s) deleted" and exit 0 passed for done); the UID that matches is still handled."""
+    spool, (archive_uid, old_uid) = _spool_with_jobs(tmp_path, {}, {"archive": 1, "old": 1})
+    args = [action, "--destination", "archive", archive_uid, "1.2.3.4.5", old_uid, "--spool", str(spool.root)]
+    assert cli.main(["queue", *args]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("1 job(s)"), out
+    assert f"no quarantined job of 'archive' has the SOP Instance UID 1.2.3.4.5, {old_uid}" in err, err
+    assert [job.destination for job in spool.quarantined()] == ["old"]
+
+
+def test_retry_warns_of_a_destination_the_configuration_lacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Jobs sent back for a destination the given configuration does not have wait for a deliverer that never
+    comes: retry does it (the operator may be about to add it) and says so on standard error."""
+    spool, _ = _spool_with_jobs(tmp_path, {}, {"archive": 1, "old": 2})
+    config_file = tmp_path / "node.yaml"
+    destinations = {"archive": {"type": "directory", "path": str(tmp_path / "folder")}}
+    config_file.write_text(yaml.safe_dump(node_config(tmp_path, destinations, RULES)))
+    assert cli.main(["queue", "retry", "--destination", "archive", "--config", str(config_file)]) == 0
+    assert capsys.readouterr().err == ""
+    assert cli.main(["queue", "retry", "--destination", "old", "--config", str(config_file)]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "2 job(s) sent back to the queue"
+    assert f"warning: 'old' is not a destination of {config_file}" in err, err
+    assert sorted(job.destination for job in spool.jobs()) == ["archive", "old", "old"]
