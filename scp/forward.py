@@ -190,25 +190,29 @@ class DicomForwarder:
             set_nodelay(assoc)
             bound_sending(assoc, self.destination.timeout)
             self._local.open = _Open(assoc, frozenset(contexts), time.monotonic())
-        finished = False
+        finished, tried, usable = False, False, True
         try:
             # an accepted context always has the abstract syntax we proposed; pynetdicom types it Optional
             accepted: set[tuple[str, str]] = {
                 (cast(UID, cx.abstract_syntax), cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
             }
-            tried = False
             for job in jobs:
-                if not assoc.is_established:
-                    # Jobs behind the one the association ended on were never sent: no attempt is counted. One that
-                    # finds it ended before anything was sent counts (a peer dropping every association backs off).
+                delivery = None
+                if usable and assoc.is_established:
+                    delivery, usable = self._send_one(assoc, job, wanted[job.id], accepted)
+                if delivery is None:
+                    # Jobs behind the one the association ended (or went unanswered) on were never sent: no attempt
+                    # is counted. One that finds it ended before anything was sent counts (a peer dropping every
+                    # association backs off).
+                    usable = False
                     yield Delivery(job, Outcome.TRANSIENT, f"association to {where} ended early", sent=not tried)
                     continue
-                yield self._send_one(assoc, job, wanted[job.id], accepted)
+                yield delivery
                 tried = True
             finished = True
         finally:
             kept: _Open | None = getattr(self._local, "open", None)
-            if finished and kept is not None and assoc.is_established:
+            if finished and usable and kept is not None and assoc.is_established:
                 kept.last_used = time.monotonic()  # kept for the next batch
             else:
                 self.close()  # stopped early (shutdown) or the association ended
@@ -219,25 +223,33 @@ class DicomForwarder:
         job: Job,
         wanted: tuple[str, list[str]],
         accepted: set[tuple[str, str]],
-    ) -> Delivery:
-        """Send in the best accepted syntax; in the next one when pynetdicom refuses the file as written."""
+    ) -> tuple[Delivery | None, bool]:
+        """Send in the best accepted syntax; in the next one when pynetdicom refuses the file as written.
+
+        Returns the job's delivery (None when the association had ended and nothing went out) and whether the
+        association can carry another message (not after a send failed or went unanswered).
+        """
         sop_class, preferred = wanted
         choices = [UID(ts) for ts in preferred if (sop_class, ts) in accepted]
         if not choices:
-            return _no_context(job, wanted, f"{assoc.acceptor.ae_title}")
+            return _no_context(job, wanted, f"{assoc.acceptor.ae_title}"), True
         refused = []
         for choice in choices:
             try:
                 path, scratch = _file_in_syntax(job, choice, self.scratch)
             except Exception as exc:
-                return Delivery(job, _conversion_outcome(exc), f"cannot convert to {choice.name}: {exc}")
+                return Delivery(job, _conversion_outcome(exc), f"cannot convert to {choice.name}: {exc}"), True
             try:
                 response = assoc.send_c_store(path)
             except SendStalled as exc:
                 assoc.abort()  # half a message was sent: the association cannot carry another one
-                return Delivery(job, Outcome.TRANSIENT, f"sending failed: {exc}; association aborted")
-            except (OSError, RuntimeError) as exc:
-                return Delivery(job, Outcome.TRANSIENT, f"sending failed: {exc}")
+                return Delivery(job, Outcome.TRANSIENT, f"sending failed: {exc}; association aborted"), False
+            except RuntimeError as exc:
+                if _NOT_ESTABLISHED in str(exc):
+                    return None, False  # it ended (the peer aborted) after the caller looked
+                return Delivery(job, Outcome.TRANSIENT, f"sending failed: {exc}"), False
+            except OSError as exc:
+                return Delivery(job, Outcome.TRANSIENT, f"sending failed: {exc}"), False
             except ValueError as exc:
                 # pynetdicom refuses the file before sending anything: unreadable, or its file meta names another
                 # SOP class than the job (a job made before receiving refused such data sets with 0xA900)
@@ -247,7 +259,9 @@ class DicomForwarder:
                 if scratch:
                     path.unlink(missing_ok=True)
             if "Status" not in response:
-                return Delivery(job, Outcome.TRANSIENT, "no response (timeout or association aborted)")
+                # pynetdicom aborted on a timeout, or the peer aborted (which pynetdicom's association thread
+                # notices a moment later: is_established may still be True)
+                return Delivery(job, Outcome.TRANSIENT, "no response (timeout or association aborted)"), False
             status = int(response.Status)
             detail = f"{assoc.acceptor.ae_title} answered status {describe(status)} to {choice.name}"
             if refused:
@@ -257,8 +271,12 @@ class DicomForwarder:
                     choice.name,
                     "; ".join(refused),
                 )
-            return Delivery(job, classify_store_status(status), detail, status)
-        return Delivery(job, Outcome.PERMANENT, f"cannot send the file {'; '.join(refused)}")
+            return Delivery(job, classify_store_status(status), detail, status), True
+        return Delivery(job, Outcome.PERMANENT, f"cannot send the file {'; '.join(refused)}"), True
+
+
+_NOT_ESTABLISHED = "must be established before sending"
+"""pynetdicom 3.0's send_c_store refusing, before anything is sent, on an association that is no longer established."""
 
 
 def _conversion_outcome(exc: BaseException) -> Outcome:

@@ -14,11 +14,12 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
+from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage
 
-from scp import compress, config, status
-from scp.config import DirectoryDestination
-from scp.forward import DirectoryForwarder
+from scp import compress, config, reactors, status
+from scp.config import DicomDestination, DirectoryDestination
+from scp.forward import Delivery, DicomForwarder, DirectoryForwarder
 from scp.pipeline import Deliverer
 from scp.spool import Job, Spool
 from scp.status import Outcome
@@ -396,6 +397,86 @@ def test_jobs_behind_an_aborted_association_count_no_attempt(tmp_path: Path) -> 
     assert list(_quarantined(spool)) == [poison]
     assert archive.uids() == {uid for _, uid in made}
     assert not spool.jobs()
+
+
+def _three_jobs(tmp_path: Path) -> tuple[Spool, list[str]]:
+    spool = Spool(tmp_path / "spool")
+    made = list(make_instances(tmp_path / "modality", 3).items())
+    for index, (path, uid) in enumerate(made):
+        _queue_job(spool, index, path, uid)
+    return spool, [uid for _, uid in made]
+
+
+def _forward_batch(tmp_path: Path, spool: Spool, archive: FakeArchive) -> list[Delivery]:
+    """Deliver every job of the archive's queue as one batch, over one association."""
+    with archive.serving() as port:
+        parsed = config.parse(node_config(tmp_path, archive_destination(port), JPEG_LS))
+        destination = parsed.destinations["archive"]
+        assert isinstance(destination, DicomDestination)
+        forwarder = DicomForwarder(destination, "COMPRESS_SCP", tmp_path)
+        deliveries = list(forwarder.deliver(spool.jobs("archive")))
+        forwarder.close()
+    return deliveries
+
+
+def test_a_job_the_association_ends_under_is_not_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The association ends after the forwarder saw it established and before pynetdicom sends the second job
+    (held here at that point; the peer aborting does it on a busy node): pynetdicom refuses ("must be established"),
+    nothing went out, and the job goes back without an attempt counted, as the one behind it."""
+    real = Association.send_c_store
+    calls: list[int] = []
+
+    def ended_before_sending(self: Association, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            self.abort()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Association, "send_c_store", ended_before_sending)
+    spool, uids = _three_jobs(tmp_path)
+    archive = FakeArchive()
+    deliveries = _forward_batch(tmp_path, spool, archive)
+    assert [(d.outcome, d.sent) for d in deliveries] == [
+        (Outcome.DELIVERED, True),
+        (Outcome.TRANSIENT, False),
+        (Outcome.TRANSIENT, False),
+    ], deliveries
+    assert archive.uids() == {uids[0]}
+
+
+def test_nothing_more_is_sent_after_no_response(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The archive aborts on the first job instead of answering. The association thread takes the abort only
+    once the forwarder has looked at the association for the next job (held here until pynetdicom's send
+    starts, as a busy node may schedule it): that job was refused by pynetdicom ("must be established") and
+    charged an attempt. After a job goes unanswered nothing more is sent: the two behind it count no attempt."""
+    held = threading.Event()
+    real_ended = reactors.EventDrivenAssociation._ended
+    real_send = Association.send_c_store
+    sends: list[int] = []
+
+    def after_the_forwarder_looked(self: reactors.EventDrivenAssociation) -> bool:
+        if self.acse.is_aborted():
+            held.wait(10)
+        return real_ended(self)
+
+    def sending(self: Association, *args: Any, **kwargs: Any) -> Any:
+        sends.append(1)
+        if len(sends) > 1:
+            held.set()
+            wait_for(lambda: not self.is_established, 10, "the association thread taking the abort")
+        return real_send(self, *args, **kwargs)
+
+    monkeypatch.setattr(reactors.EventDrivenAssociation, "_ended", after_the_forwarder_looked)
+    monkeypatch.setattr(Association, "send_c_store", sending)
+    spool, uids = _three_jobs(tmp_path)
+    archive = FakeArchive(abort_on={uids[0]})
+    try:
+        deliveries = _forward_batch(tmp_path, spool, archive)
+    finally:
+        held.set()
+    assert [(d.outcome, d.sent) for d in deliveries] == [(Outcome.TRANSIENT, True)] + [(Outcome.TRANSIENT, False)] * 2
+    assert "no response" in deliveries[0].detail, deliveries
+    assert len(sends) == 1 and len(archive.received) == 1
 
 
 def test_a_failed_move_to_quarantine_is_retried_without_sending_again(
