@@ -232,12 +232,23 @@ class EventDrivenAssociation(Association):
                 # for the DIMSE timeout, "Received unexpected ... service message"). Go round and wait.
                 continue
 
-            context_id, msg = self.dimse.get_msg(block=False)
+            context_id, msg = self._next_message()
             busy = msg is not None
             if msg:
                 self._serve_request(msg, cast(int, context_id))
             if self._ended():
                 return
+
+    def _next_message(self) -> tuple[int | None, Any]:
+        """The next DIMSE message to serve, as pynetdicom's get_msg(block=False) gives it, except that the
+        (None, None) a peer's abort or a closed connection queues to wake a sender waiting for its response is
+        left there: taken by this thread while a sender was about to pause it, that sender then waited for the
+        whole DIMSE timeout (the end of the association is seen by `_ended` anyway)."""
+        messages = self.dimse.msg_queue
+        with messages.mutex:
+            if not messages.queue or messages.queue[0] == (None, None):
+                return None, None
+        return cast(tuple[int, Any], messages.get(block=False))
 
     def _ended(self) -> bool:
         """pynetdicom's end-of-turn checks: release or abort by the peer, a dead DUL, the network timeout."""

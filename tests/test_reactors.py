@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from pynetdicom import AE, evt
@@ -208,3 +209,41 @@ def test_a_request_after_the_dul_has_ended_is_answered_at_once(server: Server) -
     wait_for(lambda: not assoc.is_established, 2, "the association to notice")
     dul.send_pdu(A_RELEASE())
     assert isinstance(dul.receive_pdu(wait=True, timeout=2), A_P_ABORT)
+
+
+def test_a_peer_abort_just_before_a_request_does_not_wait_for_the_dimse_timeout(server: Server) -> None:
+    """The peer aborts after the sender saw the association established and before it paused the reactor. The
+    reactor, running on, took the (None, None) pynetdicom queues on an abort to wake a sender waiting for its
+    response, and the sender then waited the whole DIMSE timeout (a destination's `timeout` per such abort). Here
+    the abort lands in that gap and the reactor reads the DIMSE queue only once the wake-up is in it."""
+    ae = AE("CLIENT")
+    ae.add_requested_context(Verification)
+    ae.dimse_timeout = 5
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="SERVER")
+    assert assoc.is_established
+    wait_for(lambda: server.server.active_associations, 5, "the accepted association")
+    accepted = server.server.active_associations[0]
+    messages = assoc.dimse.msg_queue
+    take, pause = messages.get, assoc._reactor_checkpoint.clear
+    aborting = threading.Event()
+
+    def late_get(block: bool = True, timeout: float | None = None) -> Any:
+        if aborting.is_set() and threading.current_thread() is assoc:
+            wait_for(lambda: not messages.empty(), 5, "the abort's wake-up in the DIMSE queue")
+        return take(block, timeout)
+
+    def aborted_first() -> None:
+        if threading.current_thread() is not assoc:  # the sender, past its is_established check
+            aborting.set()
+            accepted.abort()
+            assoc.join(5)
+            assert not assoc.is_alive(), "the reactor did not end on the abort"
+        pause()
+
+    messages.get = late_get  # type: ignore[method-assign]
+    assoc._reactor_checkpoint.clear = aborted_first  # type: ignore[method-assign]
+    start = time.monotonic()
+    response = assoc.send_c_echo()
+    waited = time.monotonic() - start
+    assert "Status" not in response and assoc.is_aborted
+    assert waited < 2, f"the request waited {waited:.1f} s for a response after the abort"
