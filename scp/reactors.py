@@ -248,7 +248,10 @@ class EventDrivenAssociation(Association):
         with messages.mutex:
             if not messages.queue or messages.queue[0] == (None, None):
                 return None, None
-        return cast(tuple[int, Any], messages.get(block=False))
+        try:
+            return cast(tuple[int, Any], messages.get_nowait())
+        except queue.Empty:  # a sender pausing this thread took it in between
+            return None, None
 
     def _ended(self) -> bool:
         """pynetdicom's end-of-turn checks: release or abort by the peer, a dead DUL, the network timeout."""
