@@ -26,7 +26,7 @@ from typing import Protocol, cast
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
-from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 
 from scp import compress, reactors, security
 from scp.config import DicomDestination, DirectoryDestination
@@ -171,21 +171,16 @@ class DicomForwarder:
         where = f"{self.destination.ae_title}@{self.destination.host}:{self.destination.port}"
         assoc = self._reusable(set(contexts))
         if assoc is None:
-            try:
-                assoc = associate(self.destination, self.calling_ae, contexts, self.tls_args)
-            except (OSError, RuntimeError) as exc:
-                for job in jobs:
-                    yield Delivery(job, Outcome.TRANSIENT, f"cannot reach {where}: {exc}", reached=False)
-                return
+            assoc = associate(self.destination, self.calling_ae, contexts, self.tls_args)
             if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
                 # pynetdicom aborts an association in which the peer accepted no context at all
                 for job in jobs:
                     yield _no_context(job, wanted[job.id], where)
                 return
             if not assoc.is_established:
-                why = "rejected" if assoc.is_rejected else "aborted or refused (or timed out)"
+                why = _not_established(assoc, self.destination.timeout)
                 for job in jobs:
-                    yield Delivery(job, Outcome.TRANSIENT, f"association to {where} {why}", reached=False)
+                    yield Delivery(job, Outcome.TRANSIENT, f"association to {where}: {why}", reached=False)
                 return
             set_nodelay(assoc)
             bound_sending(assoc, self.destination.timeout)
@@ -346,6 +341,36 @@ def associate(
         ae_title=destination.ae_title,
         tls_args=tls_args,  # type: ignore[arg-type]
     )
+
+
+def _not_established(assoc: Association, timeout: float) -> str:
+    """Why an association request failed, in the words an operator needs: the socket or TLS error of a failed
+    connection, or the result, source and reason of an A-ASSOCIATE-RJ."""
+    failed = getattr(assoc.dul, CONNECT_ERROR, None)
+    if failed is not None:
+        return f"cannot connect: {failed}"
+    answer = assoc.acceptor.primitive
+    if assoc.is_rejected and isinstance(answer, A_ASSOCIATE):
+        return f"rejected ({answer.result_str}, {answer.source_str}: {answer.reason_str})"
+    return f"aborted by the peer, or no answer within {timeout:g} s"
+
+
+CONNECT_ERROR = "scp_connect_error"
+"""Attribute of an association's DUL thread holding pynetdicom's reason for a connection that failed."""
+
+
+def _keep_connect_error(record: logging.LogRecord) -> bool:
+    """pynetdicom logs why a connection failed ("TCP Initialisation Error: ...") from the association's DUL thread
+    and keeps it nowhere: keep it on that thread for `_not_established`. Its traceback of a TLS failure, the same
+    error again, is dropped."""
+    message = record.getMessage()
+    if message.startswith(_CONNECT_FAILED):
+        setattr(threading.current_thread(), CONNECT_ERROR, message.removeprefix(_CONNECT_FAILED))
+    return not (record.exc_info and isinstance(record.exc_info[1], ssl.SSLError))
+
+
+_CONNECT_FAILED = "TCP Initialisation Error: "
+logging.getLogger("pynetdicom.transport").addFilter(_keep_connect_error)
 
 
 def set_nodelay(assoc: Association) -> None:

@@ -154,3 +154,28 @@ def test_forwarding_over_tls_to_dcmtk_storescp(tmp_path: Path, pki: dict[str, tu
         with running_node(node_config(tmp_path, {"archive": destination}, KEEP_RULES)) as node:
             _storescu_tls(node.port, SENT, pki)
             wait_for(lambda: _uids(tmp_path / "archive") == _expected(), 60, "both instances at storescp +tls")
+
+
+def test_an_archive_certificate_the_ca_does_not_sign_is_named_in_the_reason(
+    tmp_path: Path, pki: dict[str, tuple[str, str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wrong `ca` must not look like a busy archive: the reason names the TLS error, and the log carries no
+    traceback of pynetdicom's for it."""
+    key, cert = pki["archive"]
+    with storescp(tmp_path / "archive", extra=["+tls", key, cert, "+cf", pki["ca"][1]]) as archive_port:
+        node_key, node_cert = pki["node"]
+        destination = {
+            "type": "dicom",
+            "ae_title": "ARCHIVE",
+            "host": "127.0.0.1",
+            "port": archive_port,
+            "tls": {"cert": node_cert, "key": node_key, "ca": node_cert},  # not the archive's CA
+            "retry": {"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": 1},
+        }
+        with running_node(node_config(tmp_path, {"archive": destination}, KEEP_RULES)) as node:
+            _storescu_tls(node.port, SENT[:1], pki)
+            wait_for(lambda: node.spool.quarantined(), 60, "the job in quarantine")
+            (job,) = node.spool.quarantined()
+            reason = (job.path / "reason.txt").read_text()
+    assert "cannot connect: [SSL: CERTIFICATE_VERIFY_FAILED]" in reason, reason
+    assert "Traceback" not in caplog.text
