@@ -158,6 +158,9 @@ class SpoolConfig(_Model):
     path: Path = Path("./spool")
     min_free_mb: float = Field(256.0, ge=0)
     """Below this much free space on the spool's filesystem, C-STORE is answered 0xA700 (out of resources)."""
+    min_free_inodes: int = Field(4096, ge=0)
+    """Below this many free inodes on the spool's filesystem (if it counts them), C-STORE is answered 0xA700: the
+    rest is for turning the instances already acknowledged into jobs."""
     partial_max_age: float = Field(300.0, gt=0)
     """Seconds after which an untouched partial received file (aborted transfer) is removed from tmp/."""
 

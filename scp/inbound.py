@@ -51,7 +51,11 @@ class Inbound:
         self._associations: Synchronized[int] = _CONTEXT.Value("i", 0)
         self._conn, child_conn = _CONTEXT.Pipe()
         wanted = _ChildConfig(
-            config.node, config.spool.path, int(config.spool.min_free_mb * 2**20), config.logging.level
+            config.node,
+            config.spool.path,
+            int(config.spool.min_free_mb * 2**20),
+            config.spool.min_free_inodes,
+            config.logging.level,
         )
         self._process = _CONTEXT.Process(
             target=_serve, args=(wanted, child_conn, self._associations), name="receiver", daemon=True
@@ -145,6 +149,7 @@ class _ChildConfig:
     node: NodeConfig
     spool: Path
     min_free: int
+    min_free_inodes: int
     log_level: str
 
 
@@ -216,7 +221,7 @@ def _serve(config: _ChildConfig, conn: Connection, associations: Synchronized[in
     _config.STORE_RECV_CHUNKED_DATASET = True
     tempfile.tempdir = str(spool.tmp)  # pynetdicom streams each dataset there: committing is a rename
     # the same, in a spare, and stopped as soon as the data set passes its budget
-    budget = ReceiveBudget(config.node.max_instance_bytes, config.min_free)
+    budget = ReceiveBudget(config.node.max_instance_bytes, config.min_free, config.min_free_inodes)
     partial_receive = functools.partial(spool.open_partial_receive, budget=budget)
     dimse_messages.NamedTemporaryFile = partial_receive  # type: ignore[assignment]
     try:

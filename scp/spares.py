@@ -44,6 +44,10 @@ class Spares:
         """Move an empty spare folder to `target` (which must not exist or be empty); False if none is left."""
         return self._pools["folders"].claim(target)
 
+    def held(self) -> int:
+        """How many spares (files and folders) the pool holds now, in every process."""
+        return sum(len(pool.listed()) for pool in self._pools.values())
+
     def give_file(self, path: Path) -> None:
         """Keep a file nobody needs as a spare (emptied) when it has no other link; remove it otherwise."""
         try:
@@ -85,7 +89,7 @@ class _Pool:
         while True:
             with self._lock:
                 if not self._names:
-                    self._names = self._list()
+                    self._names = self.listed()
                     self._estimate = len(self._names)
                 if not self._names:
                     return False
@@ -103,7 +107,7 @@ class _Pool:
     def has_room(self) -> bool:
         with self._lock:
             if self._estimate >= self.limit:
-                self._estimate = len(self._list())  # others may have claimed some meanwhile
+                self._estimate = len(self.listed())  # others may have claimed some meanwhile
             return self._estimate < self.limit
 
     def add(self, path: Path, empty: bool = False) -> None:
@@ -128,7 +132,8 @@ class _Pool:
             target.parent.mkdir(parents=True, exist_ok=True)  # gone with the start-up sweep: made again
             os.replace(path, target)
 
-    def _list(self) -> list[str]:
+    def listed(self) -> list[str]:
+        """The names of the spares in the folder now."""
         try:
             return os.listdir(self.folder)
         except FileNotFoundError:

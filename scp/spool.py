@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from scp.errors import SpoolError
 from scp.spares import Spares
@@ -272,12 +273,38 @@ class Spool:
         self, *, delete: bool = False, mode: str = "wb", suffix: str = ".dcm", budget: ReceiveBudget | None = None
     ) -> PartialReceive:
         """A file in tmp/ for pynetdicom to stream a received dataset into, in the place of its
-        NamedTemporaryFile (inbound.py); a spare when there is one. Its name matches PARTIAL_RECEIVE."""
+        NamedTemporaryFile (inbound.py); a spare when there is one. Its name matches PARTIAL_RECEIVE.
+
+        Never raises for want of room: pynetdicom calls this in its reactor thread, where an exception aborts the
+        association. Below the budget's `min_free_inodes`, or when the file cannot be made, the PartialReceive
+        is refused from the start (nothing is written), so that the C-STORE is answered 0xA700.
+        """
         if delete or mode != "wb":
             raise ValueError("only delete=False, mode='wb' (what pynetdicom asks for)")
         path = self.tmp / f"tmp{new_id()}{suffix}"
-        self.spares.claim_file(path)
-        return PartialReceive(path, self.free_bytes, budget)
+        try:
+            refused = self._short_of_inodes(budget)
+            if not refused:
+                self.spares.claim_file(path)
+                return PartialReceive(path, self.free_bytes, budget)
+        except OSError as exc:
+            refused = f"creating its file failed: {exc}"
+        return PartialReceive(path, self.free_bytes, budget, refused)
+
+    def _short_of_inodes(self, budget: ReceiveBudget | None) -> str:
+        """Why a new data set would eat into the inodes kept for processing; empty if it would not.
+
+        A filesystem that counts no inodes (f_files 0: btrfs, some network filesystems) is never short. Spares
+        count as free: the spool takes them before it makes new files or folders.
+        """
+        reserve = budget.min_free_inodes if budget else 0
+        stats = os.statvfs(self.root)
+        if not stats.f_files or stats.f_favail >= reserve:
+            return ""
+        free = stats.f_favail + self.spares.held()
+        if free >= reserve:
+            return ""
+        return f"only {free} inodes free on the spool (spool.min_free_inodes {reserve})"
 
     def commit_job(
         self, spool_id: str, destination: str, instance: Path, original: Path, info: dict[str, object]
@@ -391,10 +418,11 @@ class Spool:
 @dataclass(frozen=True)
 class ReceiveBudget:
     """What a data set may take while it streams in: `max_bytes` of file, and the spool's free space down to
-    `min_free` bytes."""
+    `min_free` bytes; none is taken in at all while fewer than `min_free_inodes` inodes are free."""
 
     max_bytes: int
     min_free: int
+    min_free_inodes: int = 0
 
 
 class PartialReceive:
@@ -403,12 +431,15 @@ class PartialReceive:
     Writes go straight to the file (unbuffered), so that a full disk shows at the write that meets it. Once the
     data set passes its `budget`, or a write fails, the rest is discarded and the file emptied at once (a full
     disk frees up for the other modalities); `refused` says why, for the C-STORE handler to answer 0xA700.
+    One `refused` from the start makes no file: the data set is drained into an empty in-memory stand-in.
     """
 
-    def __init__(self, path: Path, free_bytes: Callable[[], int], budget: ReceiveBudget | None = None) -> None:
+    def __init__(
+        self, path: Path, free_bytes: Callable[[], int], budget: ReceiveBudget | None = None, refused: str = ""
+    ) -> None:
         self.name = str(path)
-        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 (pynetdicom closes it)
-        self.refused = ""
+        self.file: BinaryIO = io.BytesIO() if refused else open(path, "wb", buffering=0)  # noqa: SIM115 (pynetdicom closes it)
+        self.refused = refused
         self._free_bytes = free_bytes
         self._budget = budget
         self._written = 0

@@ -224,11 +224,39 @@ def test_an_instance_larger_than_the_space_left_is_refused_and_its_space_freed(t
             assert len(node.spool.incoming()) + len(node.spool.jobs()) >= 1
 
 
+def test_inodes_running_out_answers_out_of_resources_and_keeps_room_for_processing(tmp_path: Path) -> None:
+    """A spool on a tmpfs of 200 inodes, min_free_inodes 130, the archive down: once the reserve is reached the
+    node answers 0xA700 (the association used to be aborted when a file could not be made), the instances it
+    acknowledged are all made into jobs and delivered once the archive is back, and the rest are taken again
+    (the delivered jobs' spares count as free inodes)."""
+    made = make_instances(tmp_path / "modality", 80)
+    archive_port = free_port()
+    arrivals = Arrivals(tmp_path / "archive")
+    with _tmpfs(tmp_path / "few", "64m", nr_inodes=200) as few:
+        spool = {"path": str(few / "spool"), "min_free_mb": 1, "min_free_inodes": 130}
+        data = node_config(tmp_path, archive_destination(archive_port, FAST_RETRY), JPEG_LS_RULES, spool=spool)
+        with running_node(data) as node:
+            output = storescu(node.port, list(made), extra=["--no-halt"])
+            acked = {made[path] for path in acknowledged(output)}
+            refused = output.count("Received Store Response (Refused: OutOfResources")
+            assert acked and refused and len(acked) + refused == len(made), output[-2000:]
+            wait_for(lambda: _spool_counts(node.spool.root) == (0, len(acked), 0), 30, "every acknowledged one a job")
+            with storescp(tmp_path / "archive", port=archive_port):
+                wait_for(lambda: acked <= arrivals.uids(), 60, f"the {len(acked)} acknowledged instances")
+                wait_for(lambda: _spool_counts(node.spool.root) == (0, 0, 0), 30, "an empty spool")
+                rest = [path for path, uid in made.items() if uid not in acked][:20]
+                again = storescu(node.port, rest)
+                assert len(acknowledged(again)) == len(rest), again[-2000:]
+            assert node.health() == []
+    print(f"acknowledged {len(acked)} then refused {refused} with 0xA700; 20 more taken after recovery")
+
+
 @contextlib.contextmanager
-def _tmpfs(path: Path, size: str) -> Iterator[Path]:
+def _tmpfs(path: Path, size: str, nr_inodes: int = 0) -> Iterator[Path]:
     """A small tmpfs mounted for the test (needs root: skipped otherwise, failed under CI); always unmounted."""
     path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    options = f"size={size},nr_inodes={nr_inodes}" if nr_inodes else f"size={size}"
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
     if done.returncode != 0:
         message = f"cannot mount a tmpfs for the full-disk test: {done.stderr.decode(errors='replace').strip()}"
         if os.environ.get("CI"):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
+from scp import spool as spool_module
 from scp.spares import Spares
 from scp.spool import PARTIAL_RECEIVE, SPARES, PartialReceive, ReceiveBudget, Received, Spool
 
@@ -158,3 +161,58 @@ def test_a_partial_receive_whose_write_fails_is_refused(tmp_path: Path) -> None:
     assert partial.write(b"DICM") == 4
     partial.close()
     assert "No space left on device" in partial.refused
+
+
+def test_a_partial_receive_whose_file_cannot_be_made_is_refused_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of inodes, open() fails with ENOSPC: raised in pynetdicom's reactor thread, it aborted the association."""
+
+    def no_inode_left(*args: object, **kwargs: object) -> object:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    spool = Spool(tmp_path)
+    monkeypatch.setattr(spool_module, "open", no_inode_left, raising=False)
+    partial = spool.open_partial_receive(delete=False, mode="wb", suffix=".dcm")
+    assert "No space left on device" in partial.refused
+    assert partial.write(b"DICM") == 4, "drained as if written, so that pynetdicom reads on"
+    partial.file.flush()  # what pynetdicom calls after each P-DATA, and at the end
+    partial.close()
+    assert not list(spool.tmp.glob(PARTIAL_RECEIVE))
+
+
+def _statvfs(files: int, favail: int) -> Callable[[object], os.statvfs_result]:
+    real = os.statvfs("/")
+
+    def statvfs(path: object) -> os.statvfs_result:
+        fields = list(real)
+        fields[5:8] = [files, favail, favail]  # f_files, f_ffree, f_favail
+        return os.statvfs_result(fields)
+
+    return statvfs
+
+
+def test_receiving_is_refused_below_the_inode_reserve_spares_counting_as_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Processing needs inodes for the jobs of what was acknowledged: receiving stops short of taking them all."""
+    spool = Spool(tmp_path)
+    budget = ReceiveBudget(max_bytes=2**40, min_free=0, min_free_inodes=100)
+    monkeypatch.setattr(os, "statvfs", _statvfs(files=1000, favail=99))
+    partial = spool.open_partial_receive(budget=budget)
+    assert "only 99 inodes free on the spool (spool.min_free_inodes 100)" in partial.refused
+    assert not Path(partial.name).exists(), "nothing is made for a refused data set"
+    spool.spares.give_file(_file(spool.tmp / "done"))
+    partial = spool.open_partial_receive(budget=budget)
+    assert not partial.refused, "a spare is an inode the spool reuses"
+    partial.close()
+
+
+def test_a_filesystem_counting_no_inodes_is_never_short_of_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """btrfs and some network filesystems report 0 inodes in all, and 0 free."""
+    monkeypatch.setattr(os, "statvfs", _statvfs(files=0, favail=0))
+    partial = Spool(tmp_path).open_partial_receive(budget=ReceiveBudget(2**40, 0, min_free_inodes=100))
+    assert not partial.refused
+    partial.close()
