@@ -28,8 +28,9 @@ from scp.config import (
     DicomDestination,
     DirectoryDestination,
 )
+from scp.errors import SpoolError
 from scp.forward import Delivery, Forwarder, make_forwarder
-from scp.spool import Job, Spool
+from scp.spool import Job, Received, Spool, arrival
 from scp.status import Outcome, is_warning
 from scp.workers import Encoder
 
@@ -38,6 +39,8 @@ LOGGER = logging.getLogger(__name__)
 
 DEFER_SIZE = 4096
 """Values larger than this are read from the file only if a rule looks at them (never the pixel data)."""
+UNKNOWN = "unknown"
+"""What job.json says of what neither an instance's sidecar nor its header tells."""
 
 Encode = Callable[[Path, Path, CompressSpec], compress.Result]
 
@@ -157,6 +160,37 @@ def read_facts(path: Path, calling_ae: str, called_ae: str, peer_address: str) -
     )
 
 
+def received_from_header(path: Path, spool_id: str) -> Received:
+    """What an instance's own header tells of it, for one whose sidecar is lost: its UIDs and transfer syntax
+    (UNKNOWN where it tells nothing), the arrival time its spool id holds; who sent it is UNKNOWN."""
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE)
+        meta = header.file_meta
+        found = [
+            header.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID"),
+            header.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID"),
+            meta.get("TransferSyntaxUID"),
+        ]
+    except Exception:  # whatever is wrong with the file, it is kept for an operator
+        found = [None, None, None]
+    sop_class, sop_instance, syntax = (str(value) if value else UNKNOWN for value in found)
+    received_at = arrival(spool_id) or path.stat().st_mtime
+    return Received(UNKNOWN, UNKNOWN, UNKNOWN, sop_class, sop_instance, syntax, received_at)
+
+
+def _job_info(received: Received, rule: str) -> dict[str, object]:
+    """job.json of a job made from `received` by `rule` (before what making its output adds)."""
+    return {
+        "sop_instance_uid": received.sop_instance_uid,
+        "sop_class_uid": received.sop_class_uid,
+        "transfer_syntax": received.transfer_syntax,
+        "original_transfer_syntax": received.transfer_syntax,
+        "calling_ae": received.calling_ae,
+        "received_at": received.received_at,
+        "rule": rule,
+    }
+
+
 class Processor:
     """Applies the rules to a received instance, encodes it, and commits one job per destination."""
 
@@ -185,15 +219,7 @@ class Processor:
         )
         decision = rules.decide(config.rules, config.default_rule, facts)
         uid = received.sop_instance_uid
-        info: dict[str, object] = {
-            "sop_instance_uid": uid,
-            "sop_class_uid": received.sop_class_uid,
-            "transfer_syntax": received.transfer_syntax,
-            "original_transfer_syntax": received.transfer_syntax,
-            "calling_ae": received.calling_ae,
-            "received_at": received.received_at,
-            "rule": decision.rule,
-        }
+        info = _job_info(received, decision.rule)
         jobs = []
         outcome = {"drop": "dropped", "quarantine": "quarantined"}.get(decision.action, "unchanged")
         if decision.action == "drop":
@@ -232,22 +258,21 @@ class Processor:
         return jobs
 
     def give_up(self, spool_id: str, reason: str) -> Path:
-        """Keep an instance that processing keeps failing on for an operator, in quarantine/unprocessable/<id>/."""
+        """Keep an instance that processing keeps failing on for an operator, in quarantine/unprocessable/<id>/.
+
+        An instance whose sidecar cannot be read is kept all the same, described by its own header.
+        """
         source = self.spool.received_path(spool_id)
-        received = self.spool.received_info(spool_id)
         target = self.spool.quarantine_dir / QUARANTINE_UNPROCESSABLE / spool_id
         if not target.exists():
-            info: dict[str, object] = {
-                "sop_instance_uid": received.sop_instance_uid,
-                "sop_class_uid": received.sop_class_uid,
-                "transfer_syntax": received.transfer_syntax,
-                "original_transfer_syntax": received.transfer_syntax,
-                "calling_ae": received.calling_ae,
-                "received_at": received.received_at,
-                "rule": "",
-            }
+            try:
+                received, note = self.spool.received_info(spool_id), ""
+            except SpoolError as exc:
+                received = received_from_header(source, spool_id)
+                note = f"\nsidecar: {exc}; job.json holds what the instance's header tells ({UNKNOWN} if nothing)"
+            info = _job_info(received, rule="")
             job = self.spool.commit_job(spool_id, QUARANTINE_UNPROCESSABLE, source, source, info)
-            target = self.spool.quarantine(job, f"reason: {reason}").path
+            target = self.spool.quarantine(job, f"reason: {reason}{note}").path
         self.spool.finish_received(spool_id)
         metrics.PROCESSED.labels("", "unprocessable").inc()
         return target

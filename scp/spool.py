@@ -250,8 +250,12 @@ class Spool:
         return self.incoming_dir / f"{spool_id}.dcm"
 
     def received_info(self, spool_id: str) -> Received:
-        data = json.loads((self.incoming_dir / f"{spool_id}.json").read_text(encoding="utf-8"))
-        return Received(**data)
+        """An incoming instance's sidecar; SpoolError if it is missing or not what `commit_received` wrote."""
+        sidecar = self.incoming_dir / f"{spool_id}.json"
+        try:
+            return Received(**json.loads(sidecar.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as exc:  # TypeError: not a mapping, or a key missing or unknown
+            raise SpoolError(f"cannot read the sidecar {sidecar}: {exc}") from exc
 
     def finish_received(self, spool_id: str) -> None:
         """Drop an incoming instance once all of its jobs are committed (or it was dropped by a rule)."""

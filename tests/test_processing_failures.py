@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from scp import pipeline, service
+from scp.config import QUARANTINE_UNPROCESSABLE
+from scp.spool import Received, Spool, arrival, new_id
 from tests.peers import TEST_FILES, node_config, running_node, storescu, wait_for
 
 pytestmark = pytest.mark.peers
@@ -57,3 +61,33 @@ def test_a_passing_failure_is_retried_and_delivered(tmp_path: Path, monkeypatch:
         storescu(node.port, [TEST_FILES / "CT_small.dcm"])
         wait_for(lambda: list((tmp_path / "folder").glob("*.dcm")), 30, "the instance in the folder")
         assert node.spool.quarantined() == []
+
+
+def test_an_instance_whose_sidecar_is_lost_or_broken_is_quarantined_by_its_header(tmp_path: Path) -> None:
+    """A missing, empty, invalid or incomplete `<id>.json` used to fail the move to quarantine as well: the
+    instance was tried again every 5 s for ever. A file without a readable header is kept as 'unknown'."""
+    spool = Spool(tmp_path / "spool")
+    ct = (TEST_FILES / "CT_small.dcm").read_bytes()
+    complete = json.dumps(asdict(Received("MOD", "COMPRESS_SCP", "127.0.0.1", "1.2", "1.2.3", "1.2.840.10008.1.2", 0)))
+    incomplete = json.dumps({k: v for k, v in json.loads(complete).items() if k != "called_ae"})
+    sidecars = {"missing": None, "empty": "", "invalid": "{garbage", "incomplete": incomplete, "no header": None}
+    ids = {}
+    for case, sidecar in sidecars.items():
+        ids[case] = spool_id = new_id()
+        spool.received_path(spool_id).write_bytes(b"not DICOM" if case == "no header" else ct)
+        if sidecar is not None:
+            spool.received_path(spool_id).with_suffix(".json").write_text(sidecar)
+    data = node_config(tmp_path, _destinations(tmp_path), RULES)
+    data["spool"] = {"path": str(spool.root)}
+    with running_node(data) as node:
+        node.processing_retry_delay = 0.05
+        wait_for(lambda: len(node.spool.quarantined()) == len(ids), 30, "every instance in quarantine")
+        wait_for(lambda: not node.spool.incoming(), 10, "incoming/ emptied")
+    held = {job.id: job for job in spool.quarantined(QUARANTINE_UNPROCESSABLE)}
+    for case, spool_id in ids.items():
+        job = held[spool_id]
+        assert "sidecar: cannot read the sidecar" in job.reason(), case
+        info = job.info()
+        expected = "unknown" if case == "no header" else "1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"
+        assert (info["sop_instance_uid"], info["calling_ae"]) == (expected, "unknown"), case
+        assert info["received_at"] == arrival(spool_id), case
