@@ -30,7 +30,7 @@ from scp.config import (
 )
 from scp.errors import SpoolError
 from scp.forward import Delivery, Forwarder, make_forwarder
-from scp.spool import Job, Received, Spool, arrival
+from scp.spool import INSTANCE, JOB_INFO, Job, Received, Spool, arrival
 from scp.status import Outcome, is_warning
 from scp.workers import Encoder
 
@@ -382,7 +382,20 @@ class Deliverer:
         self._local.forwarder = None
 
     def _claim(self) -> tuple[list[Job], list[tuple[Job, str]]]:
-        """Ready jobs: a batch to send, and those judged failed for good that are still to be quarantined."""
+        """Ready jobs: a batch to send, and those to quarantine: judged failed for good, or whose files the
+        forwarder cannot read (one such job made every batch of its destination fail)."""
+        batch, judged = self._ready()
+        sendable = []
+        for job in batch:
+            why = _unreadable(job)
+            if why:
+                judged.append((job, f"{why}; it cannot be sent"))
+            else:
+                sendable.append(job)
+        return sendable, judged
+
+    def _ready(self) -> tuple[list[Job], list[tuple[Job, str]]]:
+        """Ready jobs, now marked in flight: a batch to send, and those judged failed for good."""
         now = time.monotonic()
         with self._lock:
             batch: list[Job] = []
@@ -404,7 +417,7 @@ class Deliverer:
 
     def _settle(self, delivery: Delivery) -> None:
         job, outcome, detail = delivery.job, delivery.outcome, delivery.detail
-        info = job.info()
+        info = _info(job)
         uid = info.get("sop_instance_uid")
         if delivery.reached:
             with self._lock:
@@ -452,7 +465,7 @@ class Deliverer:
     def _quarantine(self, job: Job, detail: str) -> None:
         """Move a job failed for good to quarantine; if that fails (a full disk), keep it from being sent again
         and try the move again after a backoff delay."""
-        uid = job.info().get("sop_instance_uid")
+        uid = _info(job).get("sop_instance_uid", UNKNOWN)
         try:
             where = self.spool.quarantine(job, f"destination: {self.name}\nsop_instance_uid: {uid}\nreason: {detail}")
         except OSError as exc:
@@ -514,6 +527,32 @@ class Deliverer:
             if self._paused_until > now:
                 due = [self._paused_until]
         return max(0.05, min([1.0, *(d - now for d in due)]))
+
+
+SENDING_NEEDS = ("sop_class_uid", "transfer_syntax", "original_transfer_syntax")
+"""What the forwarders read of every job's job.json."""
+
+
+def _unreadable(job: Job) -> str:
+    """Why the forwarder could not read what it needs of a job; empty if it can."""
+    try:
+        info = job.info()
+    except (OSError, ValueError, TypeError) as exc:  # missing, not JSON, or not a mapping
+        return f"its {JOB_INFO} cannot be read: {exc}"
+    missing = [key for key in SENDING_NEEDS if key not in info]
+    if missing:
+        return f"its {JOB_INFO} lacks {', '.join(missing)}"
+    if not job.instance.is_file():
+        return f"its {INSTANCE} is missing"
+    return ""
+
+
+def _info(job: Job) -> dict[str, object]:
+    """A job's job.json for log lines and metrics; empty if it cannot be read (see `_unreadable`)."""
+    try:
+        return job.info()
+    except (OSError, ValueError, TypeError):
+        return {}
 
 
 def _close(forwarder: object) -> None:

@@ -380,6 +380,36 @@ def test_a_failed_directory_write_leaves_no_partial_file(tmp_path: Path, monkeyp
     assert sorted(path.name for path in folder.iterdir()) == sorted(f"{uid}.dcm" for _, uid in small)
 
 
+def test_a_job_whose_files_cannot_be_read_is_quarantined_and_the_jobs_behind_it_delivered(tmp_path: Path) -> None:
+    """A job folder without job.json, with a broken or incomplete one, or without instance.dcm made every batch
+    of its destination fail before the jobs behind it were tried."""
+    spool = Spool(tmp_path / "spool")
+    made = list(make_instances(tmp_path / "modality", 3).items())
+    for index, (path, uid) in enumerate(made):
+        _queue_job(spool, 10 + index, path, uid)
+    (path, uid), *_ = made
+    broken = {"no job.json": "", "not JSON": "{bad", "not a mapping": "[1]", "incomplete": '{"received_at": 0}'}
+    for index, (case, text) in enumerate([*broken.items(), ("no instance.dcm", None)]):
+        _queue_job(spool, index, path, f"{uid}.{index}")
+        job = spool.outgoing_dir / "archive" / f"{index:020d}-test"
+        if text is None:
+            (job / "instance.dcm").unlink()
+        elif case == "no job.json":
+            (job / "job.json").unlink()
+        else:
+            (job / "job.json").write_text(text)
+    folder = tmp_path / "folder"
+    destination = DirectoryDestination(type="directory", path=str(folder), batch_size=10)
+    _drain(Deliverer("archive", destination, spool, "COMPRESS_SCP"))
+    assert {p.read_bytes() for p in folder.iterdir()} == {path.read_bytes() for path, _ in made}
+    assert not spool.jobs()
+    reasons = [job.reason() for job in spool.quarantined("archive")]
+    assert len(reasons) == 5 and all("it cannot be sent" in reason for reason in reasons), reasons
+    assert sum("its job.json cannot be read" in reason for reason in reasons) == 3, reasons
+    assert any("its job.json lacks sop_class_uid" in reason for reason in reasons), reasons
+    assert any("its instance.dcm is missing" in reason for reason in reasons), reasons
+
+
 def test_jobs_behind_an_aborted_association_count_no_attempt(tmp_path: Path) -> None:
     """The archive aborts the association on the first instance of a batch: with max_attempts 1 that one is
     quarantined, the five behind it (never sent) go back to the queue and are delivered."""
