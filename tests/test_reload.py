@@ -143,17 +143,20 @@ def test_reload_drains_a_removed_destination_and_keeps_restart_only_settings(tmp
         assert not node.spool.jobs("old"), "new instances are no longer routed to a removed destination"
 
 
-class _Refusing:
-    """A running service whose reload refuses the new configuration, as make_forwarder does a bad certificate."""
+class _Service:
+    """A running service that records the configurations offered to its reload; a refusing one refuses them, as
+    make_forwarder does a bad certificate."""
 
     port = 0
 
-    def __init__(self) -> None:
+    def __init__(self, refusing: bool = True) -> None:
         self.offered: list[object] = []
+        self.refusing = refusing
 
     def reload(self, new: object) -> None:
         self.offered.append(new)
-        raise ConfigError("tls: cannot load certificate")
+        if self.refusing:
+            raise ConfigError("tls: cannot load certificate")
 
 
 @pytest.mark.parametrize("cert", ["missing.pem", "present.pem"])
@@ -165,7 +168,7 @@ def test_a_reload_the_service_or_the_files_refuse_keeps_the_node_running(
     pacs = {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242, "tls": tls}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"destinations": {"pacs": pacs}, "rules": [{"name": "r", "forward": ["pacs"]}]}))
-    service = _Refusing()
+    service = _Service()
     cli._reload(service, path)  # returns: the node goes on with its running configuration
     assert "reload rejected, the running configuration stays in force" in caplog.text
     assert len(service.offered) == (cert == "present.pem"), "missing files are refused before the service sees them"
@@ -173,22 +176,12 @@ def test_a_reload_the_service_or_the_files_refuse_keeps_the_node_running(
         assert f"destinations.pacs.tls.cert: cannot read {tmp_path / cert}" in caplog.text
 
 
-class _Accepting:
-    port = 0
-
-    def __init__(self) -> None:
-        self.offered: list[object] = []
-
-    def reload(self, new: object) -> None:
-        self.offered.append(new)
-
-
 def test_a_reload_warns_of_titles_a_rule_never_sees(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = {"type": "directory", "path": str(tmp_path / "a")}
     rules = [{"name": "ct2", "match": {"calling_ae": "CT2"}, "forward": ["a"]}]
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(node_config(tmp_path, {"a": folder}, rules, node={"allowed_calling_aets": ["CT1"]})))
-    service = _Accepting()
+    service = _Service(refusing=False)
     cli._reload(service, path)
     assert len(service.offered) == 1, "a warning does not refuse the file"
     assert "configuration: rules.0: rule 'ct2': match.calling_ae: 'CT2' is never seen" in caplog.text
@@ -303,6 +296,6 @@ def test_a_file_that_fails_otherwise_than_validation_is_refused_too(
     with pytest.raises(ConfigError, match=problem) as refused:
         config.load(path)
     assert str(path) in str(refused.value)
-    service = _Refusing()
+    service = _Service()
     cli._reload(service, path)
     assert not service.offered and "reload rejected, the running configuration stays in force" in caplog.text

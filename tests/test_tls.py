@@ -138,19 +138,19 @@ def test_idle_connection_does_not_stall_tls_associations(tmp_path: Path, pki: di
     assert waited < 8, f"the idle connection was closed only after {waited:.1f} s"
 
 
+def _tls_destination(port: int, pki: dict[str, tuple[str, str]], ca: str) -> dict[str, object]:
+    """The archive storescp on `port` as a destination reached over TLS with the node's key, trusting `ca`."""
+    node_key, node_cert = pki["node"]
+    tls = {"cert": node_cert, "key": node_key, "ca": ca}
+    return {"type": "dicom", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": port, "tls": tls}
+
+
 def test_forwarding_over_tls_to_dcmtk_storescp(tmp_path: Path, pki: dict[str, tuple[str, str]]) -> None:
     """A destination with `tls` is reached over TLS: storescp +tls requires and verifies our certificate."""
     key, cert = pki["archive"]
     archive_tls = ["+tls", key, cert, "+cf", pki["ca"][1], "-rc"]
     with storescp(tmp_path / "archive", extra=archive_tls) as archive_port:
-        node_key, node_cert = pki["node"]
-        destination = {
-            "type": "dicom",
-            "ae_title": "ARCHIVE",
-            "host": "127.0.0.1",
-            "port": archive_port,
-            "tls": {"cert": node_cert, "key": node_key, "ca": pki["ca"][1]},
-        }
+        destination = _tls_destination(archive_port, pki, pki["ca"][1])
         with running_node(node_config(tmp_path, {"archive": destination}, KEEP_RULES)) as node:
             _storescu_tls(node.port, SENT, pki)
             wait_for(lambda: _uids(tmp_path / "archive") == _expected(), 60, "both instances at storescp +tls")
@@ -163,15 +163,8 @@ def test_an_archive_certificate_the_ca_does_not_sign_is_named_in_the_reason(
     traceback of pynetdicom's for it."""
     key, cert = pki["archive"]
     with storescp(tmp_path / "archive", extra=["+tls", key, cert, "+cf", pki["ca"][1]]) as archive_port:
-        node_key, node_cert = pki["node"]
-        destination = {
-            "type": "dicom",
-            "ae_title": "ARCHIVE",
-            "host": "127.0.0.1",
-            "port": archive_port,
-            "tls": {"cert": node_cert, "key": node_key, "ca": node_cert},  # not the archive's CA
-            "retry": {"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": 1},
-        }
+        destination = _tls_destination(archive_port, pki, pki["node"][1])  # the node's certificate: no CA of it
+        destination["retry"] = {"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": 1}
         with running_node(node_config(tmp_path, {"archive": destination}, KEEP_RULES)) as node:
             _storescu_tls(node.port, SENT[:1], pki)
             wait_for(lambda: node.spool.quarantined(), 60, "the job in quarantine")
