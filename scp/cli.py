@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a compress: option, VALUE in YAML (jls_error=2, j2k_psnr=[50], verify=false)",
     )
     offline.add_argument("--output", required=True, type=Path, metavar="DIR", help="folder for the results")
-    offline.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="encoder processes")
+    offline.add_argument("--jobs", type=_at_least_one, default=os.cpu_count() or 1, help="encoder processes")
     offline.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="files or folders (recursive)")
     offline.set_defaults(handler=_compress)
 
@@ -160,6 +160,17 @@ def _check_owner(spool: Path, action: str) -> None:
             f"the spool at {spool} belongs to {name}: run `queue {action}` as that user "
             f"(sudo -u {name} compressing-scp queue {action} ...), so that the node can reuse what it writes"
         )
+
+
+def _at_least_one(text: str) -> int:
+    """A count of processes: 1 or more (argparse names the option and the value otherwise)."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return number
 
 
 def _check_config(args: argparse.Namespace) -> int:

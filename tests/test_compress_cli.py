@@ -190,3 +190,11 @@ def test_an_output_that_cannot_be_written_is_one_line_not_a_traceback(
     assert cli.main(argv) == cli.EXIT_FAILURE
     assert capsys.readouterr().err == f"compressing-scp: cannot write {out / 'a.dcm'}: No space left on device\n"
     assert not list(out.iterdir())
+
+
+@pytest.mark.parametrize("jobs", ["0", "-2", "two"])
+def test_jobs_must_be_at_least_one(tmp_path: Path, capsys: pytest.CaptureFixture[str], jobs: str) -> None:
+    with pytest.raises(SystemExit) as ended:
+        cli.main(["compress", "--to", "RLELossless", "--output", str(tmp_path / "out"), "--jobs", jobs, "x.dcm"])
+    assert ended.value.code == 2
+    assert f"--jobs: expected a whole number of at least 1, got '{jobs}'" in capsys.readouterr().err
