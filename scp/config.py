@@ -598,11 +598,17 @@ def check_files(loaded: Config, source: str) -> None:
 
 
 def _unresolvable(host: str) -> str | None:
-    """Why `host` is no address to listen on, or None."""
+    """Why `host` is no address to listen on, or None. "" is every interface, as for Python's sockets. A resolver
+    that fails for now (not ready at boot) is no reason to refuse the file: `run` then fails to listen, with exit
+    status 1, and is started again."""
     try:
-        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError) as exc:
+        socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        if exc.errno in (socket.EAI_AGAIN, socket.EAI_FAIL):
+            return None
         return str(exc.args[-1]) if exc.args else str(exc)
+    except UnicodeError as exc:
+        return str(exc)
     return None
 
 

@@ -171,7 +171,13 @@ class DicomForwarder:
         where = f"{self.destination.ae_title}@{self.destination.host}:{self.destination.port}"
         assoc = self._reusable(set(contexts))
         if assoc is None:
-            assoc = associate(self.destination, self.calling_ae, contexts, self.tls_args)
+            try:
+                assoc = associate(self.destination, self.calling_ae, contexts, self.tls_args)
+            except OSError as exc:  # the host name does not resolve (pynetdicom resolves it in this thread)
+                failed = f"association to {where}: cannot connect: {exc}"
+                for job in jobs:
+                    yield Delivery(job, Outcome.TRANSIENT, failed, reached=False)
+                return
             if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
                 # pynetdicom aborts an association in which the peer accepted no context at all
                 for job in jobs:

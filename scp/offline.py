@@ -122,7 +122,8 @@ def compress_tree(
                 shutil.copyfile(src, partial)
             os.replace(partial, dst)
         except OSError as exc:  # the output cannot be written (read-only, full): the next one could not be either
-            raise ScpError(f"cannot write {dst}: {exc.strerror or exc}") from exc
+            what = f"read {src}" if exc.filename == str(src) else f"write {dst}"
+            raise ScpError(f"cannot {what}: {exc.strerror or exc}") from exc
         finally:
             with contextlib.suppress(OSError):
                 partial.unlink(missing_ok=True)

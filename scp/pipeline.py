@@ -387,7 +387,13 @@ class Deliverer:
         batch, judged = self._ready()
         sendable = []
         for job in batch:
-            why = _unreadable(job)
+            try:
+                why = _unreadable(job)
+            except OSError as exc:  # the system failed us (too many open files, I/O), not the job: later
+                LOGGER.warning("cannot read job %s of %s now: %s; it is tried again", job.id, self.name, exc)
+                with self._lock:
+                    self._in_flight.discard(job.id)
+                continue
             if why:
                 judged.append((job, f"{why}; it cannot be sent"))
             else:
@@ -534,11 +540,12 @@ SENDING_NEEDS = ("sop_class_uid", "transfer_syntax", "original_transfer_syntax")
 
 
 def _unreadable(job: Job) -> str:
-    """Why the forwarder could not read what it needs of a job; empty if it can."""
+    """Why the forwarder could never read what it needs of a job; empty if it can. Other OSErrors (too many open
+    files, an I/O error) propagate: they may pass."""
     try:
         info = job.info()
-    except (OSError, ValueError, TypeError) as exc:  # missing, not JSON, or not a mapping
-        return f"its {JOB_INFO} cannot be read: {exc}"
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError, TypeError) as exc:
+        return f"its {JOB_INFO} cannot be read: {exc}"  # missing, not a file, not JSON, or not a mapping
     missing = [key for key in SENDING_NEEDS if key not in info]
     if missing:
         return f"its {JOB_INFO} lacks {', '.join(missing)}"

@@ -60,8 +60,10 @@ def listing(spool: Spool, state: str | None = None, destination: str | None = No
         for spool_id in spool.incoming():
             try:
                 uid = spool.received_info(spool_id).sop_instance_uid
-            except FileNotFoundError:
-                continue  # processed meanwhile
+            except SpoolError:
+                if not spool.received_path(spool_id).exists():
+                    continue  # processed meanwhile
+                uid = "?"  # its sidecar is missing or broken: processing quarantines it
             rows.append(("incoming", "-", spool_id, uid, _age(arrival(spool_id), now), ""))
     for name, jobs in (("outgoing", spool.jobs), ("quarantine", spool.quarantined)):
         if state in (None, name):
@@ -70,12 +72,20 @@ def listing(spool: Spool, state: str | None = None, destination: str | None = No
 
 
 def _job_row(state: str, job: Job, now: float) -> tuple[str, ...]:
-    try:
-        uid = str(job.info().get("sop_instance_uid", "?"))
-        reason = _reason_line(job.reason())
-    except FileNotFoundError:
+    if job.path.exists():
+        uid, reason = _uid_of(job), _reason_line(job.reason())
+    else:
         uid, reason = "?", "(delivered or moved meanwhile)"
     return (state, job.destination, job.id, uid, _age(arrival(job.id), now), reason)
+
+
+def _uid_of(job: Job) -> str:
+    """A job's SOP Instance UID; '?' when its job.json is missing or broken (the deliverer quarantines such a
+    job, which the operator must still be able to list, retry and purge)."""
+    try:
+        return str(job.info().get("sop_instance_uid", "?"))
+    except (OSError, ValueError, TypeError):
+        return "?"
 
 
 def _reason_line(reason: str) -> str:
@@ -91,7 +101,7 @@ def _select(jobs: Iterable[Job], destination: str | None, uids: Sequence[str]) -
     UIDs no job has (a typo must not pass for "nothing to do")."""
     wanted, found, chosen = set(uids), set(), []
     for job in jobs:
-        uid = str(job.info().get("sop_instance_uid"))
+        uid = _uid_of(job)
         if not wanted or uid in wanted:
             chosen.append(job)
             found.add(uid)

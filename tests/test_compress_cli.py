@@ -198,3 +198,20 @@ def test_jobs_must_be_at_least_one(tmp_path: Path, capsys: pytest.CaptureFixture
         cli.main(["compress", "--to", "RLELossless", "--output", str(tmp_path / "out"), "--jobs", jobs, "x.dcm"])
     assert ended.value.code == 2
     assert f"--jobs: expected a whole number of at least 1, got '{jobs}'" in capsys.readouterr().err
+
+
+def test_an_input_that_cannot_be_read_is_named_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from scp import offline
+
+    def unreadable(src: Path, dst: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error", str(src))
+
+    monkeypatch.setattr(offline.shutil, "copyfile", unreadable)
+    source, out = _tree(tmp_path / "in"), tmp_path / "out"
+    argv = ["compress", "--to", "RLELossless", "--output", str(out), "--jobs", "1", str(source / "notes.txt")]
+    assert cli.main(argv) == cli.EXIT_FAILURE
+    assert capsys.readouterr().err == f"compressing-scp: cannot read {source / 'notes.txt'}: Input/output error\n"

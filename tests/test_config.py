@@ -81,6 +81,25 @@ def test_check_config_names_listen_addresses_that_do_not_resolve(
     assert [line.split(":")[0].strip() for line in problems] == ["node.host", "metrics.host"], problems
 
 
+def test_every_interface_and_a_resolver_not_ready_are_no_configuration_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """host "" listens on every interface, as for Python's sockets; a resolver that fails for now (at boot) must
+    not make `run` exit 78, which systemd does not restart."""
+    import socket
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_with({"node": {"host": ""}})))
+    config.check_files(config.load(path), str(path))
+    path.write_text(yaml.safe_dump(_with({"node": {"host": "scp.hospital.example"}})))
+
+    def not_ready(*_: object, **__: object) -> None:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", not_ready)
+    config.check_files(config.load(path), str(path))
+
+
 def test_check_config_names_tls_files_it_cannot_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "node.pem").write_text("")
     tls = {"cert": str(tmp_path / "node.pem"), "key": str(tmp_path / "node.key")}

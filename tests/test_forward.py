@@ -654,3 +654,39 @@ def test_a_file_pynetdicom_refuses_to_send_goes_in_the_next_syntax(tmp_path: Pat
         _drain(deliverer)
     assert not spool.quarantined(), _quarantined(spool)
     assert archive.received == [(str(ds.SOPInstanceUID), ds.file_meta.TransferSyntaxUID)]
+
+
+def test_an_archive_whose_name_does_not_resolve_is_unreachable_not_a_crash(tmp_path: Path) -> None:
+    """pynetdicom resolves the host in the calling thread: its error is a transient failure that pauses the
+    destination (it escaped delivery, which then retried at once with a traceback, never counting an attempt)."""
+    spool = Spool(tmp_path / "spool")
+    (path, uid), *_ = make_instances(tmp_path / "modality", 1).items()
+    _queue_job(spool, 0, path, uid)
+    destination = DicomDestination(type="dicom", ae_title="ARCHIVE", host="archive.invalid", port=104)
+    forwarder = DicomForwarder(destination, "COMPRESS_SCP", tmp_path)
+    (delivery,) = forwarder.deliver(spool.jobs("archive"))
+    assert delivery.outcome is Outcome.TRANSIENT and not delivery.reached
+    assert delivery.detail.startswith("association to ARCHIVE@archive.invalid:104: cannot connect: [Errno -"), delivery
+
+
+def test_a_job_the_system_cannot_read_for_now_is_retried_not_quarantined(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Too many open files while a job.json is read says nothing about the job: it stays queued and is sent."""
+    spool = Spool(tmp_path / "spool")
+    (path, uid), *_ = make_instances(tmp_path / "modality", 1).items()
+    _queue_job(spool, 0, path, uid)
+    real_info, failures = Job.info, [OSError(errno.EMFILE, "Too many open files")]
+
+    def info_failing_once(job: Job) -> dict[str, object]:
+        if failures:
+            raise failures.pop()
+        return real_info(job)
+
+    monkeypatch.setattr(Job, "info", info_failing_once)
+    folder = tmp_path / "folder"
+    deliverer = Deliverer("archive", DirectoryDestination(type="directory", path=str(folder)), spool, "COMPRESS_SCP")
+    assert deliverer.run_once() == 0 and len(spool.jobs()) == 1 and not spool.quarantined()
+    _drain(deliverer)
+    assert [p.name for p in folder.iterdir()] == [f"{uid}.dcm"]
+    assert not spool.jobs() and not spool.quarantined()

@@ -182,3 +182,29 @@ def test_retry_warns_of_a_destination_the_configuration_lacks(
     assert out.strip() == "2 job(s) sent back to the queue"
     assert f"warning: 'old' is not a destination of {config_file}" in err, err
     assert sorted(job.destination for job in spool.jobs()) == ["archive", "old", "old"]
+
+
+@pytest.mark.parametrize("action", [["list", "--state", "quarantine"], ["retry"], ["purge", "--all"]])
+def test_a_quarantined_job_whose_job_json_is_broken_can_be_listed_retried_and_purged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], action: list[str]
+) -> None:
+    """The deliverer quarantines a job whose job.json cannot be read: the operator must still be able to act
+    on it (a traceback here left that quarantine stuck)."""
+    spool, _ = _spool_with_jobs(tmp_path, {}, {"archive": 2})
+    broken = spool.quarantined()[0]
+    (broken.path / "job.json").write_text("{bad")
+    assert cli.main(["queue", *action, "--spool", str(spool.root)]) == 0
+    out = capsys.readouterr().out
+    if action[0] == "list":
+        assert any(line.split()[2:4] == [broken.id, "?"] for line in out.splitlines()), out
+    else:
+        assert not spool.quarantined()
+
+
+def test_an_incoming_instance_without_its_sidecar_is_listed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Processing quarantines it after its attempts; until then `queue list` shows it, with '?' for its UID."""
+    spool = Spool(tmp_path / "spool")
+    (spool.incoming_dir / "00000000000000000001-test.dcm").write_bytes(b"")
+    assert cli.main(["queue", "list", "--spool", str(spool.root)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["incoming", "-", "00000000000000000001-test", "?"] in [row[:4] for row in rows], rows
