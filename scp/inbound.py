@@ -200,6 +200,7 @@ def _peer_pdu_faults(record: logging.LogRecord) -> bool:
     if record.name == "pynetdicom.dul" and record.funcName == "_read_pdu_data":
         record.exc_info = record.exc_text = None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return logging.getLogger("pynetdicom").isEnabledFor(logging.WARNING)  # not at logging.level ERROR
     return True
 
 

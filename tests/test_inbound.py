@@ -146,3 +146,14 @@ def test_a_reload_changes_what_the_receiving_process_logs(tmp_path: Path, caplog
     (line,) = [r for r in caplog.records if r.name == "scp.receive"]
     assert line.levelno == logging.INFO and "received" in line.getMessage()
     assert line.pathname.endswith("receive.py") and line.lineno > 0  # where the child logged it
+
+
+def test_a_stall_is_the_same_problem_while_its_seconds_grow() -> None:
+    """Without a watchdog, health problems are logged when they change: not every 5 s as a stall lasts."""
+    from scp.service import _kinds
+
+    def stall(seconds: int) -> str:
+        return f"thread processor-0 busy with one item for {seconds} s (node.stall_timeout 900 s)"
+
+    assert _kinds([stall(905)]) == _kinds([stall(1210)])
+    assert _kinds([stall(905)]) != _kinds([stall(905), "the receiving process has exited (exit code -9)"])
