@@ -121,6 +121,11 @@ class EventDrivenDUL(DULServiceProvider):
                 unsent = not self.to_provider_queue.empty()
             if unsent:
                 self._tell_gone()
+            if self.assoc.is_acceptor and self.assoc.requestor.primitive is None:
+                # The connection ended before its A-ASSOCIATE-RQ (a port probe): pynetdicom's association thread
+                # waits for one until acse_timeout, holding a slot of max_associations; None is what it gets when
+                # that wait times out, and it then closes at once.
+                self.to_user_queue.put(None)
             self._bell.close()
             self._bell_rope.close()
             if isinstance(self.assoc, EventDrivenAssociation):

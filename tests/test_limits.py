@@ -218,6 +218,15 @@ def test_associations_beyond_max_associations_are_rejected_then_served(tmp_path:
         wait_for(lambda: _echoes(node.port), 10, "a freed association slot")
 
 
+def test_a_connection_closed_before_its_request_frees_its_slot_at_once(tmp_path: Path) -> None:
+    """A port probe (a scanner, a balancer's TCP check) connects and closes. Its slot was held for acse_timeout
+    (30 s): 32 probes locked every modality out ("local limit exceeded") for that long."""
+    with running_node(_config(tmp_path, max_associations=2)) as node:
+        for _ in range(6):
+            socket.create_connection(("127.0.0.1", node.port), timeout=5).close()
+        wait_for(lambda: _echoes(node.port), 3, "a slot (the probes held them for the ACSE timeout)")
+
+
 def _echoes(port: int) -> bool:
     try:
         return hostile.echo(port) == status.SUCCESS
