@@ -9,6 +9,7 @@ answers 200 "ok" while the node is healthy and 503 with the reasons otherwise.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -133,9 +134,49 @@ class _Union(Collector):
             yield from registry.collect()
 
 
+MAX_CLIENTS = 16
+"""HTTP connections served at once (Prometheus and a load balancer need a few)."""
+CLIENT_TIMEOUT = 10.0
+"""Seconds a client may stay silent before its connection is closed."""
+
+
 class _QuietHandler(WSGIRequestHandler):
+    timeout = CLIENT_TIMEOUT
+
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes every few seconds are not events worth a log line."""
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """A thread per connection, as prometheus_client's server, for at most MAX_CLIENTS at once: a connection past
+    them is closed unanswered. Each thread and socket is the service process's, which processes and delivers:
+    idle clients must not use up its threads or file descriptors."""
+
+    def __init__(self, server_address: tuple[str, int], *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self.address_family = _family(*server_address)  # http.server assumes IPv4: "::1" would not bind
+        super().__init__(server_address, *args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def _family(host: str, port: int) -> socket.AddressFamily:
+    """The address family to listen on `host` with."""
+    return socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
 
 
 class Endpoint:
@@ -147,7 +188,7 @@ class Endpoint:
         registry.register(state)
         self._metrics_app = make_wsgi_app(registry)
         self._health = health
-        self._server = make_server(host, port, self._app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        self._server = make_server(host, port, self._app, _BoundedServer, handler_class=_QuietHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
 
     @property

@@ -56,6 +56,8 @@ class Service:
         self.config = config
         self.spool = Spool(config.spool.path)
         self._stopping = threading.Event()
+        self._draining = threading.Event()
+        """Set as stop() begins: receiving stops, health says so."""
         self._work: queue.Queue[str] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._destinations: dict[str, _Destination] = {}
@@ -117,6 +119,7 @@ class Service:
         """
         budget = self.config.node.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
+        self._draining.set()
         if self._inbound is not None:
             self._inbound.stop(time.monotonic() + budget / 2)
         self._stopping.set()
@@ -195,6 +198,8 @@ class Service:
 
     def health(self) -> list[str]:
         """What is wrong with the node, or an empty list: every part running, no thread stuck on one item."""
+        if self._draining.is_set():  # a load balancer must send no more associations: the port is closing
+            return ["stopping"]
         problems = self.stopped_parts()
         limit = self.config.node.stall_timeout
         now = time.monotonic()
@@ -232,6 +237,10 @@ class Service:
         logged at each check under a watchdog, otherwise when they change (a stall's growing seconds aside)."""
         told: list[str] = []
         while not self._stopping.wait(watchdog or HEALTH_INTERVAL):
+            if self._draining.is_set():  # stopping as asked: nothing to report, and systemd waits for the end
+                if watchdog:
+                    notify.watchdog()
+                continue
             problems = self.health()
             if problems and (watchdog or _kinds(problems) != _kinds(told)):
                 withheld = ", withholding the watchdog ping" if watchdog else ""

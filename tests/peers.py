@@ -138,8 +138,8 @@ def archive_destination(port: int, retry: dict[str, Any] | None = None, **extra:
 def running_node(data: dict[str, Any]) -> Iterator[Service]:
     """The node in this process; yields the started Service (its `.port` is the bound port)."""
     service = Service(config.parse(data))
-    service.start()
     try:
+        service.start()  # a start that fails halfway has started the receiving process: stop it too
         yield service
     finally:
         service.stop()

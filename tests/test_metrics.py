@@ -147,3 +147,60 @@ def test_calling_ae_labels_are_bounded(tmp_path: Path) -> None:
     assert len(after) <= metrics.CALLING_AE_LABELS + 1
     counted = sum(after.get(title, 0.0) for title in titles) + after[metrics.OTHER_CALLING_AE] - other_before
     assert counted == len(titles), "every instance is still counted"
+
+
+def _folder_node(tmp_path: Path, metrics_port: int, host: str = "127.0.0.1") -> dict[str, object]:
+    destinations = {"folder": {"type": "directory", "path": str(tmp_path / "folder")}}
+    return node_config(tmp_path, destinations, RULES, metrics={"port": metrics_port, "host": host})
+
+
+def test_idle_http_clients_are_bounded_and_let_go(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each HTTP connection is a thread and a file of the service process, which processes and delivers:
+    connections that send nothing are served MAX_CLIENTS at a time and closed after CLIENT_TIMEOUT."""
+    import socket
+
+    from scp import metrics
+
+    monkeypatch.setattr(metrics._QuietHandler, "timeout", 1.0)
+    metrics_port = free_port()
+    with running_node(_folder_node(tmp_path, metrics_port)):
+        before = threading.active_count()
+        idle = [
+            socket.create_connection(("127.0.0.1", metrics_port), timeout=5) for _ in range(metrics.MAX_CLIENTS + 30)
+        ]
+        try:
+            time.sleep(0.3)
+            assert threading.active_count() - before <= metrics.MAX_CLIENTS
+            wait_for(lambda: _health(metrics_port)[0] == 200, 10, "/health once the idle clients timed out")
+            assert all(sock.recv(1) == b"" for sock in idle), "an idle connection was kept open"
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_health_says_stopping_as_soon_as_receiving_stops(tmp_path: Path) -> None:
+    """A load balancer must stop sending associations to a node whose port is closing (SIGTERM's drain)."""
+    metrics_port = free_port()
+    with running_node(_folder_node(tmp_path, metrics_port)) as node:
+        assoc = hostile.open_association(node.port)  # keeps the drain going for half of shutdown_timeout
+        stopping = threading.Thread(target=node.stop, kwargs={"timeout": 4})
+        stopping.start()
+        try:
+            wait_for(lambda: _health(metrics_port) == (503, "stopping\n"), 3, "/health to say stopping")
+        finally:
+            assoc.release()
+            stopping.join(10)
+
+
+def test_metrics_listen_on_ipv6(tmp_path: Path) -> None:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    metrics_port = free_port()
+    url = f"http://[::1]:{metrics_port}/health"
+    with running_node(_folder_node(tmp_path, metrics_port, host="::1")), urllib.request.urlopen(url, timeout=10) as got:
+        assert got.status == 200
