@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scp import __version__, config, notify
+from scp import __version__, config, notify, tls
 from scp.errors import ConfigError, ScpError
 
 LOGGER = logging.getLogger(__name__)
@@ -179,6 +179,7 @@ def _check_config(args: argparse.Namespace) -> int:
         try:
             loaded = config.load(path)
             config.check_files(loaded, str(path))
+            tls.check_tls(loaded, str(path))
         except ScpError as exc:
             print(exc, file=sys.stderr)
             failed += 1
@@ -239,6 +240,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         loaded = config.load(args.config)
         config.check_files(loaded, str(args.config or "<built-in default>"))
+        tls.check_tls(loaded, str(args.config or "<built-in default>"))
     except ConfigError as exc:
         print(f"compressing-scp: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -292,6 +294,7 @@ def _reload(service: Any, path: Path | None) -> None:
     try:
         loaded = config.load(path)
         config.check_files(loaded, str(path))
+        tls.check_tls(loaded, str(path))
         service.reload(loaded)
     except ScpError as exc:
         LOGGER.error("reload rejected, the running configuration stays in force: %s", exc)

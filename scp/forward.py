@@ -28,7 +28,7 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 
-from scp import compress, reactors, security
+from scp import compress, reactors, tls
 from scp.config import DicomDestination, DirectoryDestination
 from scp.reactors import WakingQueue
 from scp.spool import Job, fsync_dir, fsync_file
@@ -124,7 +124,7 @@ class DicomForwarder:
         self.destination = destination
         self.calling_ae = destination.calling_ae_title or calling_ae
         self.scratch = scratch
-        self.tls_args = (security.client_context(destination.tls), None) if destination.tls else None
+        self.tls_args = (tls.client_context(destination.tls), None) if destination.tls else None
         self.linger = linger
         self._local = threading.local()
         # send_c_store(path) then reads the file in PDU-sized pieces instead of decoding and re-encoding it whole

@@ -31,7 +31,7 @@ from typing import Any
 
 from pynetdicom import AE, _config, dimse_messages
 
-from scp import limits, metrics, reactors, receive, security
+from scp import limits, metrics, reactors, receive, security, tls
 from scp.config import Config, NodeConfig
 from scp.spool import ReceiveBudget, Spool
 from scp.workers import skip_value_validation
@@ -274,7 +274,7 @@ def make_server(
     ]
     server = ae.make_server(
         (node.host, node.port),
-        ssl_context=security.server_context(node.tls) if node.tls else None,
+        ssl_context=tls.server_context(node.tls) if node.tls else None,
         evt_handlers=handlers,
         server_class=limits.HardenedServer,
         pdu_limits=limits.PduLimits.for_max_pdu(node.max_pdu_size, node.max_instance_bytes),

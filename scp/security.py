@@ -1,15 +1,9 @@
-"""Who may talk to the node: called- and calling-AE access control, and TLS contexts for DICOM TLS (PS3.15 B.9,
-BCP 195).
-
-BCP 195 (RFC 9325) asks for TLS 1.2 or later with forward-secret AEAD cipher suites only; the contexts below
-allow exactly that and nothing older, on both sides of the node.
-"""
+"""Who may talk to the node: called- and calling-AE access control (TLS contexts: tls.py)."""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,8 +12,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-from scp.config import AllowedCaller, NodeConfig, TlsConfig
-from scp.errors import ConfigError
+from scp.config import AllowedCaller, NodeConfig
 
 LOGGER = logging.getLogger(__name__)
 
@@ -29,20 +22,6 @@ REJECTED_PERMANENT = 0x01
 SOURCE_SERVICE_USER = 0x01
 CALLING_AE_NOT_RECOGNISED = 0x03
 CALLED_AE_NOT_RECOGNISED = 0x07
-
-# TLS 1.2 suites of RFC 9325 4.2 (ECDHE with AES-GCM or ChaCha20-Poly1305); TLS 1.3 suites are all AEAD.
-BCP195_CIPHERS = ":".join(
-    (
-        "ECDHE-ECDSA-AES256-GCM-SHA384",
-        "ECDHE-RSA-AES256-GCM-SHA384",
-        "ECDHE-ECDSA-AES128-GCM-SHA256",
-        "ECDHE-RSA-AES128-GCM-SHA256",
-        "ECDHE-ECDSA-CHACHA20-POLY1305",
-        "ECDHE-RSA-CHACHA20-POLY1305",
-        "DHE-RSA-AES256-GCM-SHA384",
-        "DHE-RSA-AES128-GCM-SHA256",
-    )
-)
 
 
 @dataclass(frozen=True)
@@ -134,41 +113,3 @@ def access_handlers(node: NodeConfig, on_reject: Callable[[str], None]) -> list[
     if node.accept_any_called_ae and callers is None:
         return []
     return [(evt.EVT_REQUESTED, handle_requested, [node, callers, on_reject])]
-
-
-def _bcp195(context: ssl.SSLContext) -> ssl.SSLContext:
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_ciphers(BCP195_CIPHERS)
-    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    return context
-
-
-def server_context(tls: TlsConfig) -> ssl.SSLContext:
-    """The context of our TLS listener; asks for (and with `require_client_cert`, insists on) a peer certificate."""
-    context = _bcp195(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-    _load(context, tls)
-    if tls.ca is not None:
-        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
-    return context
-
-
-def client_context(tls: TlsConfig) -> ssl.SSLContext:
-    """The context for associations to a destination: its certificate must chain to `ca` (or the system's CAs);
-    ours is presented when the archive asks. Host names are not checked: DICOM peers are known by address and
-    AE title, and their certificates rarely name them (PS3.15 B.9 leaves identity checking to the site)."""
-    context = _bcp195(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
-    context.check_hostname = False
-    _load(context, tls)
-    context.verify_mode = ssl.CERT_REQUIRED
-    if tls.ca is None:
-        context.load_default_certs()
-    return context
-
-
-def _load(context: ssl.SSLContext, tls: TlsConfig) -> None:
-    try:
-        context.load_cert_chain(tls.cert, tls.key)
-        if tls.ca is not None:
-            context.load_verify_locations(cafile=tls.ca)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"tls: cannot load certificate {tls.cert}, key {tls.key} or ca {tls.ca}: {exc}") from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import yaml
 from scp import config
 from scp.cli import main
 from scp.errors import ConfigError
+from tests.pki import make_pki
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -38,9 +40,11 @@ def test_shipped_configs_exist() -> None:
 def test_check_config_accepts_every_shipped_file(
     path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """With the TLS files they name in place: check-config checks that they can be read."""
-    for name in ("node.pem", "node.key", "hospital-ca.pem"):
-        (tmp_path / name).write_text("")
+    """With the TLS files they name in place: check-config checks that they make TLS contexts."""
+    (tmp_path / "pki").mkdir()
+    (key, cert), ca = (made := make_pki(tmp_path / "pki"))["node"], made["ca"][1]
+    for name, source in (("node.pem", cert), ("node.key", key), ("hospital-ca.pem", ca)):
+        shutil.copy(source, tmp_path / name)
     copy = tmp_path / path.name
     copy.write_text(path.read_text().replace("/etc/compressing-scp/tls/", f"{tmp_path}/"))
     assert main(["check-config", str(copy)]) == 0

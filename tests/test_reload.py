@@ -171,9 +171,11 @@ def test_a_reload_the_service_or_the_files_refuse_keeps_the_node_running(
     service = _Service()
     cli._reload(service, path)  # returns: the node goes on with its running configuration
     assert "reload rejected, the running configuration stays in force" in caplog.text
-    assert len(service.offered) == (cert == "present.pem"), "missing files are refused before the service sees them"
+    assert not service.offered, "files that cannot make a TLS context are refused before the service sees them"
     if cert == "missing.pem":
         assert f"destinations.pacs.tls.cert: cannot read {tmp_path / cert}" in caplog.text
+    else:
+        assert f"destinations.pacs.tls: cannot load certificate {tmp_path / cert}" in caplog.text
 
 
 def test_a_reload_warns_of_titles_a_rule_never_sees(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -11,6 +11,7 @@ import pydicom
 import pytest
 
 from scp import config, metrics, security
+from scp import tls as tls_contexts
 from scp.config import AllowedCaller
 from scp.errors import ConfigError
 from scp.security import CallerPolicy
@@ -192,7 +193,7 @@ def test_bad_security_settings_name_the_key(node: dict, expected: str) -> None:
 def test_unreadable_certificate_fails_at_start_naming_the_files(tmp_path: Path) -> None:
     tls = {"cert": str(tmp_path / "missing.pem"), "key": str(tmp_path / "missing.key")}
     with pytest.raises(ConfigError, match=r"tls: cannot load certificate .*missing\.pem"):
-        security.server_context(config.TlsConfig(**tls))
+        tls_contexts.server_context(config.TlsConfig(**tls))
 
 
 def test_a_connection_that_never_sent_a_request_is_let_go() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import socket
 import subprocess
 import time
@@ -11,12 +9,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.peers import TEST_FILES, complete_files, node_config, running_node, storescp, tool, wait_for
+from tests.pki import make_pki
 
 pytestmark = pytest.mark.peers
 
@@ -24,59 +19,10 @@ SENT = (TEST_FILES / "CT_small.dcm", TEST_FILES / "MR_small.dcm")
 KEEP_RULES = [{"name": "all", "compress": "keep", "forward": ["archive"]}]
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _write(folder: Path, name: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> tuple[str, str]:
-    key_path, cert_path = folder / f"{name}.key", folder / f"{name}.pem"
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return str(key_path), str(cert_path)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
     """A test CA and certificates it signed for the node, a modality and an archive: name → (key, cert)."""
-    folder = tmp_path_factory.mktemp("pki")
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("test CA"))
-        .issuer_name(_name("test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    made = {"ca": _write(folder, "ca", ca_key, ca)}
-    for name in ("node", "modality", "archive"):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(name))
-            .issuer_name(ca.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256())
-        )
-        made[name] = _write(folder, name, key, cert)
-    return made
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _node_tls(pki: dict[str, tuple[str, str]], **extra: object) -> dict[str, object]:
@@ -172,3 +118,24 @@ def test_an_archive_certificate_the_ca_does_not_sign_is_named_in_the_reason(
             reason = (job.path / "reason.txt").read_text()
     assert "cannot connect: [SSL: CERTIFICATE_VERIFY_FAILED]" in reason, reason
     assert "Traceback" not in caplog.text
+
+
+def test_a_certificate_that_does_not_match_its_key_is_a_configuration_error(
+    tmp_path: Path, pki: dict[str, tuple[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config said OK, then `run` failed (exit 1, restarted every 5 s by systemd): now both name it, and
+    `run` exits 78."""
+    import yaml
+
+    from scp import cli
+
+    mismatched = {"cert": pki["node"][1], "key": pki["archive"][0], "ca": pki["ca"][1]}
+    destination = {**_tls_destination(104, pki, pki["ca"][1]), "tls": mismatched}
+    data = node_config(tmp_path, {"archive": destination}, KEEP_RULES, node={"tls": mismatched})
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert cli.main(["check-config", str(path)]) == 1
+    problems = [line.split(":")[0].strip() for line in capsys.readouterr().err.splitlines()[1:]]
+    assert problems == ["node.tls", "destinations.archive.tls"], problems
+    assert cli.main(["run", "--config", str(path)]) == cli.EXIT_CONFIG
+    assert "KEY_VALUES_MISMATCH" in capsys.readouterr().err
