@@ -151,6 +151,7 @@ class Service:
         Rules, default, destinations and logging take effect; node, spool, workers and metrics need a restart and
         keep their running values. A changed destination's deliverers use the new settings from their next batch; a
         new one gets deliverers; a removed one delivers what is already queued for it, then its threads stop.
+        A destination with `tls` always counts as changed: its certificate may have been renewed at the same path.
         All or nothing: every new or changed destination's forwarder is made first, so one that cannot be (a TLS
         certificate that will not load: ConfigError) refuses the reload with nothing changed.
         """
@@ -164,7 +165,8 @@ class Service:
                 state = self._destinations.get(name)
                 if state is None:
                     added[name] = self._deliverer(name, destination)
-                elif state.deliverer.destination != destination:
+                elif state.deliverer.destination != destination or getattr(destination, "tls", None) is not None:
+                    # TLS: its files may have been renewed in place (same paths), and are read again
                     forwarder = make_forwarder(destination, old.node.ae_title, self.spool.tmp)
                     changed[name] = (forwarder, destination)
             # Nothing raised: apply it all.

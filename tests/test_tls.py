@@ -139,3 +139,21 @@ def test_a_certificate_that_does_not_match_its_key_is_a_configuration_error(
     assert problems == ["node.tls", "destinations.archive.tls"], problems
     assert cli.main(["run", "--config", str(path)]) == cli.EXIT_CONFIG
     assert "KEY_VALUES_MISMATCH" in capsys.readouterr().err
+
+
+def test_a_reload_reads_a_destinations_renewed_certificate(tmp_path: Path, pki: dict[str, tuple[str, str]]) -> None:
+    """Certificates are renewed in place (same paths): a reload makes the TLS destination's forwarder again, so
+    that its next association presents the new one; a destination without TLS keeps its forwarder."""
+    from scp import config
+
+    destinations = {
+        "archive": _tls_destination(104, pki, pki["ca"][1]),
+        "folder": {"type": "directory", "path": str(tmp_path / "folder")},
+    }
+    data = node_config(tmp_path, destinations, KEEP_RULES)
+    with running_node(data) as node:
+        before = {name: state.deliverer.forwarder for name, state in node._destinations.items()}
+        node.reload(config.parse(data))
+        after = {name: state.deliverer.forwarder for name, state in node._destinations.items()}
+    assert after["archive"] is not before["archive"]
+    assert after["folder"] is before["folder"]
