@@ -40,6 +40,8 @@ LOGGER = logging.getLogger(__name__)
 _CONTEXT = multiprocessing.get_context("spawn")  # a clean process: no threads or locks copied mid-use
 ASSOCIATIONS_REFRESH = 0.5
 """Seconds between two updates of the open-association count the child shares with the service."""
+HEARTBEAT_LIMIT = 10.0
+"""Seconds without such an update after which the service reports the receiving process stalled."""
 
 
 class Inbound:
@@ -49,6 +51,8 @@ class Inbound:
         self.on_received = on_received
         self.port = 0
         self._associations: Synchronized[int] = _CONTEXT.Value("i", 0)
+        self._heartbeat: Synchronized[float] = _CONTEXT.Value("d", 0.0)
+        """time.monotonic() (system-wide on Linux) of the child's last count of its associations."""
         self._conn, child_conn = _CONTEXT.Pipe()
         wanted = _ChildConfig(
             config.node,
@@ -58,7 +62,7 @@ class Inbound:
             config.logging.level,
         )
         self._process = _CONTEXT.Process(
-            target=_serve, args=(wanted, child_conn, self._associations), name="receiver", daemon=True
+            target=_serve, args=(wanted, child_conn, self._associations, self._heartbeat), name="receiver", daemon=True
         )
         self._child_conn = child_conn
         self._started = threading.Event()
@@ -93,6 +97,14 @@ class Inbound:
         if self._stopping or self._process.is_alive():
             return None
         return f"the receiving process has exited (exit code {self._process.exitcode})"
+
+    def stalled(self) -> str | None:
+        """Why the receiving process, alive, seems not to run (stopped, or stuck holding its GIL), or None."""
+        beat = self._heartbeat.value
+        silent = time.monotonic() - beat
+        if self._stopping or not beat or silent < HEARTBEAT_LIMIT or not self._process.is_alive():
+            return None
+        return f"the receiving process has not run for {silent:.0f} s"
 
     def stop(self, deadline: float) -> None:
         """Stop accepting; let open associations end until `deadline` (then abort them); wait for the child."""
@@ -204,7 +216,9 @@ def _peer_pdu_faults(record: logging.LogRecord) -> bool:
     return True
 
 
-def _serve(config: _ChildConfig, conn: Connection, associations: Synchronized[int]) -> None:
+def _serve(
+    config: _ChildConfig, conn: Connection, associations: Synchronized[int], heartbeat: Synchronized[float]
+) -> None:
     """The child: listen, report, and end when told to or when the service is gone."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)  # the service decides when receiving stops
@@ -231,7 +245,7 @@ def _serve(config: _ChildConfig, conn: Connection, associations: Synchronized[in
         send(("failed", f"cannot listen on {config.node.host}:{config.node.port}: {exc}"))
         return
     threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
-    threading.Thread(target=_count_associations, args=(server, associations), daemon=True).start()
+    threading.Thread(target=_count_associations, args=(server, associations, heartbeat), daemon=True).start()
     send(("listening", server.server_address[1]))
     patience = 0.0
     while True:
@@ -284,9 +298,12 @@ def make_server(
     return ae, server
 
 
-def _count_associations(server: limits.HardenedServer, associations: Synchronized[int]) -> None:
+def _count_associations(
+    server: limits.HardenedServer, associations: Synchronized[int], heartbeat: Synchronized[float]
+) -> None:
     while True:
         associations.value = len(server.active_associations)
+        heartbeat.value = time.monotonic()
         time.sleep(ASSOCIATIONS_REFRESH)
 
 

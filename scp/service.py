@@ -103,7 +103,7 @@ class Service:
         self._inbound.start()
         if self.config.metrics is not None:
             self.metrics = metrics.Endpoint(
-                self.config.metrics.host, self.config.metrics.port, self._state_collector(), self.health
+                self.config.metrics.host, self.config.metrics.port, self._state_collector(), self._health_check
             )
             self.metrics.start()
         watchdog = notify.watchdog_interval()
@@ -192,6 +192,19 @@ class Service:
                 self._inbound.set_log_level(new.logging.level)
         LOGGER.info("reloaded the configuration: %d rules, %d destinations", len(new.rules), len(new.destinations))
 
+    def _health_check(self) -> list[str]:
+        """/health: `health`, and a spool too full to take instances (every C-STORE answered 0xA700), which a load
+        balancer must route around but which is no reason for the watchdog to restart the node (deliveries free
+        the space)."""
+        problems = self.health()
+        free, reserve = self.spool.free_bytes(), int(self.config.spool.min_free_mb * 2**20)
+        if free < reserve and not self._draining.is_set():
+            problems.append(
+                f"spool full: {free / 2**20:.0f} MiB free, below spool.min_free_mb {reserve / 2**20:g}: "
+                "C-STORE is answered 0xA700"
+            )
+        return problems
+
     def stopped_parts(self) -> list[str]:
         """Parts of the node that have stopped for good (a thread, the receiving process): only a restart helps."""
         problems = [f"thread {t.name} has stopped" for t in list(self._threads) if not t.is_alive()]
@@ -203,6 +216,8 @@ class Service:
         if self._draining.is_set():  # a load balancer must send no more associations: the port is closing
             return ["stopping"]
         problems = self.stopped_parts()
+        stalled = self._inbound.stalled() if self._inbound is not None else None
+        problems += [stalled] if stalled is not None else []
         limit = self.config.node.stall_timeout
         now = time.monotonic()
         with self._busy_lock:

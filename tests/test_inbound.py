@@ -157,3 +157,22 @@ def test_a_stall_is_the_same_problem_while_its_seconds_grow() -> None:
 
     assert _kinds([stall(905)]) == _kinds([stall(1210)])
     assert _kinds([stall(905)]) != _kinds([stall(905), "the receiving process has exited (exit code -9)"])
+
+
+def test_a_receiving_process_that_does_not_run_makes_the_node_unhealthy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alive but not running (SIGSTOP, or stuck holding its GIL): it accepts nothing, which health() must say
+    (/health for a load balancer, the watchdog for systemd); it recovers once the process runs again."""
+    from scp import inbound
+
+    monkeypatch.setattr(inbound, "HEARTBEAT_LIMIT", 1.5)
+    with running_node(_config(tmp_path)) as node:
+        (receiver,) = [p for p in multiprocessing.active_children() if p.name == "receiver"]
+        assert receiver.pid is not None
+        os.kill(receiver.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: any("has not run for" in p for p in node.health()), 10, "the node to notice")
+        finally:
+            os.kill(receiver.pid, signal.SIGCONT)
+        wait_for(lambda: node.health() == [], 10, "health once it runs again")

@@ -204,3 +204,15 @@ def test_metrics_listen_on_ipv6(tmp_path: Path) -> None:
     url = f"http://[::1]:{metrics_port}/health"
     with running_node(_folder_node(tmp_path, metrics_port, host="::1")), urllib.request.urlopen(url, timeout=10) as got:
         assert got.status == 200
+
+
+def test_health_says_a_full_spool_but_the_watchdog_does_not(tmp_path: Path) -> None:
+    """Every C-STORE is answered 0xA700 below spool.min_free_mb: a load balancer must route around the node, but
+    a restart would not help (deliveries free the space), so health() for the watchdog stays clear."""
+    metrics_port = free_port()
+    data = _folder_node(tmp_path, metrics_port)
+    data["spool"]["min_free_mb"] = 2**40
+    with running_node(data) as node:
+        code, body = _health(metrics_port)
+        assert node.health() == []
+    assert code == 503 and body.startswith("spool full: ") and "below spool.min_free_mb" in body, body
