@@ -164,7 +164,7 @@ def received_from_header(path: Path, spool_id: str) -> Received:
     """What an instance's own header tells of it, for one whose sidecar is lost: its UIDs and transfer syntax
     (UNKNOWN where it tells nothing), the arrival time its spool id holds; who sent it is UNKNOWN."""
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE)
+        header = read_header(path)
         meta = header.file_meta
         found = [
             header.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID"),
@@ -423,7 +423,7 @@ class Deliverer:
 
     def _settle(self, delivery: Delivery) -> None:
         job, outcome, detail = delivery.job, delivery.outcome, delivery.detail
-        info = _info(job)
+        info = job.info_if_readable()
         uid = info.get("sop_instance_uid")
         if delivery.reached:
             with self._lock:
@@ -471,7 +471,7 @@ class Deliverer:
     def _quarantine(self, job: Job, detail: str) -> None:
         """Move a job failed for good to quarantine; if that fails (a full disk), keep it from being sent again
         and try the move again after a backoff delay."""
-        uid = _info(job).get("sop_instance_uid", UNKNOWN)
+        uid = job.info_if_readable().get("sop_instance_uid", UNKNOWN)
         try:
             where = self.spool.quarantine(job, f"destination: {self.name}\nsop_instance_uid: {uid}\nreason: {detail}")
         except OSError as exc:
@@ -552,14 +552,6 @@ def _unreadable(job: Job) -> str:
     if not job.instance.is_file():
         return f"its {INSTANCE} is missing"
     return ""
-
-
-def _info(job: Job) -> dict[str, object]:
-    """A job's job.json for log lines and metrics; empty if it cannot be read (see `_unreadable`)."""
-    try:
-        return job.info()
-    except (OSError, ValueError, TypeError):
-        return {}
 
 
 def _close(forwarder: object) -> None:

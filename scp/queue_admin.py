@@ -73,19 +73,10 @@ def listing(spool: Spool, state: str | None = None, destination: str | None = No
 
 def _job_row(state: str, job: Job, now: float) -> tuple[str, ...]:
     if job.path.exists():
-        uid, reason = _uid_of(job), _reason_line(job.reason())
+        uid, reason = str(job.info_if_readable().get("sop_instance_uid", "?")), _reason_line(job.reason())
     else:
         uid, reason = "?", "(delivered or moved meanwhile)"
     return (state, job.destination, job.id, uid, _age(arrival(job.id), now), reason)
-
-
-def _uid_of(job: Job) -> str:
-    """A job's SOP Instance UID; '?' when its job.json is missing or broken (the deliverer quarantines such a
-    job, which the operator must still be able to list, retry and purge)."""
-    try:
-        return str(job.info().get("sop_instance_uid", "?"))
-    except (OSError, ValueError, TypeError):
-        return "?"
 
 
 def _reason_line(reason: str) -> str:
@@ -101,7 +92,7 @@ def _select(jobs: Iterable[Job], destination: str | None, uids: Sequence[str]) -
     UIDs no job has (a typo must not pass for "nothing to do")."""
     wanted, found, chosen = set(uids), set(), []
     for job in jobs:
-        uid = _uid_of(job)
+        uid = str(job.info_if_readable().get("sop_instance_uid", "?"))  # '?': a broken job.json, still handled
         if not wanted or uid in wanted:
             chosen.append(job)
             found.add(uid)

@@ -89,9 +89,7 @@ def _store(event: Event, path: Path, spool: Spool, reporter: Reporter, node: Nod
     partial = getattr(request, "_dataset_file", None)  # pynetdicom's handle on the file it streamed into
     if isinstance(partial, PartialReceive) and partial.refused:
         return _refused(reporter, f"{_refusing(event)} while it streamed in: {partial.refused}")
-    free = spool.free_bytes()
-    if free < min_free:
-        why = f"only {free // 2**20} MB free on the spool (min_free_mb {min_free // 2**20})"
+    if why := spool.short_of_space(min_free):
         return _refused(reporter, f"{_refusing(event)}: {why}")
     size = path.stat().st_size
     syntax = str(event.context.transfer_syntax)

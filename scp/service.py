@@ -197,12 +197,9 @@ class Service:
         balancer must route around but which is no reason for the watchdog to restart the node (deliveries free
         the space)."""
         problems = self.health()
-        free, reserve = self.spool.free_bytes(), int(self.config.spool.min_free_mb * 2**20)
-        if free < reserve and not self._draining.is_set():
-            problems.append(
-                f"spool full: {free / 2**20:.0f} MiB free, below spool.min_free_mb {reserve / 2**20:g}: "
-                "C-STORE is answered 0xA700"
-            )
+        full = self.spool.short_of_space(int(self.config.spool.min_free_mb * 2**20))
+        if full and not self._draining.is_set():
+            problems.append(f"spool full: {full}: C-STORE is answered 0xA700")
         return problems
 
     def stopped_parts(self) -> list[str]:

@@ -89,6 +89,14 @@ class Job:
     def info(self) -> dict[str, object]:
         return dict(json.loads((self.path / JOB_INFO).read_text(encoding="utf-8")))
 
+    def info_if_readable(self) -> dict[str, object]:
+        """`info()`, or an empty mapping when job.json is missing or broken (for log lines, metrics, listings:
+        the deliverer quarantines such a job, saying why)."""
+        try:
+            return self.info()
+        except (OSError, ValueError, TypeError):  # TypeError: JSON that is not a mapping
+            return {}
+
     def reason(self) -> str:
         """Why the job was (last) quarantined; empty if it never was."""
         try:
@@ -202,6 +210,13 @@ class Spool:
         """Bytes available to this process on the spool's filesystem."""
         stats = os.statvfs(self.root)
         return stats.f_bavail * stats.f_frsize
+
+    def short_of_space(self, min_free: int) -> str:
+        """Why the spool's free space is below `min_free` bytes (spool.min_free_mb); empty if it is not."""
+        free = self.free_bytes()
+        if free >= min_free:
+            return ""
+        return f"only {free / 2**20:.0f} MiB free on the spool, below spool.min_free_mb {min_free / 2**20:g}"
 
     # -- receiving ------------------------------------------------------------------------------------
     def commit_received(self, written: Path, received: Received, check: Callable[[], object] = lambda: None) -> str:
