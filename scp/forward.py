@@ -14,23 +14,18 @@ import logging
 import os
 import re
 import shutil
-import socket
-import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Protocol
 
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config
-from pynetdicom.association import Association
-from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 
-from scp import compress, reactors, tls
+from scp import compress, scu, tls
 from scp.config import DicomDestination, DirectoryDestination
-from scp.reactors import WakingQueue
 from scp.spool import Job, fsync_dir, fsync_file
 from scp.status import Outcome, classify_store_status, describe
 
@@ -104,7 +99,7 @@ class DirectoryForwarder:
 class _Open:
     """An association a delivery thread keeps for its next batches, and what it proposed."""
 
-    assoc: Association
+    assoc: scu.StoreAssociation
     proposed: frozenset[tuple[str, str]]
     last_used: float
 
@@ -124,12 +119,9 @@ class DicomForwarder:
         self.destination = destination
         self.calling_ae = destination.calling_ae_title or calling_ae
         self.scratch = scratch
-        self.tls_args = (tls.client_context(destination.tls), None) if destination.tls else None
+        self.tls_context = tls.client_context(destination.tls) if destination.tls else None
         self.linger = linger
         self._local = threading.local()
-        # send_c_store(path) then reads the file in PDU-sized pieces instead of decoding and re-encoding it whole
-        # (a pynetdicom setting for the whole process)
-        _config.STORE_SEND_CHUNKED_DATASET = True
 
     def idle(self) -> None:
         """Release this thread's association if it has not been used for `linger` seconds."""
@@ -141,14 +133,14 @@ class DicomForwarder:
         """Release this thread's association, if it keeps one."""
         kept: _Open | None = getattr(self._local, "open", None)
         self._local.open = None
-        if kept is not None and kept.assoc.is_established:
+        if kept is not None:
             kept.assoc.release()
 
-    def _reusable(self, contexts: set[tuple[str, str]]) -> Association | None:
+    def _reusable(self, contexts: set[tuple[str, str]]) -> scu.StoreAssociation | None:
         kept: _Open | None = getattr(self._local, "open", None)
         if kept is None:
             return None
-        if kept.assoc.is_established and contexts <= kept.proposed:
+        if kept.assoc.is_open() and contexts <= kept.proposed:
             return kept.assoc
         self.close()
         return None
@@ -168,38 +160,36 @@ class DicomForwarder:
             yield from self.deliver(jobs[:half])
             yield from self.deliver(jobs[half:])
             return
-        where = f"{self.destination.ae_title}@{self.destination.host}:{self.destination.port}"
+        destination = self.destination
+        where = f"{destination.ae_title}@{destination.host}:{destination.port}"
         assoc = self._reusable(set(contexts))
         if assoc is None:
             try:
-                assoc = associate(self.destination, self.calling_ae, contexts, self.tls_args)
-            except OSError as exc:  # the host name does not resolve (pynetdicom resolves it in this thread)
-                failed = f"association to {where}: cannot connect: {exc}"
+                assoc = scu.request(
+                    destination.host,
+                    destination.port,
+                    self.calling_ae,
+                    destination.ae_title,
+                    contexts,
+                    destination.timeout,
+                    self.tls_context,
+                )
+            except scu.AssociationFailed as exc:
                 for job in jobs:
-                    yield Delivery(job, Outcome.TRANSIENT, failed, reached=False)
+                    yield Delivery(job, Outcome.TRANSIENT, f"association to {where}: {exc}", reached=False)
                 return
-            if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
-                # pynetdicom aborts an association in which the peer accepted no context at all
+            if not assoc.accepted_contexts:
+                assoc.release()
                 for job in jobs:
                     yield _no_context(job, wanted[job.id], where)
                 return
-            if not assoc.is_established:
-                why = _not_established(assoc, self.destination.timeout)
-                for job in jobs:
-                    yield Delivery(job, Outcome.TRANSIENT, f"association to {where}: {why}", reached=False)
-                return
-            set_nodelay(assoc)
-            bound_sending(assoc, self.destination.timeout)
             self._local.open = _Open(assoc, frozenset(contexts), time.monotonic())
         finished, tried, usable = False, False, True
         try:
-            # an accepted context always has the abstract syntax we proposed; pynetdicom types it Optional
-            accepted: set[tuple[str, str]] = {
-                (cast(UID, cx.abstract_syntax), cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
-            }
+            accepted = assoc.accepted_contexts
             for job in jobs:
                 delivery = None
-                if usable and assoc.is_established:
+                if usable:
                     delivery, usable = self._send_one(assoc, job, wanted[job.id], accepted)
                 if delivery is None:
                     # Jobs behind the one the association ended (or went unanswered) on were never sent: no attempt
@@ -213,19 +203,19 @@ class DicomForwarder:
             finished = True
         finally:
             kept: _Open | None = getattr(self._local, "open", None)
-            if finished and usable and kept is not None and assoc.is_established:
+            if finished and usable and kept is not None and assoc.is_open():
                 kept.last_used = time.monotonic()  # kept for the next batch
             else:
                 self.close()  # stopped early (shutdown) or the association ended
 
     def _send_one(
         self,
-        assoc: Association,
+        assoc: scu.StoreAssociation,
         job: Job,
         wanted: tuple[str, list[str]],
         accepted: set[tuple[str, str]],
     ) -> tuple[Delivery | None, bool]:
-        """Send in the best accepted syntax; in the next one when pynetdicom refuses the file as written.
+        """Send in the best accepted syntax; in the next one when the file as written cannot be sent.
 
         Returns the job's delivery (None when the association had ended and nothing went out) and whether the
         association can carry another message (not after a send failed or went unanswered).
@@ -233,7 +223,7 @@ class DicomForwarder:
         sop_class, preferred = wanted
         choices = [UID(ts) for ts in preferred if (sop_class, ts) in accepted]
         if not choices:
-            return _no_context(job, wanted, f"{assoc.acceptor.ae_title}"), True
+            return _no_context(job, wanted, assoc.called_ae), True
         refused = []
         for choice in choices:
             try:
@@ -241,30 +231,24 @@ class DicomForwarder:
             except Exception as exc:
                 return Delivery(job, _conversion_outcome(exc), f"cannot convert to {choice.name}: {exc}"), True
             try:
-                response = assoc.send_c_store(path)
-            except SendStalled as exc:
-                assoc.abort()  # half a message was sent: the association cannot carry another one
-                return Delivery(job, Outcome.TRANSIENT, f"sending failed: {exc}; association aborted"), False
-            except RuntimeError as exc:
-                if _NOT_ESTABLISHED in str(exc):
-                    return None, False  # it ended (the peer aborted) after the caller looked
-                return Delivery(job, Outcome.TRANSIENT, f"sending failed: {exc}"), False
-            except OSError as exc:
-                return Delivery(job, Outcome.TRANSIENT, f"sending failed: {exc}"), False
-            except ValueError as exc:
-                # pynetdicom refuses the file before sending anything: unreadable, or its file meta names another
-                # SOP class than the job (a job made before receiving refused such data sets with 0xA900)
+                response = assoc.store(path)
+            except scu.AssociationEnded as exc:
+                if not exc.sent:
+                    return None, False  # it ended (the peer aborted or closed) before this job
+                return Delivery(job, Outcome.TRANSIENT, str(exc)), False
+            except OSError as exc:  # the file cannot be read; nothing was sent
+                return Delivery(job, Outcome.TRANSIENT, f"cannot read the file to send: {exc}"), True
+            except (ValueError, InvalidDicomError) as exc:
+                # Refused before sending anything: not a Part 10 file, or its file meta names another SOP class
+                # than the job (a job made before receiving refused such data sets with 0xA900)
                 refused.append(f"as {choice.name}: {exc}")
                 continue
             finally:
                 if scratch:
                     path.unlink(missing_ok=True)
-            if "Status" not in response:
-                # pynetdicom aborted on a timeout, or the peer aborted (which pynetdicom's association thread
-                # notices a moment later: is_established may still be True)
-                return Delivery(job, Outcome.TRANSIENT, "no response (timeout or association aborted)"), False
-            status = int(response.Status)
-            detail = f"{assoc.acceptor.ae_title} answered status {describe(status)} to {choice.name}"
+            detail = f"{assoc.called_ae} answered status {describe(response.status)} to {choice.name}"
+            if response.error_comment:
+                detail += f" ({response.error_comment})"
             if refused:
                 LOGGER.warning(
                     "sent %s as %s: cannot send it %s",
@@ -272,12 +256,8 @@ class DicomForwarder:
                     choice.name,
                     "; ".join(refused),
                 )
-            return Delivery(job, classify_store_status(status), detail, status), True
+            return Delivery(job, classify_store_status(response.status), detail, response.status), True
         return Delivery(job, Outcome.PERMANENT, f"cannot send the file {'; '.join(refused)}"), True
-
-
-_NOT_ESTABLISHED = "must be established before sending"
-"""pynetdicom 3.0's send_c_store refusing, before anything is sent, on an association that is no longer established."""
 
 
 def _conversion_outcome(exc: BaseException) -> Outcome:
@@ -324,138 +304,6 @@ def _file_in_syntax(job: Job, syntax: UID, scratch: Path) -> tuple[Path, bool]:
     path = scratch / f"{job.id}.{job.destination}.{syntax.name.replace(' ', '')}.dcm"
     compress.decompress_file(job.original, path, syntax)
     return path, True
-
-
-def associate(
-    destination: DicomDestination,
-    calling_ae: str,
-    contexts: Sequence[tuple[str, str]],
-    tls_args: tuple[ssl.SSLContext, str | None] | None = None,
-) -> Association:
-    """Request an association proposing one presentation context per (SOP class, transfer syntax), over TLS
-    when `tls_args` (pynetdicom's (context, server hostname)) are given."""
-    reactors.install()
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = destination.timeout
-    ae.connection_timeout = destination.timeout
-    for sop_class, ts in contexts:
-        ae.add_requested_context(sop_class, ts)
-    # pynetdicom types the hostname str, but passes it on to SSLContext.wrap_socket, which takes None (no SNI)
-    return ae.associate(
-        destination.host,
-        destination.port,
-        ae_title=destination.ae_title,
-        tls_args=tls_args,  # type: ignore[arg-type]
-    )
-
-
-def _not_established(assoc: Association, timeout: float) -> str:
-    """Why an association request failed, in the words an operator needs: the socket or TLS error of a failed
-    connection, or the result, source and reason of an A-ASSOCIATE-RJ."""
-    failed = getattr(assoc.dul, CONNECT_ERROR, None)
-    if failed is not None:
-        return f"cannot connect: {failed}"
-    answer = assoc.acceptor.primitive
-    if assoc.is_rejected and isinstance(answer, A_ASSOCIATE):
-        return f"rejected ({answer.result_str}, {answer.source_str}: {answer.reason_str})"
-    return f"aborted by the peer, or no answer within {timeout:g} s"
-
-
-CONNECT_ERROR = "scp_connect_error"
-"""Attribute of an association's DUL thread holding pynetdicom's reason for a connection that failed."""
-
-
-def _keep_connect_error(record: logging.LogRecord) -> bool:
-    """pynetdicom logs why a connection failed ("TCP Initialisation Error: ...") from the association's DUL thread
-    and keeps it nowhere: keep it on that thread for `_not_established`. Its traceback of a TLS failure, the same
-    error again, is dropped."""
-    message = record.getMessage()
-    if message.startswith(_CONNECT_FAILED):
-        setattr(threading.current_thread(), CONNECT_ERROR, message.removeprefix(_CONNECT_FAILED))
-    return not (record.exc_info and isinstance(record.exc_info[1], ssl.SSLError))
-
-
-_CONNECT_FAILED = "TCP Initialisation Error: "
-logging.getLogger("pynetdicom.transport").addFilter(_keep_connect_error)
-
-
-def set_nodelay(assoc: Association) -> None:
-    """Turn off Nagle's algorithm and delayed ACKs on an association's socket.
-
-    pynetdicom does neither. Without TCP_NODELAY our own small PDUs wait for the peer's ACK; and a peer that keeps
-    Nagle on (Debian's DCMTK unless TCP_NODELAY=1 is in its environment) waits for ours, which Linux delays by
-    ~40 ms: 40 ms per instance either way. Linux clears TCP_QUICKACK by itself, so it is set again before every
-    read (measured against such a storescp: 49 ms per instance without, 4 ms with).
-    """
-    transport = getattr(assoc.dul, "socket", None)
-    sock = getattr(transport, "socket", None)
-    if transport is None or sock is None:
-        return
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    quickack = getattr(socket, "TCP_QUICKACK", None)  # Linux only
-    if quickack is None:
-        return
-    recv: Callable[[int], bytearray] = transport.recv  # pynetdicom's AssociationSocket.recv
-
-    def recv_acking_at_once(nr_bytes: int) -> bytearray:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
-        return recv(nr_bytes)
-
-    transport.recv = recv_acking_at_once
-
-
-class SendWindow(WakingQueue):
-    """pynetdicom's queue of PDUs to send, with back-pressure on P-DATA.
-
-    pynetdicom reads a file being sent in PDU-sized pieces but queues them all at once (an unbounded queue its
-    reactor drains): a 1 GiB instance would sit in memory whole. Here the sending thread waits while `limit` PDUs
-    are queued. If nothing is drained for `patience` seconds (a peer that stopped reading, or a dead reactor),
-    `put` raises SendStalled in the sending thread, which aborts the association. Other primitives (release,
-    abort) never wait. Every put rings `wake` (the event-driven DUL reactor sleeps until then).
-    """
-
-    def __init__(self, limit: int, patience: float, wake: Callable[[], None] = lambda: None) -> None:
-        super().__init__(wake)
-        self.limit = limit
-        self.patience = patience
-
-    def put(self, item: object, block: bool = True, timeout: float | None = None) -> None:
-        if isinstance(item, P_DATA):
-            deadline = time.monotonic() + self.patience
-            with self.not_full:  # notified by every get()
-                while self._qsize() >= self.limit:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise SendStalled(f"the peer took nothing for {self.patience:g} s")
-                    self.not_full.wait(remaining)
-        super().put(item, block, timeout)
-
-
-class SendStalled(RuntimeError):
-    """The peer stopped taking PDUs in the middle of a message: the association is no use any more."""
-
-
-SEND_WINDOW_PDUS = 16
-"""P-DATA PDUs an association queues for sending before the sender waits (16 x max PDU: 2 MiB at 128 KiB)."""
-
-
-def bound_sending(assoc: Association, timeout: float) -> None:
-    """Bound what sending can cost an association we requested; call before its first DIMSE message.
-
-    Memory: pynetdicom's PDU queue becomes a SendWindow (swapped only while empty: just after establishment the
-    reactor holds nothing in it). Time: pynetdicom connects with a timeout and then clears it, so a peer that
-    stops reading would block the reactor's send (and the association) for ever; the socket gets `timeout` back.
-    """
-    queued = assoc.dul.to_provider_queue
-    if queued.empty():
-        wake = queued.wake if isinstance(queued, WakingQueue) else lambda: None
-        assoc.dul.to_provider_queue = SendWindow(SEND_WINDOW_PDUS, timeout, wake)
-    sock = getattr(assoc.dul.socket, "socket", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.settimeout(timeout)
 
 
 def make_forwarder(destination: DicomDestination | DirectoryDestination, calling_ae: str, scratch: Path) -> Forwarder:

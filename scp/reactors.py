@@ -125,7 +125,7 @@ class EventDrivenDUL(DULServiceProvider):
                 # The connection ended before its A-ASSOCIATE-RQ (a port probe): pynetdicom's association thread
                 # waits for one until acse_timeout, holding a slot of max_associations; None is what it gets when
                 # that wait times out, and it then closes at once.
-                self.to_user_queue.put(None)
+                self.to_user_queue.put(None)  # type: ignore[arg-type]  # what pynetdicom's timed-out wait gives
             self._bell.close()
             self._bell_rope.close()
             if isinstance(self.assoc, EventDrivenAssociation):

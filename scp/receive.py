@@ -10,13 +10,17 @@ Reporter (the SCP runs in a process of its own: see inbound.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, cast
 
 from pydicom.uid import UID
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -25,7 +29,6 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # i
 from scp import limits, sop_classes, status, syntaxes
 from scp.config import NodeConfig
 from scp.errors import SpoolError
-from scp.forward import set_nodelay
 from scp.security import called_ae_title
 from scp.spool import PartialReceive, Received, Spool
 
@@ -146,3 +149,30 @@ def handlers(spool: Spool, reporter: Reporter, node: NodeConfig, min_free: int =
         (evt.EVT_C_STORE, handle_store, [spool, reporter, node, min_free]),
         (evt.EVT_CONN_OPEN, handle_connection_open),
     ]
+
+
+def set_nodelay(assoc: Association) -> None:
+    """Turn off Nagle's algorithm and delayed ACKs on an association's socket.
+
+    pynetdicom does neither. Without TCP_NODELAY our own small PDUs wait for the peer's ACK; and a peer that keeps
+    Nagle on (Debian's DCMTK unless TCP_NODELAY=1 is in its environment) waits for ours, which Linux delays by
+    ~40 ms: 40 ms per instance either way. Linux clears TCP_QUICKACK by itself, so it is set again before every
+    read (measured against such a storescp: 49 ms per instance without, 4 ms with).
+    """
+    transport = getattr(assoc.dul, "socket", None)
+    sock = getattr(transport, "socket", None)
+    if transport is None or sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    quickack = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+    if quickack is None:
+        return
+    recv: Callable[[int], bytearray] = transport.recv  # pynetdicom's AssociationSocket.recv
+
+    def recv_acking_at_once(nr_bytes: int) -> bytearray:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+        return recv(nr_bytes)
+
+    transport.recv = recv_acking_at_once

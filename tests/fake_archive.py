@@ -12,6 +12,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.transport import ThreadedAssociationServer
 
 from scp import syntaxes
 
@@ -37,6 +38,7 @@ class FakeArchive:
     max_concurrent: int = 0
     _open: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _server: ThreadedAssociationServer | None = None
 
     def _store(self, event: Event) -> int:
         with self._lock:
@@ -71,6 +73,11 @@ class FakeArchive:
         with self._lock:
             return self._open
 
+    def abort_open(self) -> None:
+        """Abort every association open right now, as an archive restarting would."""
+        for assoc in self._server.active_associations if self._server is not None else []:
+            assoc.abort()
+
     def uids(self) -> set[str]:
         with self._lock:
             return {uid for uid, _ in self.received}
@@ -92,7 +99,7 @@ class FakeArchive:
             (evt.EVT_ABORTED, self._ended),
             *([(evt.EVT_PDU_RECV, self._pdu_received)] if self.freeze_after_pdus else []),
         ]
-        server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+        server = self._server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
         try:
             yield int(server.server_address[1])
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import shutil
 import threading
 import time
@@ -14,10 +15,9 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
-from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage
 
-from scp import compress, config, reactors, status
+from scp import compress, config, scu, status
 from scp.config import DicomDestination, DirectoryDestination
 from scp.forward import Delivery, DicomForwarder, DirectoryForwarder
 from scp.pipeline import Deliverer
@@ -451,21 +451,21 @@ def _forward_batch(tmp_path: Path, spool: Spool, archive: FakeArchive) -> list[D
 
 
 def test_a_job_the_association_ends_under_is_not_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The association ends after the forwarder saw it established and before pynetdicom sends the second job
-    (held here at that point; the peer aborting does it on a busy node): pynetdicom refuses ("must be established"),
-    nothing went out, and the job goes back without an attempt counted, as the one behind it."""
-    real = Association.send_c_store
-    calls: list[int] = []
-
-    def ended_before_sending(self: Association, *args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 2:
-            self.abort()
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Association, "send_c_store", ended_before_sending)
-    spool, uids = _three_jobs(tmp_path)
+    """The archive aborts the association between the first job and the second (held here until its abort has
+    arrived): nothing went out for the second, and it goes back without an attempt counted, as the one behind it."""
+    real = scu.StoreAssociation.store
     archive = FakeArchive()
+    calls: list[Path] = []
+
+    def aborted_before_the_second(self: scu.StoreAssociation, path: Path) -> scu.StoreResponse:
+        calls.append(path)
+        if len(calls) == 2:
+            archive.abort_open()
+            wait_for(lambda: select.select([self._sock], [], [], 0)[0], 10, "the archive's abort")
+        return real(self, path)
+
+    monkeypatch.setattr(scu.StoreAssociation, "store", aborted_before_the_second)
+    spool, uids = _three_jobs(tmp_path)
     deliveries = _forward_batch(tmp_path, spool, archive)
     assert [(d.outcome, d.sent) for d in deliveries] == [
         (Outcome.DELIVERED, True),
@@ -473,41 +473,18 @@ def test_a_job_the_association_ends_under_is_not_counted(tmp_path: Path, monkeyp
         (Outcome.TRANSIENT, False),
     ], deliveries
     assert archive.uids() == {uids[0]}
+    assert len(calls) == 2
 
 
-def test_nothing_more_is_sent_after_no_response(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The archive aborts on the first job instead of answering. The association thread takes the abort only
-    once the forwarder has looked at the association for the next job (held here until pynetdicom's send
-    starts, as a busy node may schedule it): that job was refused by pynetdicom ("must be established") and
-    charged an attempt. After a job goes unanswered nothing more is sent: the two behind it count no attempt."""
-    held = threading.Event()
-    real_ended = reactors.EventDrivenAssociation._ended
-    real_send = Association.send_c_store
-    sends: list[int] = []
-
-    def after_the_forwarder_looked(self: reactors.EventDrivenAssociation) -> bool:
-        if self.acse.is_aborted():
-            held.wait(10)
-        return real_ended(self)
-
-    def sending(self: Association, *args: Any, **kwargs: Any) -> Any:
-        sends.append(1)
-        if len(sends) > 1:
-            held.set()
-            wait_for(lambda: not self.is_established, 10, "the association thread taking the abort")
-        return real_send(self, *args, **kwargs)
-
-    monkeypatch.setattr(reactors.EventDrivenAssociation, "_ended", after_the_forwarder_looked)
-    monkeypatch.setattr(Association, "send_c_store", sending)
+def test_nothing_more_is_sent_after_no_response(tmp_path: Path) -> None:
+    """The archive aborts on the first job instead of answering: that job's outcome is unknown (transient, an
+    attempt counted) and nothing more is sent; the two behind it count no attempt."""
     spool, uids = _three_jobs(tmp_path)
     archive = FakeArchive(abort_on={uids[0]})
-    try:
-        deliveries = _forward_batch(tmp_path, spool, archive)
-    finally:
-        held.set()
+    deliveries = _forward_batch(tmp_path, spool, archive)
     assert [(d.outcome, d.sent) for d in deliveries] == [(Outcome.TRANSIENT, True)] + [(Outcome.TRANSIENT, False)] * 2
-    assert "no response" in deliveries[0].detail, deliveries
-    assert len(sends) == 1 and len(archive.received) == 1
+    assert "no response: aborted by the peer" in deliveries[0].detail, deliveries
+    assert len(archive.received) == 1
 
 
 def test_a_failed_move_to_quarantine_is_retried_without_sending_again(
@@ -626,11 +603,11 @@ def test_stall_timeout_is_per_instance_not_per_batch(tmp_path: Path) -> None:
     assert len(archive.received) == 12
 
 
-def test_a_file_pynetdicom_refuses_to_send_goes_in_the_next_syntax(tmp_path: Path) -> None:
-    """A job whose encoded file pynetdicom refuses (its file meta names another SOP class than the job, which the
-    association negotiated) is sent in the next accepted syntax, the original, rather than quarantined. Receiving
-    refuses such data sets (0xA900), so this guards jobs made by earlier versions and anything else pynetdicom
-    refuses before it sends a byte."""
+def test_a_file_that_cannot_be_sent_as_written_goes_in_the_next_syntax(tmp_path: Path) -> None:
+    """A job whose encoded file cannot be sent as written (its file meta names another SOP class than the job,
+    which the association negotiated) is sent in the next accepted syntax, the original, rather than quarantined.
+    Receiving refuses such data sets (0xA900), so this guards jobs made by earlier versions and any other file
+    refused before a byte is sent."""
     ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
     ds.SOPClassUID = SecondaryCaptureImageStorage  # the file meta still says CT Image Storage
     original = tmp_path / "original.dcm"
@@ -657,8 +634,8 @@ def test_a_file_pynetdicom_refuses_to_send_goes_in_the_next_syntax(tmp_path: Pat
 
 
 def test_an_archive_whose_name_does_not_resolve_is_unreachable_not_a_crash(tmp_path: Path) -> None:
-    """pynetdicom resolves the host in the calling thread: its error is a transient failure that pauses the
-    destination (it escaped delivery, which then retried at once with a traceback, never counting an attempt)."""
+    """The host is resolved in the delivery thread: its error is a transient failure that pauses the destination
+    (it escaped delivery, which then retried at once with a traceback, never counting an attempt)."""
     spool = Spool(tmp_path / "spool")
     (path, uid), *_ = make_instances(tmp_path / "modality", 1).items()
     _queue_job(spool, 0, path, uid)

@@ -1,4 +1,4 @@
-"""forward.set_nodelay: no Nagle, and no delayed ACKs, on an association's socket."""
+"""receive.set_nodelay: no Nagle, and no delayed ACKs, on an association's socket."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from scp.forward import set_nodelay
+from scp.receive import set_nodelay
 
 
 class _Transport:
