@@ -197,6 +197,7 @@ class DicomForwarder:
                     # association backs off).
                     usable = False
                     yield Delivery(job, Outcome.TRANSIENT, f"association to {where} ended early", sent=not tried)
+                    tried = True
                     continue
                 yield delivery
                 tried = True

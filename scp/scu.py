@@ -51,12 +51,15 @@ _HEADER = struct.Struct(">BxI")
 _PDV_HEADER = struct.Struct(">IBB")
 """A presentation data value item's length, presentation context ID and message control header (PS3.8 9.3.5.1)."""
 _COMMAND, _LAST = 0x01, 0x02
+MAX_COMMAND = 1 << 16
+"""The largest command set taken: a C-STORE-RSP is about a hundred bytes."""
 _ASSOCIATE_FIXED_FIELDS = 68
 """Protocol version, reserved, called and calling AE titles, reserved: before an A-ASSOCIATE's items (PS3.8 9.3.3)."""
 MAX_PDU_READ = 1 << 20
 """The largest PDU taken from a destination: its A-ASSOCIATE-AC for 128 contexts is a few KiB, responses less."""
-UNLIMITED_PDV = 1 << 20
-"""Data fragment size for a peer that declares no maximum PDU length (0)."""
+MAX_PDV = 1 << 20
+"""The largest data fragment sent, also to a peer that declares no maximum PDU length (0) or a huge one: memory
+stays flat, and each PDU can go out within the timeout on a slow link."""
 ABORT_PATIENCE = 1.0
 """Seconds an A-ABORT may take to go out: the peer may have stopped reading, which is often why we abort."""
 LOW_PRIORITY = 0x0002
@@ -157,8 +160,9 @@ class StoreAssociation:
             self._sock.settimeout(self.timeout)
             self._sock.sendall(_HEADER.pack(_RELEASE_RQ, 4) + bytes(4))
             deadline = time.monotonic() + self.timeout
-            while _read_pdu(self._sock, deadline)[0] not in (_RELEASE_RP, _ABORT):
-                pass
+            while (kind := _read_pdu(self._sock, deadline)[0]) not in (_RELEASE_RP, _ABORT):
+                if kind == _RELEASE_RQ:  # a release collision: the requestor answers first (PS3.8 9.2.3, AR-9)
+                    self._sock.sendall(_HEADER.pack(_RELEASE_RP, 4) + bytes(4))
         except (OSError, EOFError, ValueError):
             pass  # the peer closed the connection or did not answer: it is closed all the same
         self._close()
@@ -185,17 +189,19 @@ class StoreAssociation:
         something (an abort, a release request) or closed the connection has ended it, and it is closed here."""
         if not self.is_established:
             return False
-        try:
-            spoken, _, _ = select.select([self._sock], [], [], 0)
-        except (OSError, ValueError):
-            spoken = [self._sock]
-        if spoken:
-            self._close()
-        return not spoken
+        if not _readable(self._sock):
+            return True
+        try:  # what it said: a release request is answered (PS3.8 9.2.3), anything else ends it
+            if _read_pdu(self._sock, time.monotonic() + ABORT_PATIENCE)[0] == _RELEASE_RQ:
+                self._sock.sendall(_HEADER.pack(_RELEASE_RP, 4) + bytes(4))
+        except (OSError, EOFError, ValueError):
+            pass  # closed, aborted or unreadable: ended all the same
+        self._close()
+        return False
 
     def _send_fragments(self, context_id: int, kind: int, source: io.BufferedIOBase | io.BytesIO, size: int) -> None:
         """Send `size` bytes read from `source` as P-DATA-TF PDUs of one PDV each, no longer than the peer takes."""
-        fragment = max(self.max_pdu - _PDV_HEADER.size, 1) if self.max_pdu else UNLIMITED_PDV
+        fragment = max(min(self.max_pdu - _PDV_HEADER.size, MAX_PDV), 1) if self.max_pdu else MAX_PDV
         self._sock.settimeout(self.timeout)  # for each PDU: a peer that stops reading
         left = size
         while left > 0:
@@ -254,7 +260,7 @@ def request(
     (released by the caller) so that the caller can tell that apart."""
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
-    except OSError as exc:  # refused, unreachable, unresolvable, timed out
+    except (OSError, UnicodeError) as exc:  # refused, unreachable, unresolvable, timed out; not a host name (IDNA)
         raise AssociationFailed(f"cannot connect: {exc}") from exc
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -298,7 +304,8 @@ def _answered(
             if not answered:  # PS3.8 9.3.3.2: one result for each proposed context
                 raise ValueError("it answers none of the proposed presentation contexts")
             results = negotiate_as_requestor(list(proposed), answered)
-            max_pdu = _max_length(primitive)
+            association = StoreAssociation(sock, called_ae, results, timeout)  # an accepted context lacking its
+            association.max_pdu = _max_length(primitive)  # transfer syntax raises here
         elif kind == _ASSOCIATE_RJ:
             rejected = A_ASSOCIATE_RJ()
             rejected.decode(pdu)
@@ -310,8 +317,6 @@ def _answered(
         raise AssociationFailed(f"the peer's answer (PDU type 0x{kind:02X}) cannot be read: {exc}") from exc
     if kind != _ASSOCIATE_AC:
         raise AssociationFailed(why)
-    association = StoreAssociation(sock, called_ae, results, timeout)
-    association.max_pdu = max_pdu
     accepted_count = len(association.accepted_contexts)
     LOGGER.debug("association to %s accepted %d of %d contexts", called_ae, accepted_count, len(proposed))
     return association
@@ -401,6 +406,8 @@ def _take_command(body: bytes, command: bytearray) -> bool:
             raise ValueError("a malformed presentation data value")
         if control & _COMMAND:
             command += body[position + _PDV_HEADER.size : position + 4 + length]
+            if len(command) > MAX_COMMAND:
+                raise ValueError(f"a command set of more than {MAX_COMMAND} bytes")
             if control & _LAST:
                 return True
         position += 4 + length
@@ -425,6 +432,15 @@ def _no_answer(exc: OSError, timeout: float) -> str:
     if isinstance(exc, TimeoutError):
         return f"no answer within {timeout:g} s"
     return f"the connection failed: {exc}"
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether the peer sent something (or closed the connection): bytes TLS has already decrypted count too."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    poller = select.poll()  # not select(): it fails on descriptors from 1024 on
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _read_pdu(sock: socket.socket, deadline: float) -> tuple[int, bytes]:
