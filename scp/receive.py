@@ -29,6 +29,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # i
 from scp import limits, sop_classes, status, syntaxes
 from scp.config import NodeConfig
 from scp.errors import SpoolError
+from scp.scu import ack_at_once
 from scp.security import called_ae_title
 from scp.spool import PartialReceive, Received, Spool
 
@@ -165,14 +166,10 @@ def set_nodelay(assoc: Association) -> None:
         return
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    quickack = getattr(socket, "TCP_QUICKACK", None)  # Linux only
-    if quickack is None:
-        return
     recv: Callable[[int], bytearray] = transport.recv  # pynetdicom's AssociationSocket.recv
 
     def recv_acking_at_once(nr_bytes: int) -> bytearray:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+        ack_at_once(sock)
         return recv(nr_bytes)
 
     transport.recv = recv_acking_at_once

@@ -51,6 +51,10 @@ _HEADER = struct.Struct(">BxI")
 _PDV_HEADER = struct.Struct(">IBB")
 """A presentation data value item's length, presentation context ID and message control header (PS3.8 9.3.5.1)."""
 _COMMAND, _LAST = 0x01, 0x02
+_RELEASE_RQ_PDU, _RELEASE_RP_PDU, _ABORT_PDU = (
+    _HEADER.pack(kind, 4) + bytes(4) for kind in (_RELEASE_RQ, _RELEASE_RP, _ABORT)
+)
+"""The three PDUs of a fixed body of four zero bytes (PS3.8 9.3.6-9.3.8; an A-ABORT from the service user)."""
 MAX_COMMAND = 1 << 16
 """The largest command set taken: a C-STORE-RSP is about a hundred bytes."""
 _ASSOCIATE_FIXED_FIELDS = 68
@@ -158,11 +162,11 @@ class StoreAssociation:
         self.is_established = False
         try:
             self._sock.settimeout(self.timeout)
-            self._sock.sendall(_HEADER.pack(_RELEASE_RQ, 4) + bytes(4))
+            self._sock.sendall(_RELEASE_RQ_PDU)
             deadline = time.monotonic() + self.timeout
             while (kind := _read_pdu(self._sock, deadline)[0]) not in (_RELEASE_RP, _ABORT):
                 if kind == _RELEASE_RQ:  # a release collision: the requestor answers first (PS3.8 9.2.3, AR-9)
-                    self._sock.sendall(_HEADER.pack(_RELEASE_RP, 4) + bytes(4))
+                    self._sock.sendall(_RELEASE_RP_PDU)
         except (OSError, EOFError, ValueError):
             pass  # the peer closed the connection or did not answer: it is closed all the same
         self._close()
@@ -172,7 +176,7 @@ class StoreAssociation:
         if self.is_established:
             with contextlib.suppress(OSError):
                 self._sock.settimeout(ABORT_PATIENCE)
-                self._sock.sendall(_HEADER.pack(_ABORT, 4) + bytes(4))
+                self._sock.sendall(_ABORT_PDU)
         self._close()
 
     def _close(self) -> None:
@@ -193,7 +197,7 @@ class StoreAssociation:
             return True
         try:  # what it said: a release request is answered (PS3.8 9.2.3), anything else ends it
             if _read_pdu(self._sock, time.monotonic() + ABORT_PATIENCE)[0] == _RELEASE_RQ:
-                self._sock.sendall(_HEADER.pack(_RELEASE_RP, 4) + bytes(4))
+                self._sock.sendall(_RELEASE_RP_PDU)
         except (OSError, EOFError, ValueError):
             pass  # closed, aborted or unreadable: ended all the same
         self._close()
@@ -459,7 +463,7 @@ def _read_exactly(sock: socket.socket, size: int, deadline: float) -> bytes:
         if remaining <= 0:
             raise TimeoutError("timed out")
         sock.settimeout(remaining)
-        _ack_at_once(sock)
+        ack_at_once(sock)
         chunk = sock.recv(min(size - len(data), 1 << 20))
         if not chunk:
             raise EOFError("the peer closed the connection")
@@ -467,7 +471,7 @@ def _read_exactly(sock: socket.socket, size: int, deadline: float) -> bytes:
     return bytes(data)
 
 
-def _ack_at_once(sock: socket.socket) -> None:
+def ack_at_once(sock: socket.socket) -> None:
     """Linux clears TCP_QUICKACK by itself: set it before every read, so that a peer keeping Nagle's algorithm on
     (Debian's DCMTK) does not wait ~40 ms for our delayed ACK before its response goes out."""
     quickack = getattr(socket, "TCP_QUICKACK", None)  # Linux only
