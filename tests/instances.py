@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from scp.spool import Spool
 from tests.peers import TEST_FILES
 
 
@@ -71,3 +72,15 @@ class Arrivals:
     def files(self) -> int:
         self.uids()
         return len(self._seen)
+
+
+def queue_job(spool: Spool, index: int, path: Path, uid: str) -> None:
+    """Commit an Explicit VR Little Endian CT instance as job `index` for the archive, as processing would."""
+    info = {
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "sop_instance_uid": uid,
+        "transfer_syntax": ExplicitVRLittleEndian,
+        "original_transfer_syntax": ExplicitVRLittleEndian,
+        "received_at": 0,
+    }
+    spool.commit_job(f"{index:020d}-test", "archive", path, path, info)

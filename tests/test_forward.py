@@ -24,7 +24,7 @@ from scp.pipeline import Deliverer
 from scp.spool import Job, Spool
 from scp.status import Outcome
 from tests.fake_archive import FakeArchive
-from tests.instances import Arrivals, make_instances
+from tests.instances import Arrivals, make_instances, queue_job
 from tests.peers import (
     TEST_FILES,
     archive_destination,
@@ -198,25 +198,13 @@ def test_no_acceptable_presentation_context_is_permanent(tmp_path: Path) -> None
     assert archive.associations <= 2
 
 
-def _queue_job(spool: Spool, index: int, path: Path, uid: str) -> None:
-    """Commit an Explicit VR Little Endian CT instance as job `index` for the archive, as processing would."""
-    info = {
-        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
-        "sop_instance_uid": uid,
-        "transfer_syntax": ExplicitVRLittleEndian,
-        "original_transfer_syntax": ExplicitVRLittleEndian,
-        "received_at": 0,
-    }
-    spool.commit_job(f"{index:020d}-test", "archive", path, path, info)
-
-
 def test_batches_reuse_associations_and_run_in_parallel(tmp_path: Path) -> None:
     """60 jobs, batch_size 10, 3 delivery threads, a slowish archive: each thread keeps one association for all
     its batches, and the three run at once."""
     spool = Spool(tmp_path / "spool")
     made = make_instances(tmp_path / "modality", 60)
     for index, (path, uid) in enumerate(made.items()):
-        _queue_job(spool, index, path, uid)
+        queue_job(spool, index, path, uid)
     archive = FakeArchive(delay=0.02)
     with archive.serving() as port:
         parsed = config.parse(node_config(tmp_path, archive_destination(port, associations=3, batch_size=10), JPEG_LS))
@@ -249,7 +237,7 @@ def test_an_idle_association_is_released_after_the_linger(tmp_path: Path) -> Non
     made = list(make_instances(tmp_path / "modality", 4).items())
 
     def queue(index: int) -> None:
-        _queue_job(spool, index, *made[index])
+        queue_job(spool, index, *made[index])
 
     archive = FakeArchive()
     with archive.serving() as port:
@@ -309,7 +297,7 @@ def test_an_archive_that_stops_reading_mid_instance_costs_a_retry_not_memory(tmp
     in memory; the association is aborted, the job waits, and is delivered once the archive reads again."""
     spool = Spool(tmp_path / "spool")
     ((path, uid),) = make_instances(tmp_path / "modality", 1, rows=4096).items()
-    _queue_job(spool, 1, path, uid)
+    queue_job(spool, 1, path, uid)
     archive = FakeArchive(freeze_after_pdus=4)
     with archive.serving() as port:
         parsed = config.parse(node_config(tmp_path, archive_destination(port, timeout=2), JPEG_LS))
@@ -341,7 +329,7 @@ def test_directory_destination_keeps_apart_uids_sharing_a_long_prefix(tmp_path: 
     made = list(make_instances(tmp_path / "modality", 2).items())
     uids = ["1.2.826.0.1.3680043.8.498.12345.A1", "1.2.826.0.1.3680043.8.498.12345.B2"]
     for index, ((path, _), uid) in enumerate(zip(made, uids, strict=True)):
-        _queue_job(spool, index, path, uid)
+        queue_job(spool, index, path, uid)
     folder = tmp_path / "folder"
     forwarder = DirectoryForwarder(DirectoryDestination(type="directory", path=str(folder)))
     deliveries = list(forwarder.deliver(spool.jobs("archive")))
@@ -359,7 +347,7 @@ def test_a_failed_directory_write_leaves_no_partial_file(tmp_path: Path, monkeyp
     big = list(make_instances(tmp_path / "big", 1, rows=256).items())
     small = list(make_instances(tmp_path / "small", 3).items())
     for index, (path, uid) in enumerate(big + small):
-        _queue_job(spool, index, path, uid)
+        queue_job(spool, index, path, uid)
     folder = tmp_path / "folder"
     capacity = sum(path.stat().st_size for path, _ in small)
     assert big[0][0].stat().st_size > capacity
@@ -386,11 +374,11 @@ def test_a_job_whose_files_cannot_be_read_is_quarantined_and_the_jobs_behind_it_
     spool = Spool(tmp_path / "spool")
     made = list(make_instances(tmp_path / "modality", 3).items())
     for index, (path, uid) in enumerate(made):
-        _queue_job(spool, 10 + index, path, uid)
+        queue_job(spool, 10 + index, path, uid)
     (path, uid), *_ = made
     broken = {"no job.json": "", "not JSON": "{bad", "not a mapping": "[1]", "incomplete": '{"received_at": 0}'}
     for index, (case, text) in enumerate([*broken.items(), ("no instance.dcm", None)]):
-        _queue_job(spool, index, path, f"{uid}.{index}")
+        queue_job(spool, index, path, f"{uid}.{index}")
         job = spool.outgoing_dir / "archive" / f"{index:020d}-test"
         if text is None:
             (job / "instance.dcm").unlink()
@@ -416,7 +404,7 @@ def test_jobs_behind_an_aborted_association_count_no_attempt(tmp_path: Path) -> 
     spool = Spool(tmp_path / "spool")
     made = list(make_instances(tmp_path / "modality", 6).items())
     for index, (path, uid) in enumerate(made):
-        _queue_job(spool, index, path, uid)
+        queue_job(spool, index, path, uid)
     poison = made[0][1]
     archive = FakeArchive(abort_on={poison})
     retry = {"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": 1}
@@ -434,7 +422,7 @@ def _three_jobs(tmp_path: Path) -> tuple[Spool, list[str]]:
     spool = Spool(tmp_path / "spool")
     made = list(make_instances(tmp_path / "modality", 3).items())
     for index, (path, uid) in enumerate(made):
-        _queue_job(spool, index, path, uid)
+        queue_job(spool, index, path, uid)
     return spool, [uid for _, uid in made]
 
 
@@ -528,7 +516,7 @@ def test_a_quarantine_whose_flush_fails_after_the_move_is_not_tried_again(
     monkeypatch.setattr(Spool, "quarantine", moved_then_failed)
     spool = Spool(tmp_path / "spool")
     (path, uid), *_ = make_instances(tmp_path / "modality", 1).items()
-    _queue_job(spool, 0, path, uid)
+    queue_job(spool, 0, path, uid)
     archive = FakeArchive(answer=lambda n: status.DATASET_DOES_NOT_MATCH_SOP_CLASS)
     with archive.serving() as port:
         parsed = config.parse(node_config(tmp_path, archive_destination(port), JPEG_LS))
@@ -569,7 +557,7 @@ def test_a_failed_scratch_copy_is_retried_not_quarantined(
     monkeypatch.setattr(compress, "decompress_file", fails_once)
     spool = Spool(tmp_path / "spool")
     ((path, uid),) = make_instances(tmp_path / "modality", 1).items()
-    _queue_job(spool, 1, path, uid)
+    queue_job(spool, 1, path, uid)
     archive = FakeArchive(transfer_syntaxes=[ImplicitVRLittleEndian])
     with archive.serving() as port:
         retry = {"initial_delay": 0.1, "max_delay": 0.2}
@@ -638,7 +626,7 @@ def test_an_archive_whose_name_does_not_resolve_is_unreachable_not_a_crash(tmp_p
     (it escaped delivery, which then retried at once with a traceback, never counting an attempt)."""
     spool = Spool(tmp_path / "spool")
     (path, uid), *_ = make_instances(tmp_path / "modality", 1).items()
-    _queue_job(spool, 0, path, uid)
+    queue_job(spool, 0, path, uid)
     destination = DicomDestination(type="dicom", ae_title="ARCHIVE", host="archive.invalid", port=104)
     forwarder = DicomForwarder(destination, "COMPRESS_SCP", tmp_path)
     (delivery,) = forwarder.deliver(spool.jobs("archive"))
@@ -652,7 +640,7 @@ def test_a_job_the_system_cannot_read_for_now_is_retried_not_quarantined(
     """Too many open files while a job.json is read says nothing about the job: it stays queued and is sent."""
     spool = Spool(tmp_path / "spool")
     (path, uid), *_ = make_instances(tmp_path / "modality", 1).items()
-    _queue_job(spool, 0, path, uid)
+    queue_job(spool, 0, path, uid)
     real_info, failures = Job.info, [OSError(errno.EMFILE, "Too many open files")]
 
     def info_failing_once(job: Job) -> dict[str, object]:

@@ -29,7 +29,7 @@ from scp.config import DicomDestination
 from scp.forward import DicomForwarder
 from scp.spool import Spool
 from scp.status import Outcome
-from tests.instances import Arrivals, make_instances
+from tests.instances import Arrivals, make_instances, queue_job
 from tests.peers import storescp, wait_for
 
 CT = (str(CTImageStorage), str(ExplicitVRLittleEndian))
@@ -78,31 +78,6 @@ def test_fragments_fit_the_archives_maximum_pdu(tmp_path: Path) -> None:
     assert pydicom.dcmread(received).PixelData == pydicom.dcmread(path).PixelData
 
 
-@contextlib.contextmanager
-def _peer(answer: bytes | None) -> Iterator[int]:
-    """A TCP peer that reads the association request, then sends `answer` (None: nothing) and keeps the
-    connection open until the test ends."""
-    server = socket.create_server(("127.0.0.1", 0))
-    done = threading.Event()
-
-    def serve() -> None:
-        connection, _ = server.accept()
-        with connection:
-            connection.recv(65536)
-            if answer is not None:
-                connection.sendall(answer)
-            done.wait(30)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield server.getsockname()[1]
-    finally:
-        done.set()
-        thread.join(5)
-        server.close()
-
-
 @pytest.mark.parametrize(
     ("answer", "reason"),
     [
@@ -116,7 +91,7 @@ def _peer(answer: bytes | None) -> Iterator[int]:
 def test_a_peer_that_does_not_accept_properly_fails_the_request_in_time(answer: bytes | None, reason: str) -> None:
     """Silence, an HTTP server, a malformed A-ASSOCIATE-AC, an A-ABORT, a P-DATA: AssociationFailed with the reason,
     within the timeout."""
-    with _peer(answer) as port:
+    with _scripted(_until_closed, answer=lambda request: answer or b"") as port:
         started = time.monotonic()
         with pytest.raises(scu.AssociationFailed, match=re.escape(reason)):
             scu.request("127.0.0.1", port, "SCU", "ARCHIVE", [CT], 1)
@@ -169,6 +144,12 @@ def _scripted(then: Callable[[socket.socket], None], answer: Callable[[bytes], b
     finally:
         thread.join(15)
         server.close()
+
+
+def _until_closed(connection: socket.socket) -> None:
+    """Wait for the other end to close the connection (or reset it, leaving our answer unread)."""
+    with contextlib.suppress(OSError):
+        connection.recv(1)
 
 
 def _read_store(connection: socket.socket) -> None:
@@ -275,8 +256,7 @@ def test_jobs_behind_an_association_ended_before_the_first_count_no_attempt(tmp_
     association backs off), the ones behind it not."""
     spool = Spool(tmp_path / "spool")
     for index, (path, uid) in enumerate(make_instances(tmp_path / "modality", 3).items()):
-        info = {"sop_class_uid": CT[0], "sop_instance_uid": uid, "transfer_syntax": CT[1]}
-        spool.commit_job(f"{index:020d}-test", "archive", path, path, {**info, "original_transfer_syntax": CT[1]})
+        queue_job(spool, index, path, uid)
     with _scripted(lambda connection: None) as port:
         destination = DicomDestination(type="dicom", ae_title="ARCHIVE", host="127.0.0.1", port=port, timeout=5)
         forwarder = DicomForwarder(destination, "SCU", tmp_path)
