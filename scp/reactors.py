@@ -5,12 +5,14 @@ do, the association reactor sleeps 1 ms on every turn. On a busy node that is ~2
 association, each taking the GIL from the threads doing real work (receiving, forwarding, spooling): an idle
 association costs ~7.5% of a core, and the node spent more of its GIL time polling than working.
 
-Here both reactors sleep until there is something to do: the DUL reactor in select() on its socket and a wake-up
+Here both reactors sleep until there is something to do: the DUL reactor in poll() on its socket and a wake-up
 socket rung when a primitive is queued for sending; the association reactor on an Event set when a DIMSE message
 or a DUL indication (release, abort) is queued for it, or when another thread wants to pause it. Both still wake
 every IDLE_CHECK seconds to look at their timers and kill flags, as the originals do every millisecond.
 
-`install()` makes every association created afterwards use them. The loops mirror pynetdicom 3.0's
+`install()` makes every association created afterwards use them, and makes pynetdicom's check for incoming data
+(`AssociationSocket.ready`) use poll() instead of select(): select() fails on a descriptor of 1024 or more, which
+pynetdicom takes for a closed connection. The loops mirror pynetdicom 3.0's
 (DULServiceProvider.run_reactor, Association._run_reactor) with only the sleeping changed; pyproject pins
 pynetdicom to 3.0.x so that they cannot drift apart unnoticed.
 """
@@ -34,6 +36,9 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import InvalidEventError
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_P_ABORT
+from pynetdicom.transport import AssociationSocket
+
+from scp.scu import readable
 
 _FROM_LOCAL_PRIMITIVES = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
 """State machine events that stand for a primitive the local user queued (PS3.8 9.2, DULServiceProvider's
@@ -69,7 +74,7 @@ class _Checkpoint(threading.Event):
 
 
 class EventDrivenDUL(DULServiceProvider):
-    """pynetdicom's DUL provider, sleeping in select() on its socket and a wake-up socket instead of polling."""
+    """pynetdicom's DUL provider, sleeping in poll() on its socket and a wake-up socket instead of polling."""
 
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
@@ -93,12 +98,13 @@ class EventDrivenDUL(DULServiceProvider):
     def _sleep_until_work(self) -> None:
         """Sleep until the peer sends data, a primitive is queued, or IDLE_CHECK (or the ARTIM timer) runs out."""
         timeout = max(0.001, min(IDLE_CHECK, self.artim_timer.remaining))
-        waiting: list[Any] = [self._bell]
+        poller = select.poll()  # not select(): it fails on descriptors from 1024 on
+        poller.register(self._bell, select.POLLIN)
         transport = self.socket.socket if self.socket is not None else None
-        if transport is not None and transport.fileno() >= 0:
-            waiting.append(transport)
         with contextlib.suppress(OSError, ValueError):  # the socket closed under us: the next turn sees it
-            select.select(waiting, [], [], timeout)
+            if transport is not None and transport.fileno() >= 0:
+                poller.register(transport, select.POLLIN)
+            poller.poll(timeout * 1000)
         with contextlib.suppress(BlockingIOError):
             while self._bell.recv(4096):
                 pass
@@ -296,8 +302,21 @@ class EventDrivenAssociation(Association):
         return False
 
 
+def _ready(transport: AssociationSocket) -> bool:
+    """pynetdicom 3.0's AssociationSocket.ready, asking poll() instead of select()."""
+    if transport.socket is None or transport._is_connected is False:
+        return False
+    try:
+        return readable(transport.socket)
+    except (OSError, ValueError):  # Evt17: transport connection closed
+        transport.event_queue.put("Evt17")
+        return False
+
+
 def install() -> None:
-    """Make every association created from now on (requested or accepted) use the event-driven reactors."""
+    """Make every association created from now on (requested or accepted) use the event-driven reactors, and
+    every association socket check for data with poll()."""
     association_module.DULServiceProvider = EventDrivenDUL  # type: ignore[misc]
     association_module.Association = EventDrivenAssociation  # type: ignore[misc]  # accepted: transport imports it
     ae_module.Association = EventDrivenAssociation  # type: ignore[misc]  # requested
+    AssociationSocket.ready = property(_ready)  # type: ignore[method-assign,assignment]

@@ -193,7 +193,7 @@ class StoreAssociation:
         something (an abort, a release request) or closed the connection has ended it, and it is closed here."""
         if not self.is_established:
             return False
-        if not _readable(self._sock):
+        if not readable(self._sock):
             return True
         try:  # what it said: a release request is answered (PS3.8 9.2.3), anything else ends it
             if _read_pdu(self._sock, time.monotonic() + ABORT_PATIENCE)[0] == _RELEASE_RQ:
@@ -438,7 +438,7 @@ def _no_answer(exc: OSError, timeout: float) -> str:
     return f"the connection failed: {exc}"
 
 
-def _readable(sock: socket.socket) -> bool:
+def readable(sock: socket.socket) -> bool:
     """Whether the peer sent something (or closed the connection): bytes TLS has already decrypted count too."""
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True

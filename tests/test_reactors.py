@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import threading
 import time
 from collections.abc import Iterator
@@ -247,3 +248,37 @@ def test_a_peer_abort_just_before_a_request_does_not_wait_for_the_dimse_timeout(
     waited = time.monotonic() - start
     assert "Status" not in response and assoc.is_aborted
     assert waited < 2, f"the request waited {waited:.1f} s for a response after the abort"
+
+
+@pytest.fixture
+def descriptors_from_1024_on() -> Iterator[None]:
+    """Fill the descriptors below 1100, so that every socket opened afterwards gets one above 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit of open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    fillers = []
+    try:
+        while not fillers or fillers[-1] < 1100:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        yield
+    finally:
+        for filler in fillers:
+            os.close(filler)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_associations_work_on_descriptors_from_1024_on(descriptors_from_1024_on: None, server: Server) -> None:
+    """select() fails on a descriptor of 1024 or more, and pynetdicom took that for a closed connection."""
+    assoc = _associate(server.port)
+    try:
+        transport = assoc.dul.socket
+        assert transport is not None and transport.socket is not None
+        assert transport.socket.fileno() >= 1024
+        assert [assoc.send_c_echo().Status for _ in range(3)] == [0x0000] * 3
+        start = time.process_time()
+        time.sleep(IDLE_PROBE_S)
+        assert time.process_time() - start < 0.1 * IDLE_PROBE_S, "an idle reactor spins"
+    finally:
+        assoc.release()
+    assert server.released.wait(2)

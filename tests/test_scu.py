@@ -211,7 +211,7 @@ def test_a_release_request_between_c_stores_is_answered() -> None:
 
     with _scripted(releases) as port:
         association = scu.request("127.0.0.1", port, "SCU", "ARCHIVE", [CT], 5)
-        wait_for(lambda: scu._readable(association._sock), 10, "the archive's release request")
+        wait_for(lambda: scu.readable(association._sock), 10, "the archive's release request")
         assert not association.is_open()
     assert received == [0x06]
 
