@@ -32,10 +32,13 @@ from pynetdicom import association as association_module
 from pynetdicom import dul as dul_module
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import InvalidEventError
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_P_ABORT
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket
 
 from scp.scu import readable
@@ -249,6 +252,28 @@ class EventDrivenAssociation(Association):
                 self._serve_request(msg, cast(int, context_id))
             if self._ended():
                 return
+
+    def _serve_request(self, msg: Any, context_id: int) -> None:
+        """pynetdicom serves a request by the service of the SOP class it names. A C-STORE naming a class that is
+        not a storage class got no answer (the association was aborted), or a C-ECHO response for Verification.
+        Here an accepted C-STORE is served by the storage service whatever class it names, whose handler answers
+        one naming another class than its presentation context's with 0x0122 (SOP class not supported)."""
+        context = self._accepted_cx.get(context_id)
+        named = str(getattr(msg, "AffectedSOPClassUID", None) or "")
+        storage = issubclass(uid_to_service_class(named), StorageServiceClass)
+        if not isinstance(msg, C_STORE) or not msg.is_valid_request or context is None or storage or self._sent_release:
+            super()._serve_request(msg, context_id)
+            return
+        self.dimse.cancel_req = {}
+        self._is_paused = True  # as pynetdicom: in case the handler sends a message itself
+        try:
+            StorageServiceClass(self).SCP(msg, context)
+        except Exception as exc:  # as pynetdicom: a failing service aborts the association
+            association_module.LOGGER.exception(exc)
+            self.abort()
+            return
+        self._is_paused = False
+        self.dimse.cancel_req = {}
 
     def _next_message(self) -> tuple[int | None, Any]:
         """The next DIMSE message to serve, as pynetdicom's get_msg(block=False) gives it, except that the

@@ -317,12 +317,18 @@ def test_a_request_on_another_classs_context_or_without_a_data_set_is_refused(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An MR C-STORE sent on the context negotiated for CT: 0x0122 (not stored under a class the association never
-    agreed on). A C-STORE whose command says it carries no data set: 0xC210, one log line, counted."""
+    agreed on), as is one naming a class that is no storage class (pynetdicom aborted the association for
+    Modality Worklist or an unknown class, and answered Verification with a C-ECHO response). A C-STORE whose
+    command says it carries no data set: 0xC210, one log line, counted."""
     mr, uid = "1.2.840.10008.5.1.4.1.1.4", generate_uid()
     data_set = hostile.header(uid, mr) + hostile.element(0x0008, 0x0060, "CS", b"MR")
     ct = "1.2.840.10008.5.1.4.1.1.2"
+    not_storage = ["1.2.840.10008.5.1.4.31", "1.2.3.4", "1.2.840.10008.1.1"]  # worklist, unknown, Verification
     with running_node(_config(tmp_path)) as node:
         assert hostile.raw_store(node.port, ct, mr, uid, data_set) == status.SOP_CLASS_NOT_SUPPORTED
+        for named in not_storage:
+            answer = hostile.raw_store(node.port, ct, named, uid, hostile.header(uid, named))
+            assert answer == status.SOP_CLASS_NOT_SUPPORTED, named
         assert hostile.raw_store(node.port, ct, ct, generate_uid(), None) == status.CANNOT_UNDERSTAND
         assert hostile.echo(node.port) == status.SUCCESS
         assert not node.spool.incoming()
