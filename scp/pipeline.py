@@ -178,6 +178,17 @@ def received_from_header(path: Path, spool_id: str) -> Received:
     return Received(UNKNOWN, UNKNOWN, UNKNOWN, sop_class, sop_instance, syntax, received_at)
 
 
+def _damage(source: Path, received: Received) -> str | None:
+    """Why an incoming instance file is not the one receiving committed, if it is not: a filesystem check after a
+    crash or a disk fault can leave a file empty or cut short. It is then kept for an operator, never forwarded."""
+    size = source.stat().st_size
+    if size == 0:
+        return "the instance file is empty: damaged on disk after it was received"
+    if received.size is not None and size != received.size:
+        return f"the instance file holds {size} bytes, not the {received.size} received: damaged on disk since"
+    return None
+
+
 def _job_info(received: Received, rule: str) -> dict[str, object]:
     """job.json of a job made from `received` by `rule` (before what making its output adds)."""
     return {
@@ -207,6 +218,10 @@ class Processor:
         config = self.config  # one consistent snapshot, even if a reload swaps it meanwhile
         source = self.spool.received_path(spool_id)
         received = self.spool.received_info(spool_id)
+        if damage := _damage(source, received):
+            where = self.give_up(spool_id, damage)
+            LOGGER.error("quarantined %s: %s (%s)", received.sop_instance_uid, damage, where)
+            return []
         # The syntax and SOP class it came in with over the network decide, not the file's meta header; the
         # header is read only if a rule looks at one of its elements.
         facts = rules.Facts(

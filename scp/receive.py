@@ -105,6 +105,7 @@ def _store(event: Event, path: Path, spool: Spool, reporter: Reporter, node: Nod
         sop_instance_uid=sop_instance_uid,
         transfer_syntax=syntax,
         received_at=time.time(),
+        size=size,
     )
     try:
         spool_id = spool.commit_received(

@@ -66,6 +66,8 @@ class Received:
     sop_instance_uid: str
     transfer_syntax: str
     received_at: float
+    size: int | None = None
+    """Bytes of the instance file as it was committed (None in sidecars written before the node recorded it)."""
 
 
 @dataclass(frozen=True)

@@ -91,3 +91,31 @@ def test_an_instance_whose_sidecar_is_lost_or_broken_is_quarantined_by_its_heade
         expected = "unknown" if case == "no header" else "1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"
         assert (info["sop_instance_uid"], info["calling_ae"]) == (expected, "unknown"), case
         assert info["received_at"] == arrival(spool_id), case
+
+
+def test_an_instance_damaged_on_disk_after_it_was_received_is_quarantined_not_forwarded(tmp_path: Path) -> None:
+    """A filesystem check after a crash can leave a committed instance empty or cut short: it is kept for an
+    operator at once, never forwarded (a pass-through rule would have sent it as it was). One whose sidecar was
+    written before the node recorded sizes is still caught when it is empty."""
+    spool = Spool(tmp_path / "spool")
+    ct = (TEST_FILES / "CT_small.dcm").read_bytes()
+    sidecar = Received("MOD", "COMPRESS_SCP", "127.0.0.1", "1.2", "1.2.3", "1.2.840.10008.1.2", 0, len(ct))
+    older = {k: v for k, v in asdict(sidecar).items() if k != "size"}
+    cases = {"whole": (ct, asdict(sidecar)), "cut short": (ct[:-100], asdict(sidecar)), "empty": (b"", older)}
+    ids = {}
+    for case, (content, info) in cases.items():
+        ids[case] = spool_id = new_id()
+        spool.received_path(spool_id).write_bytes(content)
+        spool.received_path(spool_id).with_suffix(".json").write_text(json.dumps(info))
+    data = node_config(tmp_path, _destinations(tmp_path), RULES)
+    data["spool"] = {"path": str(spool.root)}
+    with running_node(data) as node:
+        wait_for(lambda: not node.spool.incoming(), 30, "incoming/ emptied")
+        wait_for(lambda: len(node.spool.quarantined()) == 2, 10, "the damaged instances in quarantine")
+        wait_for(lambda: list((tmp_path / "folder").glob("*.dcm")), 10, "the whole instance in the folder")
+    (forwarded,) = (tmp_path / "folder").glob("*.dcm")
+    assert forwarded.read_bytes() == ct
+    held = {job.id: job for job in spool.quarantined(QUARANTINE_UNPROCESSABLE)}
+    assert set(held) == {ids["cut short"], ids["empty"]}
+    assert f"holds {len(ct) - 100} bytes, not the {len(ct)} received" in held[ids["cut short"]].reason()
+    assert "the instance file is empty" in held[ids["empty"]].reason()
