@@ -175,8 +175,11 @@ class DicomForwarder:
                     self.tls_context,
                 )
             except scu.AssociationFailed as exc:
-                for job in jobs:
-                    yield Delivery(job, Outcome.TRANSIENT, f"association to {where}: {exc}", reached=False)
+                # Only the first job counts an attempt: the others were never sent (as behind an association
+                # that ended early), and the destination pauses as a whole.
+                for index, job in enumerate(jobs):
+                    failed = f"association to {where}: {exc}"
+                    yield Delivery(job, Outcome.TRANSIENT, failed, reached=False, sent=index == 0)
                 return
             if not assoc.accepted_contexts:
                 assoc.release()

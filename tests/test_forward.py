@@ -17,7 +17,7 @@ import pytest
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage
 
-from scp import compress, config, scu, status
+from scp import compress, config, metrics, scu, status
 from scp.config import DicomDestination, DirectoryDestination
 from scp.forward import Delivery, DicomForwarder, DirectoryForwarder
 from scp.pipeline import Deliverer
@@ -632,6 +632,26 @@ def test_an_archive_whose_name_does_not_resolve_is_unreachable_not_a_crash(tmp_p
     (delivery,) = forwarder.deliver(spool.jobs("archive"))
     assert delivery.outcome is Outcome.TRANSIENT and not delivery.reached
     assert delivery.detail.startswith("association to ARCHIVE@archive.invalid:104: cannot connect: [Errno -"), delivery
+
+
+def test_an_unreachable_archive_charges_one_attempt_and_one_retry_per_batch(tmp_path: Path) -> None:
+    """Nobody listens: the batch's first job counts an attempt (and a retry in scp_delivery_retries_total), the
+    jobs behind it were never sent and count none; the destination pauses as a whole."""
+    spool = Spool(tmp_path / "spool")
+    for index, (path, uid) in enumerate(make_instances(tmp_path / "modality", 3).items()):
+        queue_job(spool, index, path, uid)
+    parsed = config.parse(node_config(tmp_path, archive_destination(free_port()), JPEG_LS))
+    deliverer = Deliverer("archive", parsed.destinations["archive"], spool, "COMPRESS_SCP")
+    retries = metrics.RETRIES.labels("archive")
+    before = retries._value.get()
+    try:
+        assert deliverer.run_once() == 3
+        assert deliverer.run_once() == 0, "a paused destination sent again"
+    finally:
+        deliverer.close()
+    assert retries._value.get() - before == 1
+    assert [retry.attempts for retry in deliverer._retries.values()] == [1]
+    assert len(spool.jobs()) == 3 and not spool.quarantined()
 
 
 def test_a_job_the_system_cannot_read_for_now_is_retried_not_quarantined(
