@@ -185,7 +185,7 @@ def _check_config(args: argparse.Namespace) -> int:
             failed += 1
             continue
         print(f"{path}: OK ({len(loaded.rules)} rules, {len(loaded.destinations)} destinations)")
-        for warning in loaded.unseen_titles():
+        for warning in [*loaded.unseen_titles(), *tls.certificate_warnings(loaded)]:
             print(f"{path}: warning: {warning}", file=sys.stderr)
     return EXIT_FAILURE if failed else EXIT_OK
 
@@ -307,8 +307,15 @@ def _reload(service: Any, path: Path | None) -> None:
 
 
 def _warn(loaded: config.Config) -> None:
-    for warning in loaded.unseen_titles():
+    """Log the warnings of a configuration the node runs on, and publish its certificates' expiry dates."""
+    from scp import metrics  # imported here: check-config must not need the metrics stack
+
+    for warning in [*loaded.unseen_titles(), *tls.certificate_warnings(loaded)]:
         LOGGER.warning("configuration: %s", warning)
+    metrics.CERTIFICATE_EXPIRY.clear()
+    for where, certificate in tls.certificates(loaded):
+        subject, expiry = certificate.subject.rfc4514_string(), certificate.not_valid_after_utc.timestamp()
+        metrics.CERTIFICATE_EXPIRY.labels(where, subject).set(expiry)
 
 
 def _explain(args: argparse.Namespace) -> int:

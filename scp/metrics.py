@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
@@ -69,6 +69,12 @@ FORWARDED_BYTES = Counter(
     "scp_forwarded_bytes", "Bytes of instances a destination confirmed", ["destination", "rule"], registry=REGISTRY
 )
 RETRIES = Counter("scp_delivery_retries", "Failed deliveries that will be retried", ["destination"], registry=REGISTRY)
+CERTIFICATE_EXPIRY = Gauge(
+    "scp_tls_certificate_expiry_timestamp_seconds",
+    "When each certificate of the configuration's TLS settings expires (Unix time)",
+    ["where", "subject"],
+    registry=REGISTRY,
+)
 QUARANTINED = Counter("scp_instances_quarantined", "Jobs moved to quarantine", ["destination"], registry=REGISTRY)
 VERIFY_FAILED = Counter(
     "scp_lossless_verification_failures",

@@ -6,8 +6,11 @@ allow exactly that and nothing older, on both sides of the node.
 
 from __future__ import annotations
 
+import datetime
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from cryptography import x509
 
 from scp.config import Config, DicomDestination, TlsConfig
 from scp.errors import ConfigError
@@ -56,26 +59,63 @@ def client_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
+EXPIRY_WARNING_DAYS = 30
+"""A certificate that expires within this many days is warned about."""
+
+
+def _places(loaded: Config) -> Iterator[tuple[str, TlsConfig, Callable[[TlsConfig], ssl.SSLContext]]]:
+    """Every TLS setting of `loaded`: where it is, and the context it makes."""
+    if loaded.node.tls is not None:
+        yield "node.tls", loaded.node.tls, server_context
+    for name, destination in loaded.destinations.items():
+        if isinstance(destination, DicomDestination) and destination.tls is not None:
+            yield f"destinations.{name}.tls", destination.tls, client_context
+
+
 def check_tls(loaded: Config, source: str) -> None:
     """Build every TLS context `loaded` names, as `run` will: a certificate that does not match its key, or a file
     that is not PEM, is a ConfigError naming the key path (check-config said OK, then `run` failed)."""
-    places: list[tuple[str, TlsConfig | None, Callable[[TlsConfig], ssl.SSLContext]]] = [
-        ("node.tls", loaded.node.tls, server_context)
-    ]
-    places += [
-        (f"destinations.{name}.tls", d.tls, client_context)
-        for name, d in loaded.destinations.items()
-        if isinstance(d, DicomDestination)
-    ]
     problems = []
-    for where, tls, make in places:
-        if tls is not None:
-            try:
-                make(tls)
-            except ConfigError as exc:
-                problems.append(f"  {where}: {str(exc).removeprefix('tls: ')}")
+    for where, tls, make in _places(loaded):
+        try:
+            make(tls)
+        except ConfigError as exc:
+            problems.append(f"  {where}: {str(exc).removeprefix('tls: ')}")
     if problems:
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems))
+
+
+def certificates(loaded: Config) -> Iterator[tuple[str, x509.Certificate]]:
+    """Every certificate in the `cert` and `ca` files `loaded` names, with where it is configured (a file that
+    cannot be read is check_tls's to report)."""
+    for where, tls, _ in _places(loaded):
+        for key, path in (("cert", tls.cert), ("ca", tls.ca)):
+            if path is None:
+                continue
+            try:
+                found = x509.load_pem_x509_certificates(path.read_bytes())
+            except (OSError, ValueError):
+                continue
+            for certificate in found:
+                yield f"{where}.{key}", certificate
+
+
+def certificate_warnings(loaded: Config, now: datetime.datetime | None = None) -> list[str]:
+    """Warnings for certificates that are expired, not valid yet, or expire within EXPIRY_WARNING_DAYS: peers
+    refuse the TLS handshake with an invalid one, and every association over it fails."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    found = []
+    for where, certificate in certificates(loaded):
+        subject, after = certificate.subject.rfc4514_string(), certificate.not_valid_after_utc
+        if after <= now:
+            found.append(f"{where}: certificate '{subject}' expired on {after:%Y-%m-%d %H:%M} UTC")
+        elif certificate.not_valid_before_utc > now:
+            before = certificate.not_valid_before_utc
+            found.append(f"{where}: certificate '{subject}' is not valid before {before:%Y-%m-%d %H:%M} UTC")
+        elif after - now < datetime.timedelta(days=EXPIRY_WARNING_DAYS):
+            days = (after - now).days
+            found.append(f"{where}: certificate '{subject}' expires on {after:%Y-%m-%d %H:%M} UTC, in {days} days")
+    return found
 
 
 def _load(context: ssl.SSLContext, tls: TlsConfig) -> None:

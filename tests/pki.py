@@ -25,10 +25,12 @@ def _write(folder: Path, name: str, key: ec.EllipticCurvePrivateKey, cert: x509.
     return str(key_path), str(cert_path)
 
 
-def make_pki(folder: Path) -> dict[str, tuple[str, str]]:
+def make_pki(folder: Path, expires_in: datetime.timedelta = datetime.timedelta(days=365)) -> dict[str, tuple[str, str]]:
     """A test CA and certificates it signed for the node, a modality and an archive, written into `folder`:
-    name → (key path, cert path)."""
+    name → (key path, cert path). The CA is valid for a year; the others expire `expires_in` from now (in the
+    past if negative)."""
     now = datetime.datetime.now(datetime.UTC)
+    expiry = now + expires_in
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
         x509.CertificateBuilder()
@@ -37,7 +39,7 @@ def make_pki(folder: Path) -> dict[str, tuple[str, str]]:
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=365))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .sign(ca_key, hashes.SHA256())
@@ -51,8 +53,8 @@ def make_pki(folder: Path) -> dict[str, tuple[str, str]]:
             .issuer_name(ca.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            .not_valid_before(min(now, expiry) - datetime.timedelta(days=1))
+            .not_valid_after(expiry)
             .add_extension(
                 x509.SubjectAlternativeName(
                     [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]

@@ -141,6 +141,44 @@ def test_a_certificate_that_does_not_match_its_key_is_a_configuration_error(
     assert "KEY_VALUES_MISMATCH" in capsys.readouterr().err
 
 
+def test_expired_and_expiring_certificates_are_warned_about_and_their_expiry_published(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An expired certificate loads (Python does not check dates), and every handshake with it then fails: check-
+    config and `run` warn about it, and about one expiring within 30 days; /metrics publishes every expiry."""
+    import datetime
+
+    import yaml
+
+    from scp import cli, config, metrics
+
+    (tmp_path / "expired").mkdir()
+    (tmp_path / "expiring").mkdir()
+    expired = make_pki(tmp_path / "expired", datetime.timedelta(days=-2))
+    expiring = make_pki(tmp_path / "expiring", datetime.timedelta(days=10, hours=1))
+    destination = _tls_destination(104, expiring, expiring["ca"][1])
+    data = node_config(tmp_path, {"archive": destination}, KEEP_RULES, node={"tls": _node_tls(expired)})
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert cli.main(["check-config", str(path)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 2, warnings
+    assert "node.tls.cert: certificate 'CN=node' expired on " in warnings[0]
+    assert "destinations.archive.tls.cert: certificate 'CN=node' expires on " in warnings[1]
+    assert warnings[1].endswith(", in 10 days")
+
+    cli._warn(config.load(path))
+    assert "node.tls.cert: certificate 'CN=node' expired on" in caplog.text
+    published = metrics.REGISTRY.get_sample_value(
+        "scp_tls_certificate_expiry_timestamp_seconds", {"where": "node.tls.cert", "subject": "CN=node"}
+    )
+    assert published is not None and published < time.time() - 86400
+    ca = metrics.REGISTRY.get_sample_value(
+        "scp_tls_certificate_expiry_timestamp_seconds", {"where": "node.tls.ca", "subject": "CN=test CA"}
+    )
+    assert ca is not None and ca > time.time() + 300 * 86400
+
+
 def test_a_reload_reads_a_destinations_renewed_certificate(tmp_path: Path, pki: dict[str, tuple[str, str]]) -> None:
     """Certificates are renewed in place (same paths): a reload makes the TLS destination's forwarder again, so
     that its next association presents the new one; a destination without TLS keeps its forwarder."""
