@@ -193,11 +193,12 @@ class Service:
         LOGGER.info("reloaded the configuration: %d rules, %d destinations", len(new.rules), len(new.destinations))
 
     def _health_check(self) -> list[str]:
-        """/health: `health`, and a spool too full to take instances (every C-STORE answered 0xA700), which a load
-        balancer must route around but which is no reason for the watchdog to restart the node (deliveries free
-        the space)."""
+        """/health: `health`, and a spool too full to take instances (every C-STORE answered 0xA700: too little space
+        or too few inodes), which a load balancer must route around but which is no reason for the watchdog to
+        restart the node (deliveries free the space)."""
         problems = self.health()
-        full = self.spool.short_of_space(int(self.config.spool.min_free_mb * 2**20))
+        spool = self.config.spool
+        full = self.spool.short_of_space(int(spool.min_free_mb * 2**20), spool.min_free_inodes)
         if full and not self._draining.is_set():
             problems.append(f"spool full: {full}: C-STORE is answered 0xA700")
         return problems

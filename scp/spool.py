@@ -213,12 +213,24 @@ class Spool:
         stats = os.statvfs(self.root)
         return stats.f_bavail * stats.f_frsize
 
-    def short_of_space(self, min_free: int) -> str:
-        """Why the spool's free space is below `min_free` bytes (spool.min_free_mb); empty if it is not."""
-        free = self.free_bytes()
-        if free >= min_free:
+    def short_of_space(self, min_free: int, min_free_inodes: int = 0) -> str:
+        """Why the spool is too full to take an instance: free space below `min_free` bytes (spool.min_free_mb), or
+        free inodes below `min_free_inodes` (spool.min_free_inodes, kept for processing what was acknowledged);
+        empty if it is not.
+
+        A filesystem that counts no inodes (f_files 0: btrfs, some network filesystems) is never short of them.
+        Spares count as free inodes: the spool takes them before it makes new files or folders.
+        """
+        stats = os.statvfs(self.root)
+        free = stats.f_bavail * stats.f_frsize
+        if free < min_free:
+            return f"only {free / 2**20:.0f} MiB free on the spool, below spool.min_free_mb {min_free / 2**20:g}"
+        if not stats.f_files or stats.f_favail >= min_free_inodes:
             return ""
-        return f"only {free / 2**20:.0f} MiB free on the spool, below spool.min_free_mb {min_free / 2**20:g}"
+        inodes = stats.f_favail + self.spares.held()
+        if inodes >= min_free_inodes:
+            return ""
+        return f"only {inodes} inodes free on the spool (spool.min_free_inodes {min_free_inodes})"
 
     # -- receiving ------------------------------------------------------------------------------------
     def commit_received(self, written: Path, received: Received, check: Callable[[], object] = lambda: None) -> str:
@@ -304,28 +316,13 @@ class Spool:
             raise ValueError("only delete=False, mode='wb' (what pynetdicom asks for)")
         path = self.tmp / f"tmp{new_id()}{suffix}"
         try:
-            refused = self._short_of_inodes(budget)
+            refused = self.short_of_space(0, budget.min_free_inodes if budget else 0)
             if not refused:
                 self.spares.claim_file(path)
                 return PartialReceive(path, self.free_bytes, budget)
         except OSError as exc:
             refused = f"creating its file failed: {exc}"
         return PartialReceive(path, self.free_bytes, budget, refused)
-
-    def _short_of_inodes(self, budget: ReceiveBudget | None) -> str:
-        """Why a new data set would eat into the inodes kept for processing; empty if it would not.
-
-        A filesystem that counts no inodes (f_files 0: btrfs, some network filesystems) is never short. Spares
-        count as free: the spool takes them before it makes new files or folders.
-        """
-        reserve = budget.min_free_inodes if budget else 0
-        stats = os.statvfs(self.root)
-        if not stats.f_files or stats.f_favail >= reserve:
-            return ""
-        free = stats.f_favail + self.spares.held()
-        if free >= reserve:
-            return ""
-        return f"only {free} inodes free on the spool (spool.min_free_inodes {reserve})"
 
     def commit_job(
         self, spool_id: str, destination: str, instance: Path, original: Path, info: dict[str, object]

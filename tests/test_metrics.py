@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import urllib.error
@@ -216,3 +217,16 @@ def test_health_says_a_full_spool_but_the_watchdog_does_not(tmp_path: Path) -> N
         code, body = _health(metrics_port)
         assert node.health() == []
     assert code == 503 and body.startswith("spool full: ") and "below spool.min_free_mb" in body, body
+
+
+def test_health_says_a_spool_short_of_inodes(tmp_path: Path) -> None:
+    """Below spool.min_free_inodes every C-STORE is answered 0xA700 too: /health says so (it watched bytes only)."""
+    if not os.statvfs(tmp_path).f_files:
+        pytest.skip("this filesystem counts no inodes")
+    metrics_port = free_port()
+    data = _folder_node(tmp_path, metrics_port)
+    data["spool"]["min_free_inodes"] = 2**62
+    with running_node(data) as node:
+        code, body = _health(metrics_port)
+        assert node.health() == []
+    assert code == 503 and body.startswith("spool full: only ") and "spool.min_free_inodes" in body, body
