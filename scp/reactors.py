@@ -41,7 +41,7 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket
 
-from scp.scu import readable
+from scp.pdu import readable
 
 _FROM_LOCAL_PRIMITIVES = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
 """State machine events that stand for a primitive the local user queued (PS3.8 9.2, DULServiceProvider's

@@ -29,7 +29,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # i
 from scp import limits, sop_classes, status, syntaxes
 from scp.config import NodeConfig
 from scp.errors import SpoolError
-from scp.scu import ack_at_once
+from scp.pdu import ack_at_once
 from scp.security import called_ae_title
 from scp.spool import PartialReceive, Received, Spool
 

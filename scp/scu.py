@@ -20,10 +20,8 @@ import contextlib
 import io
 import logging
 import os
-import select
 import socket
 import ssl
-import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,27 +41,14 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, build_context, negotiate_as_requestor
 
+from scp import pdu
+
 LOGGER = logging.getLogger(__name__)
 
-_ASSOCIATE_AC, _ASSOCIATE_RJ, _P_DATA, _RELEASE_RQ, _RELEASE_RP, _ABORT = 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
-_HEADER = struct.Struct(">BxI")
-"""A PDU's type, a reserved byte and the length of what follows (PS3.8 9.3.1)."""
-_PDV_HEADER = struct.Struct(">IBB")
-"""A presentation data value item's length, presentation context ID and message control header (PS3.8 9.3.5.1)."""
-_COMMAND, _LAST = 0x01, 0x02
-_RELEASE_RQ_PDU, _RELEASE_RP_PDU, _ABORT_PDU = (
-    _HEADER.pack(kind, 4) + bytes(4) for kind in (_RELEASE_RQ, _RELEASE_RP, _ABORT)
-)
-"""The three PDUs of a fixed body of four zero bytes (PS3.8 9.3.6-9.3.8; an A-ABORT from the service user)."""
-MAX_COMMAND = 1 << 16
-"""The largest command set taken: a C-STORE-RSP is about a hundred bytes."""
 _ASSOCIATE_FIXED_FIELDS = 68
 """Protocol version, reserved, called and calling AE titles, reserved: before an A-ASSOCIATE's items (PS3.8 9.3.3)."""
 MAX_PDU_READ = 1 << 20
 """The largest PDU taken from a destination: its A-ASSOCIATE-AC for 128 contexts is a few KiB, responses less."""
-MAX_PDV = 1 << 20
-"""The largest data fragment sent, also to a peer that declares no maximum PDU length (0) or a huge one: memory
-stays flat, and each PDU can go out within the timeout on a slow link."""
 ABORT_PATIENCE = 1.0
 """Seconds an A-ABORT may take to go out: the peer may have stopped reading, which is often why we abort."""
 LOW_PRIORITY = 0x0002
@@ -71,8 +56,6 @@ LOW_PRIORITY = 0x0002
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
 _DATA_SET_PRESENT = 0x0001
 """Command Data Set Type: any value but 0x0101 says a data set follows (PS3.7 E.1); pynetdicom writes 1."""
-_ELEMENT_HEADER = struct.Struct("<HHI")
-_US = struct.Struct("<H")
 _FILE_META_NEEDED = ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
 
 
@@ -148,8 +131,9 @@ class StoreAssociation:
             message_id = self._next_message_id()
             command = _store_command(message_id, sop_class, str(file_meta.MediaStorageSOPInstanceUID))
             try:
-                self._send_fragments(context_id, _COMMAND, io.BytesIO(command), len(command))
-                self._send_fragments(context_id, 0, file, size)
+                self._sock.settimeout(self.timeout)  # for each PDU: a peer that stops reading
+                pdu.send_fragments(self._sock, context_id, pdu.COMMAND, io.BytesIO(command), len(command), self.max_pdu)
+                pdu.send_fragments(self._sock, context_id, 0, file, size, self.max_pdu)
             except OSError as exc:
                 self.abort()
                 raise AssociationEnded(f"sending failed: {exc}; association aborted", sent=True) from exc
@@ -162,11 +146,11 @@ class StoreAssociation:
         self.is_established = False
         try:
             self._sock.settimeout(self.timeout)
-            self._sock.sendall(_RELEASE_RQ_PDU)
+            self._sock.sendall(pdu.RELEASE_RQ_PDU)
             deadline = time.monotonic() + self.timeout
-            while (kind := _read_pdu(self._sock, deadline)[0]) not in (_RELEASE_RP, _ABORT):
-                if kind == _RELEASE_RQ:  # a release collision: the requestor answers first (PS3.8 9.2.3, AR-9)
-                    self._sock.sendall(_RELEASE_RP_PDU)
+            while (kind := pdu.read_pdu(self._sock, deadline, MAX_PDU_READ)[0]) not in (pdu.RELEASE_RP, pdu.ABORT):
+                if kind == pdu.RELEASE_RQ:  # a release collision: the requestor answers first (PS3.8 9.2.3, AR-9)
+                    self._sock.sendall(pdu.RELEASE_RP_PDU)
         except (OSError, EOFError, ValueError):
             pass  # the peer closed the connection or did not answer: it is closed all the same
         self._close()
@@ -176,7 +160,7 @@ class StoreAssociation:
         if self.is_established:
             with contextlib.suppress(OSError):
                 self._sock.settimeout(ABORT_PATIENCE)
-                self._sock.sendall(_ABORT_PDU)
+                self._sock.sendall(pdu.abort_pdu())
         self._close()
 
     def _close(self) -> None:
@@ -193,29 +177,15 @@ class StoreAssociation:
         something (an abort, a release request) or closed the connection has ended it, and it is closed here."""
         if not self.is_established:
             return False
-        if not readable(self._sock):
+        if not pdu.readable(self._sock):
             return True
         try:  # what it said: a release request is answered (PS3.8 9.2.3), anything else ends it
-            if _read_pdu(self._sock, time.monotonic() + ABORT_PATIENCE)[0] == _RELEASE_RQ:
-                self._sock.sendall(_RELEASE_RP_PDU)
+            if pdu.read_pdu(self._sock, time.monotonic() + ABORT_PATIENCE, MAX_PDU_READ)[0] == pdu.RELEASE_RQ:
+                self._sock.sendall(pdu.RELEASE_RP_PDU)
         except (OSError, EOFError, ValueError):
             pass  # closed, aborted or unreadable: ended all the same
         self._close()
         return False
-
-    def _send_fragments(self, context_id: int, kind: int, source: io.BufferedIOBase | io.BytesIO, size: int) -> None:
-        """Send `size` bytes read from `source` as P-DATA-TF PDUs of one PDV each, no longer than the peer takes."""
-        fragment = max(min(self.max_pdu - _PDV_HEADER.size, MAX_PDV), 1) if self.max_pdu else MAX_PDV
-        self._sock.settimeout(self.timeout)  # for each PDU: a peer that stops reading
-        left = size
-        while left > 0:
-            chunk = source.read(min(fragment, left))
-            if not chunk:
-                raise OSError(f"the file ended {left} bytes early")
-            left -= len(chunk)
-            control = kind | (_LAST if left == 0 else 0)
-            pdv = _PDV_HEADER.pack(len(chunk) + 2, context_id, control)
-            self._sock.sendall(_HEADER.pack(_P_DATA, len(pdv) + len(chunk)) + pdv + chunk)
 
     def _response(self, message_id: int) -> StoreResponse:
         """Read the C-STORE-RSP to `message_id`; anything else ends the association."""
@@ -223,16 +193,16 @@ class StoreAssociation:
         command = bytearray()
         try:
             while True:
-                kind, body = _read_pdu(self._sock, deadline)
-                if kind != _P_DATA:
-                    if kind == _ABORT:
+                kind, body = pdu.read_pdu(self._sock, deadline, MAX_PDU_READ)
+                if kind != pdu.P_DATA:
+                    if kind == pdu.ABORT:
                         self._close()
                     else:
                         self.abort()
                     raise AssociationEnded(f"no response: {_ended_by(kind, body)}", sent=True)
                 if _take_command(body, command):
                     break
-            answer = _command_elements(bytes(command))
+            answer = pdu.command_elements(bytes(command))
         except EOFError as exc:
             self._close()
             raise AssociationEnded(f"no response: {exc}", sent=True) from exc
@@ -242,8 +212,8 @@ class StoreAssociation:
         except (OSError, ValueError) as exc:
             self.abort()
             raise AssociationEnded(f"no response: {exc}; association aborted", sent=True) from exc
-        status = _us(answer, 0x0900)
-        if _us(answer, 0x0100) != C_STORE_RSP or _us(answer, 0x0120) != message_id or status is None:
+        status = pdu.us_of(answer, 0x0900)
+        if pdu.us_of(answer, 0x0100) != C_STORE_RSP or pdu.us_of(answer, 0x0120) != message_id or status is None:
             self.abort()
             raise AssociationEnded("no response: the peer answered another message; association aborted", sent=True)
         comment = answer.get(0x0902, b"").decode("ascii", "replace").strip(" \0")
@@ -275,7 +245,7 @@ def request(
             context.context_id = 2 * number + 1
         sock.sendall(_associate_rq(calling_ae, called_ae, proposed))
         deadline = time.monotonic() + timeout
-        kind, body = _read_pdu(sock, deadline)
+        kind, body = pdu.read_pdu(sock, deadline, MAX_PDU_READ)
     except ssl.SSLError as exc:
         sock.close()
         raise AssociationFailed(f"cannot connect: {exc}") from exc
@@ -286,23 +256,23 @@ def request(
         sock.close()
         raise AssociationFailed(f"no answer: {exc}") from exc
     try:
-        return _answered(sock, _HEADER.pack(kind, len(body)) + body, called_ae, proposed, timeout)
+        return _answered(sock, pdu.HEADER.pack(kind, len(body)) + body, called_ae, proposed, timeout)
     except Exception:
         sock.close()
         raise
 
 
 def _answered(
-    sock: socket.socket, pdu: bytes, called_ae: str, proposed: Sequence[PresentationContext], timeout: float
+    sock: socket.socket, reply: bytes, called_ae: str, proposed: Sequence[PresentationContext], timeout: float
 ) -> StoreAssociation:
-    """The association the peer's answer to our request (`pdu`) establishes; AssociationFailed if none."""
-    kind = pdu[0]
+    """The association the peer's answer (`reply`, a whole PDU) establishes; AssociationFailed if none."""
+    kind = reply[0]
     try:
-        if kind == _ASSOCIATE_AC:
-            if len(pdu) < _HEADER.size + _ASSOCIATE_FIXED_FIELDS:
-                raise ValueError(f"{len(pdu)} bytes are too short for an A-ASSOCIATE-AC")
+        if kind == pdu.ASSOCIATE_AC:
+            if len(reply) < pdu.HEADER.size + _ASSOCIATE_FIXED_FIELDS:
+                raise ValueError(f"{len(reply)} bytes are too short for an A-ASSOCIATE-AC")
             accepted = A_ASSOCIATE_AC()
-            accepted.decode(pdu)
+            accepted.decode(reply)
             primitive = accepted.to_primitive()
             answered = primitive.presentation_context_definition_results_list
             if not answered:  # PS3.8 9.3.3.2: one result for each proposed context
@@ -310,16 +280,16 @@ def _answered(
             results = negotiate_as_requestor(list(proposed), answered)
             association = StoreAssociation(sock, called_ae, results, timeout)  # an accepted context lacking its
             association.max_pdu = _max_length(primitive)  # transfer syntax raises here
-        elif kind == _ASSOCIATE_RJ:
+        elif kind == pdu.ASSOCIATE_RJ:
             rejected = A_ASSOCIATE_RJ()
-            rejected.decode(pdu)
+            rejected.decode(reply)
             answer = rejected.to_primitive()
             why = f"rejected ({answer.result_str}, {answer.source_str}: {answer.reason_str})"
         else:
-            why = _ended_by(kind, pdu[_HEADER.size :])
+            why = _ended_by(kind, reply[pdu.HEADER.size :])
     except Exception as exc:  # pynetdicom's decoders raise whatever a malformed PDU makes them
         raise AssociationFailed(f"the peer's answer (PDU type 0x{kind:02X}) cannot be read: {exc}") from exc
-    if kind != _ASSOCIATE_AC:
+    if kind != pdu.ASSOCIATE_AC:
         raise AssociationFailed(why)
     accepted_count = len(association.accepted_contexts)
     LOGGER.debug("association to %s accepted %d of %d contexts", called_ae, accepted_count, len(proposed))
@@ -355,64 +325,30 @@ def _max_length(primitive: A_ASSOCIATE) -> int:
 
 def _store_command(message_id: int, sop_class: str, sop_instance: str) -> bytes:
     """A C-STORE-RQ command set announcing a data set, in Implicit VR Little Endian (PS3.7 6.3.1, 9.3.1.1)."""
-    elements = b"".join(
-        _element(element, value)
-        for element, value in (
-            (0x0002, _uid(sop_class)),  # Affected SOP Class UID
-            (0x0100, _US.pack(C_STORE_RQ)),  # Command Field
-            (0x0110, _US.pack(message_id)),  # Message ID
-            (0x0700, _US.pack(LOW_PRIORITY)),  # Priority
-            (0x0800, _US.pack(_DATA_SET_PRESENT)),  # Command Data Set Type
-            (0x1000, _uid(sop_instance)),  # Affected SOP Instance UID
-        )
+    return pdu.command_set(
+        [
+            (0x0002, pdu.uid(sop_class)),  # Affected SOP Class UID
+            (0x0100, pdu.us(C_STORE_RQ)),  # Command Field
+            (0x0110, pdu.us(message_id)),  # Message ID
+            (0x0700, pdu.us(LOW_PRIORITY)),  # Priority
+            (0x0800, pdu.us(_DATA_SET_PRESENT)),  # Command Data Set Type
+            (0x1000, pdu.uid(sop_instance)),  # Affected SOP Instance UID
+        ]
     )
-    return _element(0x0000, struct.pack("<I", len(elements))) + elements  # Command Group Length
-
-
-def _element(element: int, value: bytes) -> bytes:
-    """A group 0000 element, Implicit VR Little Endian."""
-    return _ELEMENT_HEADER.pack(0x0000, element, len(value)) + value
-
-
-def _uid(value: str) -> bytes:
-    """A UI value, padded to even length with a NUL (PS3.5 6.2)."""
-    encoded = value.encode("ascii")
-    return encoded + b"\0" * (len(encoded) % 2)
-
-
-def _command_elements(command: bytes) -> dict[int, bytes]:
-    """The elements of a command set (group 0000, Implicit VR Little Endian) by element number."""
-    elements: dict[int, bytes] = {}
-    position = 0
-    while position < len(command):
-        if position + _ELEMENT_HEADER.size > len(command):
-            raise ValueError("a truncated command set")
-        group, element, length = _ELEMENT_HEADER.unpack_from(command, position)
-        position += _ELEMENT_HEADER.size
-        if group != 0x0000 or position + length > len(command):
-            raise ValueError("a malformed command set")
-        elements[element] = command[position : position + length]
-        position += length
-    return elements
-
-
-def _us(elements: dict[int, bytes], element: int) -> int | None:
-    value = elements.get(element)
-    return _US.unpack(value)[0] if value is not None and len(value) == _US.size else None
 
 
 def _take_command(body: bytes, command: bytearray) -> bool:
     """Add the command fragments of a P-DATA-TF PDU's body to `command`; True once the last one came."""
     position = 0
-    while position + _PDV_HEADER.size <= len(body):
-        length, _, control = _PDV_HEADER.unpack_from(body, position)
+    while position + pdu.PDV_HEADER.size <= len(body):
+        length, _, control = pdu.PDV_HEADER.unpack_from(body, position)
         if length < 2 or position + 4 + length > len(body):
             raise ValueError("a malformed presentation data value")
-        if control & _COMMAND:
-            command += body[position + _PDV_HEADER.size : position + 4 + length]
-            if len(command) > MAX_COMMAND:
-                raise ValueError(f"a command set of more than {MAX_COMMAND} bytes")
-            if control & _LAST:
+        if control & pdu.COMMAND:
+            command += body[position + pdu.PDV_HEADER.size : position + 4 + length]
+            if len(command) > pdu.MAX_COMMAND:
+                raise ValueError(f"a command set of more than {pdu.MAX_COMMAND} bytes")
+            if control & pdu.LAST:
                 return True
         position += 4 + length
     return False
@@ -420,14 +356,14 @@ def _take_command(body: bytes, command: bytearray) -> bool:
 
 def _ended_by(kind: int, body: bytes) -> str:
     """What a PDU other than the expected one says about the association."""
-    if kind == _ABORT:
+    if kind == pdu.ABORT:
         abort = A_ABORT_RQ()
         try:
-            abort.decode(_HEADER.pack(kind, len(body)) + body)
+            abort.decode(pdu.HEADER.pack(kind, len(body)) + body)
             return f"aborted by the peer ({abort.source_str}: {abort.reason_str})"
         except Exception:  # a malformed A-ABORT is an abort all the same
             return "aborted by the peer"
-    if kind == _RELEASE_RQ:
+    if kind == pdu.RELEASE_RQ:
         return "the peer asked to release the association"
     return f"the peer sent an unexpected PDU (type 0x{kind:02X})"
 
@@ -436,45 +372,3 @@ def _no_answer(exc: OSError, timeout: float) -> str:
     if isinstance(exc, TimeoutError):
         return f"no answer within {timeout:g} s"
     return f"the connection failed: {exc}"
-
-
-def readable(sock: socket.socket) -> bool:
-    """Whether the peer sent something (or closed the connection): bytes TLS has already decrypted count too."""
-    if isinstance(sock, ssl.SSLSocket) and sock.pending():
-        return True
-    poller = select.poll()  # not select(): it fails on descriptors from 1024 on
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
-
-
-def _read_pdu(sock: socket.socket, deadline: float) -> tuple[int, bytes]:
-    """The next PDU's type and body, by `deadline`."""
-    kind, length = _HEADER.unpack(_read_exactly(sock, _HEADER.size, deadline))
-    if length > MAX_PDU_READ:
-        raise ValueError(f"the peer sent a PDU of {length} bytes")
-    return kind, _read_exactly(sock, length, deadline)
-
-
-def _read_exactly(sock: socket.socket, size: int, deadline: float) -> bytes:
-    """`size` bytes from `sock` by `deadline`; EOFError when the peer closes the connection first."""
-    data = bytearray()
-    while len(data) < size:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("timed out")
-        sock.settimeout(remaining)
-        ack_at_once(sock)
-        chunk = sock.recv(min(size - len(data), 1 << 20))
-        if not chunk:
-            raise EOFError("the peer closed the connection")
-        data += chunk
-    return bytes(data)
-
-
-def ack_at_once(sock: socket.socket) -> None:
-    """Linux clears TCP_QUICKACK by itself: set it before every read, so that a peer keeping Nagle's algorithm on
-    (Debian's DCMTK) does not wait ~40 ms for our delayed ACK before its response goes out."""
-    quickack = getattr(socket, "TCP_QUICKACK", None)  # Linux only
-    if quickack is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)

@@ -24,7 +24,7 @@ from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.sop_class import CTImageStorage
 
-from scp import scu
+from scp import pdu, scu
 from scp.config import DicomDestination
 from scp.forward import DicomForwarder
 from scp.spool import Spool
@@ -57,11 +57,11 @@ def test_a_response_is_read_as_pynetdicom_writes_it() -> None:
     response.command_set.CommandDataSetType = 0x0101
     response.command_set.Status = 0xA700
     response.command_set.ErrorComment = "disk full"
-    elements = scu._command_elements(encode(response.command_set, True, True))
-    assert scu._us(elements, 0x0900) == 0xA700 and scu._us(elements, 0x0120) == 7
+    elements = pdu.command_elements(encode(response.command_set, True, True))
+    assert pdu.us_of(elements, 0x0900) == 0xA700 and pdu.us_of(elements, 0x0120) == 7
     assert elements[0x0902].rstrip(b" ") == b"disk full"
     with pytest.raises(ValueError, match=r"truncated|malformed"):
-        scu._command_elements(encode(response.command_set, True, True)[:-3])
+        pdu.command_elements(encode(response.command_set, True, True)[:-3])
 
 
 def test_fragments_fit_the_archives_maximum_pdu(tmp_path: Path) -> None:
@@ -115,13 +115,13 @@ def _accept(request: bytes) -> bytes:
     maximum = MaximumLengthNotification()
     maximum.maximum_length_received = 16384
     answer.user_information = [maximum]
-    pdu = A_ASSOCIATE_AC()
-    pdu.from_primitive(answer)
-    return cast(bytes, pdu.encode())
+    accept = A_ASSOCIATE_AC()
+    accept.from_primitive(answer)
+    return cast(bytes, accept.encode())
 
 
 def _read_pdu(connection: socket.socket) -> tuple[int, bytes]:
-    return scu._read_pdu(connection, time.monotonic() + 10)
+    return pdu.read_pdu(connection, time.monotonic() + 10, scu.MAX_PDU_READ)
 
 
 @contextlib.contextmanager
@@ -211,7 +211,7 @@ def test_a_release_request_between_c_stores_is_answered() -> None:
 
     with _scripted(releases) as port:
         association = scu.request("127.0.0.1", port, "SCU", "ARCHIVE", [CT], 5)
-        wait_for(lambda: scu.readable(association._sock), 10, "the archive's release request")
+        wait_for(lambda: pdu.readable(association._sock), 10, "the archive's release request")
         assert not association.is_open()
     assert received == [0x06]
 
