@@ -6,9 +6,9 @@ does), renames it into DIR and answers Success: no parsing, no compression, no f
 TCP_NODELAY is set on every connection, so the comparison with the node is about the node's work, not Nagle's.
 
 With --all-syntaxes it serves as the archive of the HTJ2K and JPEG 2000 scenarios instead; it then uses the
-node's event-driven reactors (scp/reactors.py): as an archive it is part of the test bench, and pynetdicom's
-polling would take ~7.5% of a core per open association from the node on the same two cores. As the baseline it
-stays plain pynetdicom.
+event-driven reactors the node ran on until it had its own SCP (benchmarks/reactors.py): as an archive it is part
+of the test bench, and pynetdicom's polling would take ~7.5% of a core per open association from the node on the
+same two cores. As the baseline it stays plain pynetdicom.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 
-from scp import reactors
+from benchmarks import reactors
 from scp.spool import fsync_dir, fsync_file
 
 

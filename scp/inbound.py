@@ -15,11 +15,9 @@ unhealthy (systemd's watchdog restarts the node). Whatever the child acknowledge
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import multiprocessing
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -29,9 +27,8 @@ from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE, _config, dimse_messages
-
-from scp import limits, metrics, reactors, receive, security, tls
+from scp import metrics, receive, tls
+from scp.acceptor import Acceptor
 from scp.config import Config, NodeConfig
 from scp.spool import ReceiveBudget, Spool
 from scp.workers import skip_value_validation
@@ -187,7 +184,6 @@ class _PipeLogHandler(logging.Handler):
     def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
         super().__init__()
         self.send = send
-        self.addFilter(_peer_pdu_faults)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -198,22 +194,6 @@ class _PipeLogHandler(logging.Handler):
             self.send(("log", record.name, record.levelno, text, where))
         except Exception:
             self.handleError(record)
-
-
-def _peer_pdu_faults(record: logging.LogRecord) -> bool:
-    """Log a PDU the peer got wrong as a warning without a traceback; pynetdicom aborts the association.
-
-    An A-ASSOCIATE-RQ whose AE title is all spaces or holds a backslash, or a PDU cut short, made pynetdicom log
-    three errors, one with a traceback of its own code: about 19 lines for a peer's mistake. What is left is
-    its two lines (what failed, and why), as warnings: the duplicate line of its AE-title check is dropped.
-    """
-    if record.name == "pynetdicom.utils" and record.funcName == "set_ae":
-        return False
-    if record.name == "pynetdicom.dul" and record.funcName == "_read_pdu_data":
-        record.exc_info = record.exc_text = None
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return logging.getLogger("pynetdicom").isEnabledFor(logging.WARNING)  # not at logging.level ERROR
-    return True
 
 
 def _serve(
@@ -229,18 +209,11 @@ def _serve(
             conn.send(message)
 
     logging.basicConfig(handlers=[_PipeLogHandler(send)], force=True)
-    _set_log_level(config.log_level)
+    logging.getLogger().setLevel(config.log_level)
     skip_value_validation()
-    reactors.install()
     spool = Spool(config.spool)
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    tempfile.tempdir = str(spool.tmp)  # pynetdicom streams each dataset there: committing is a rename
-    # the same, in a spare, and stopped as soon as the data set passes its budget
-    budget = ReceiveBudget(config.node.max_instance_bytes, config.min_free, config.min_free_inodes)
-    partial_receive = functools.partial(spool.open_partial_receive, budget=budget)
-    dimse_messages.NamedTemporaryFile = partial_receive  # type: ignore[assignment]
     try:
-        ae, server = make_server(config.node, spool, _PipeReporter(send), config.min_free)
+        server = make_server(config.node, spool, _PipeReporter(send), config.min_free, config.min_free_inodes)
     except Exception as exc:
         send(("failed", f"cannot listen on {config.node.host}:{config.node.port}: {exc}"))
         return
@@ -254,68 +227,31 @@ def _serve(
         except (EOFError, OSError):  # the service died: stop at once
             break
         if command == "log_level":
-            _set_log_level(str(argument))
+            logging.getLogger().setLevel(str(argument))
         elif command == "stop":
             patience = float(argument)
             break
     server.shutdown()
-    _end_inbound(ae, time.monotonic() + patience)
-
-
-def _set_log_level(level: str) -> None:
-    logging.getLogger().setLevel(level)
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    server.end(time.monotonic() + patience)
 
 
 def make_server(
-    node: NodeConfig, spool: Spool, reporter: receive.Reporter, min_free: int
-) -> tuple[AE, limits.HardenedServer]:
-    """The SCP as configured in `node` (not yet serving), committing to `spool` and telling `reporter`.
-
-    Received datasets are streamed to files in pynetdicom's temp folder: the caller points `tempfile` at the
-    spool's tmp/ and turns chunked receiving on (process-wide settings, as `_serve` does).
-    """
-    ae = AE(ae_title=node.ae_title)
-    ae.maximum_associations = node.max_associations
-    ae.maximum_pdu_size = node.max_pdu_size
-    ae.acse_timeout = node.acse_timeout
-    ae.dimse_timeout = node.dimse_timeout
-    ae.network_timeout = node.network_timeout
-    receive.add_supported_contexts(ae)
-    handlers: list[Any] = [
-        *security.access_handlers(node, reporter.rejected),
-        *receive.handlers(spool, reporter, node, min_free),
-    ]
-    server = ae.make_server(
-        (node.host, node.port),
-        ssl_context=tls.server_context(node.tls) if node.tls else None,
-        evt_handlers=handlers,
-        server_class=limits.HardenedServer,
-        pdu_limits=limits.PduLimits.for_max_pdu(node.max_pdu_size, node.max_instance_bytes),
-        handshake_timeout=node.tls_handshake_timeout,
+    node: NodeConfig, spool: Spool, reporter: receive.Reporter, min_free: int, min_free_inodes: int = 0
+) -> Acceptor:
+    """The SCP as configured in `node` (listening, not yet serving), committing to `spool` and telling `reporter`;
+    a data set streaming in stops at `node.max_instance_bytes` or at `min_free` bytes (`min_free_inodes` inodes)
+    left on the spool's filesystem."""
+    return Acceptor(
+        node,
+        receive.Handler(spool, reporter, node, min_free),
+        ReceiveBudget(node.max_instance_bytes, min_free, min_free_inodes),
+        reporter.rejected,
+        tls.server_context(node.tls) if node.tls else None,
     )
-    assert isinstance(server, limits.HardenedServer)
-    return ae, server
 
 
-def _count_associations(
-    server: limits.HardenedServer, associations: Synchronized[int], heartbeat: Synchronized[float]
-) -> None:
+def _count_associations(server: Acceptor, associations: Synchronized[int], heartbeat: Synchronized[float]) -> None:
     while True:
-        associations.value = len(server.active_associations)
+        associations.value = server.associations
         heartbeat.value = time.monotonic()
         time.sleep(ASSOCIATIONS_REFRESH)
-
-
-def _end_inbound(ae: AE, deadline: float) -> None:
-    """Wait for established inbound associations to end until `deadline`, then abort the rest (including
-    connections that never sent an association request)."""
-    while any(a.is_established for a in ae.active_associations) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for assoc in ae.active_associations:
-        LOGGER.warning(
-            "aborting the association from %s (%s) to stop",
-            assoc.requestor.ae_title or "no AE title yet",
-            assoc.requestor.address,
-        )
-        assoc.abort()

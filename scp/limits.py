@@ -1,14 +1,8 @@
-"""Guards against hostile or broken input, closing weak spots of pynetdicom 3.0.4 and pydicom 3.0.2.
+"""Guards against hostile or broken input, closing weak spots of pydicom 3.0.2.
 
-On the wire (`HardenedServer`):
-- pynetdicom wraps each accepted socket in TLS inside the accept loop, so one peer that connects and never sends a
-  ClientHello stalls every other TLS association. Here the handshake runs in the connection's own thread, with a
-  timeout.
-- pynetdicom reads whatever length a PDU header declares before anything is checked. Here an A-ASSOCIATE-RQ (or any
-  other control PDU) longer than `CONTROL_PDU_LIMIT`, or a P-DATA-TF longer than our maximum PDU size, ends the
-  connection after its 6-byte header.
-- an accepted socket has no timeout, so a peer that stops in the middle of a PDU holds a thread forever. Here
-  every read and write times out after `network_timeout`.
+On the wire (`PduLimits`, applied by acceptor.py): an A-ASSOCIATE-RQ (or any other control PDU) longer than
+`CONTROL_PDU_LIMIT`, or a P-DATA-TF longer than our maximum PDU size, ends the connection after its 6-byte header,
+before anything of it is buffered.
 
 In a received instance (`check_instance`, run by the C-STORE handler before it answers; its size is bounded as
 it streams in, by spool.PartialReceive): a Deflated data set that inflates past the limit (read in bounded steps,
@@ -18,26 +12,19 @@ Pixel Data shorter than its attributes say.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import re
-import socket
-import ssl
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from socketserver import BaseServer
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from pynetdicom.association import Association
-from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from scp import status
 from scp.syntaxes import UNDEFINED_LENGTH
@@ -68,108 +55,6 @@ class PduLimits:
 
     def allows(self, pdu_type: int, length: int) -> bool:
         return length <= (self.data if pdu_type == P_DATA_TF else self.control)
-
-
-class _GuardedSocket(AssociationSocket):
-    """An AssociationSocket that refuses to buffer a PDU longer than its limits.
-
-    pynetdicom's DUL reads a PDU as `recv(6)` (type, reserved, length) and then `recv(length)`; the header is kept
-    so the body read can be checked before a byte of it is buffered.
-    """
-
-    pdu_limits: PduLimits
-    _header: bytes | None
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        header, self._header = self._header, None
-        if header is None:
-            data = super().recv(nr_bytes)
-            if nr_bytes == 6 and len(data) == 6:
-                self._header = bytes(data)
-            return data
-        pdu_type = header[0]
-        if not self.pdu_limits.allows(pdu_type, nr_bytes):
-            LOGGER.warning(
-                "closing the connection from %s: a PDU of type 0x%02X declares %d bytes (limit %d)",
-                self.assoc.requestor.address,
-                pdu_type,
-                nr_bytes,
-                self.pdu_limits.data if pdu_type == P_DATA_TF else self.pdu_limits.control,
-            )
-            raise OSError(f"PDU of type 0x{pdu_type:02X} declares {nr_bytes} bytes, over the limit")
-        return super().recv(nr_bytes)
-
-
-class _HardenedRequestHandler(RequestHandler):
-    server: HardenedServer
-
-    def handle(self) -> None:
-        sock = self.request
-        assert isinstance(sock, socket.socket)
-        if isinstance(sock, ssl.SSLSocket):
-            sock.settimeout(self.server.handshake_timeout)
-            try:
-                sock.do_handshake()
-            except (OSError, ssl.SSLError) as exc:
-                LOGGER.warning("TLS handshake with %s failed: %s", self.client_address[0], exc)
-                self.server.shutdown_request(sock)
-                return
-        sock.settimeout(self.server.ae.network_timeout)
-        super().handle()
-
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        sock = assoc.dul.socket
-        assert sock is not None
-        # The socket was made by pynetdicom's handler (its constructor also queues the connection event, so it
-        # cannot be made twice); giving it our subclass changes nothing but `recv`.
-        sock.__class__ = _GuardedSocket
-        assert isinstance(sock, _GuardedSocket)
-        sock.pdu_limits = self.server.pdu_limits
-        sock._header = None
-        return assoc
-
-
-class _Contexts(list[PresentationContext]):
-    """The server's presentation contexts, cheap to deep-copy.
-
-    pynetdicom deep-copies them for every association it accepts: with every storage SOP class in every transfer
-    syntax (171 contexts, 6634 syntaxes) `copy.deepcopy` takes ~30 ms of CPU, holding the GIL, per association.
-    A context's only mutable field is its list of transfer syntaxes (UIDs are immutable strings): a shallow copy of
-    each context with a new list is the same deep copy, ~100 times faster.
-    """
-
-    def __deepcopy__(self, memo: dict[int, object]) -> list[PresentationContext]:
-        clones = []
-        for context in self:
-            clone = copy.copy(context)
-            clone._transfer_syntax = list(context._transfer_syntax)
-            clones.append(clone)
-        return clones
-
-
-class HardenedServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with the TLS handshake moved off the accept loop and PDU lengths capped."""
-
-    def __init__(self, *args: Any, pdu_limits: PduLimits, handshake_timeout: float, **kwargs: Any) -> None:
-        self.pdu_limits = pdu_limits
-        self.handshake_timeout = handshake_timeout
-        kwargs["request_handler"] = _HardenedRequestHandler
-        super().__init__(*args, **kwargs)
-        self.contexts = _Contexts(self.contexts)
-
-    def shutdown(self) -> None:
-        """Stop serving and close the socket (made by `AE.make_server`, so not in the AE's own server list)."""
-        BaseServer.shutdown(self)  # ends serve_forever
-        self.server_close()
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        """Accept, and wrap in TLS without shaking hands: the request's thread does that (with a timeout)."""
-        assert self.socket is not None
-        client_socket, address = self.socket.accept()
-        if self.ssl_context:
-            client_socket = self.ssl_context.wrap_socket(client_socket, server_side=True, do_handshake_on_connect=False)
-        return client_socket, address
 
 
 class Refused(Exception):

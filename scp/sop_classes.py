@@ -1,40 +1,29 @@
-"""Storage SOP classes pynetdicom does not list: a vendor's private ones, retired and newer standard ones.
+"""Which SOP classes the SCP accepts for storage: every one pynetdicom lists, and the storage-like others.
 
 pynetdicom 3.0.4 knows 170 storage SOP classes. A modality may propose others: Siemens CT and MR send their
 CSA Non-Image Storage (1.3.12.2.1107.5.9.1) with each study, older ultrasound units the retired Ultrasound
 Image Storage (1.2.840.10008.5.1.4.1.1.6); pydicom names 12 standard storage classes that pynetdicom lacks. An
-SCP that rejects their presentation contexts makes the modality fail the study. So, when an association is
-requested, each proposed SOP class that is not listed but is storage-like gets a presentation context in every
-syntax the node accepts, and is registered with pynetdicom as a storage class (its dispatch of a C-STORE goes by
-the SOP class: an unregistered one gets no response at all).
+SCP that rejects their presentation contexts makes the modality fail the study. So each proposed SOP class that
+is not listed but is storage-like is accepted too.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-
 from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import RE_VALID_UID
-from pynetdicom import register_uid
-from pynetdicom.events import Event
-from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.presentation import build_context
-from pynetdicom.service_class import StorageServiceClass
-
-from scp import syntaxes
-
-LOGGER = logging.getLogger(__name__)
+from pynetdicom.presentation import AllStoragePresentationContexts
 
 DICOM_ROOT = "1.2.840.10008."
 STORAGE_BRANCH = "1.2.840.10008.5.1.4.1.1."
 """PS3.4 Annex B: the standard's image and object storage SOP classes, including those yet to come."""
-MAX_REGISTERED = 1000
-"""Unlisted SOP classes one receiving process registers at most: registrations are never freed, and peers
-choose the UIDs."""
+LISTED = frozenset(str(context.abstract_syntax) for context in AllStoragePresentationContexts)
+"""The storage SOP classes pynetdicom lists (some, such as Digital X-Ray Image Storage - For Presentation, have
+names that do not end in 'Storage')."""
 
-_registered: set[str] = set()
-_lock = threading.Lock()
+
+def accepts(uid: str) -> bool:
+    """Whether the SCP stores instances of SOP class `uid`."""
+    return uid in LISTED or is_storage_like(uid)
 
 
 def is_storage_like(uid: str) -> bool:
@@ -48,36 +37,3 @@ def is_storage_like(uid: str) -> bool:
         name, kind = UID_dictionary[uid][:2]
         return kind == "SOP Class" and name.endswith("Storage")
     return uid.startswith(STORAGE_BRANCH)
-
-
-def handle_requested(event: Event) -> None:
-    """EVT_REQUESTED: support, for this association, each storage-like SOP class it proposes that the node's
-    contexts do not list (registered with pynetdicom first)."""
-    acceptor = event.assoc.acceptor
-    request = event.assoc.requestor.primitive
-    if not isinstance(request, A_ASSOCIATE) or event.assoc.is_aborted or event.assoc.is_rejected:
-        return  # a connection stopped before its request, or one the access check rejected
-    listed = {str(context.abstract_syntax) for context in acceptor.supported_contexts}
-    proposed = {str(context.abstract_syntax) for context in request.presentation_context_definition_list}
-    added = [
-        build_context(uid, list(syntaxes.ACCEPTED))
-        for uid in sorted(proposed - listed)
-        if is_storage_like(uid) and _register(uid)
-    ]
-    if added:
-        acceptor.supported_contexts = acceptor.supported_contexts + added
-
-
-def _register(uid: str) -> bool:
-    """Register `uid` as a storage SOP class with pynetdicom, once; False past `MAX_REGISTERED`."""
-    with _lock:
-        if uid in _registered:
-            return True
-        if len(_registered) >= MAX_REGISTERED:
-            LOGGER.warning("not accepting SOP class %s: %d unlisted SOP classes accepted already", uid, MAX_REGISTERED)
-            return False
-        register_uid(uid, "Unlisted_" + uid.replace(".", "_"), StorageServiceClass)
-        _registered.add(uid)
-        known = f" ({UID_dictionary[uid][0]})" if uid in UID_dictionary else ""
-        LOGGER.info("accepting SOP class %s%s as a storage class", uid, known)
-        return True

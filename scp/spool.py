@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from scp.errors import SpoolError
 from scp.spares import Spares
@@ -50,7 +50,7 @@ JOB_INFO = "job.json"
 REASON = "reason.txt"
 RETRY_INFO = "retry.json"
 PARTIAL_RECEIVE = "tmp*.dcm"
-"""pynetdicom's chunked-receive files (`Spool.open_partial_receive`, or tempfile's in our tmp/)."""
+"""The files data sets stream into as they are received (`Spool.open_partial_receive`)."""
 SPARES = "spare"
 """tmp/spare/: the spare inodes (spares.py)."""
 
@@ -302,19 +302,15 @@ class Spool:
         self.spares.claim_file(path)
         return path
 
-    def open_partial_receive(
-        self, *, delete: bool = False, mode: str = "wb", suffix: str = ".dcm", budget: ReceiveBudget | None = None
-    ) -> PartialReceive:
-        """A file in tmp/ for pynetdicom to stream a received dataset into, in the place of its
-        NamedTemporaryFile (inbound.py); a spare when there is one. Its name matches PARTIAL_RECEIVE.
+    def open_partial_receive(self, budget: ReceiveBudget | None = None) -> PartialReceive:
+        """A file in tmp/ for a received data set to stream into (acceptor.py); a spare when there is one. Its
+        name matches PARTIAL_RECEIVE.
 
-        Never raises for want of room: pynetdicom calls this in its reactor thread, where an exception aborts the
-        association. Below the budget's `min_free_inodes`, or when the file cannot be made, the PartialReceive
-        is refused from the start (nothing is written), so that the C-STORE is answered 0xA700.
+        Never raises for want of room: the data set is on its way, and the C-STORE must be answered. Below the
+        budget's `min_free_inodes`, or when the file cannot be made, the PartialReceive is refused from the start
+        (nothing is written), so that the C-STORE is answered 0xA700.
         """
-        if delete or mode != "wb":
-            raise ValueError("only delete=False, mode='wb' (what pynetdicom asks for)")
-        path = self.tmp / f"tmp{new_id()}{suffix}"
+        path = self.tmp / f"tmp{new_id()}.dcm"
         try:
             refused = self.short_of_space(0, budget.min_free_inodes if budget else 0)
             if not refused:
@@ -444,7 +440,7 @@ class ReceiveBudget:
 
 
 class PartialReceive:
-    """What pynetdicom uses of a NamedTemporaryFile: the open file as `file`, its `name`, the file's methods.
+    """A received data set's file as it streams in: the open file as `file`, its path as `name`.
 
     Writes go straight to the file (unbuffered), so that a full disk shows at the write that meets it. Once the
     data set passes its `budget`, or a write fails, the rest is discarded and the file emptied at once (a full
@@ -456,13 +452,13 @@ class PartialReceive:
         self, path: Path, free_bytes: Callable[[], int], budget: ReceiveBudget | None = None, refused: str = ""
     ) -> None:
         self.name = str(path)
-        self.file: BinaryIO = io.BytesIO() if refused else open(path, "wb", buffering=0)  # noqa: SIM115 (pynetdicom closes it)
+        self.file: BinaryIO = io.BytesIO() if refused else open(path, "wb", buffering=0)  # noqa: SIM115 (the acceptor closes it)
         self.refused = refused
         self._free_bytes = free_bytes
         self._budget = budget
         self._written = 0
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         if not self.refused:
             try:
                 self._within_budget(len(data))
@@ -477,7 +473,10 @@ class PartialReceive:
                 self._refuse(f"writing it failed: {exc}")
             except _OverBudget as exc:
                 self._refuse(str(exc))
-        return len(data)  # what pynetdicom expects; a refused data set is drained, not written
+        return len(data)  # a refused data set is drained, not written
+
+    def close(self) -> None:
+        self.file.close()
 
     def _within_budget(self, more: int) -> None:
         if self._budget is None:
@@ -492,9 +491,6 @@ class PartialReceive:
         self.refused = reason
         with contextlib.suppress(OSError):
             os.ftruncate(self.file.fileno(), 0)
-
-    def __getattr__(self, attribute: str) -> Any:
-        return getattr(self.file, attribute)
 
 
 class _OverBudget(Exception):

@@ -29,7 +29,7 @@ def _syntax(keyword: str, lossless: bool, lossy_method: str | None = None, may_b
     return Syntax(UID(getattr(pydicom.uid, keyword)), lossless, lossy_method, may_be_reversible)
 
 
-# Ordered by our preference as an acceptor: pynetdicom picks the first syntax of *our* list that the
+# Ordered by our preference as an acceptor: acse.py picks the first syntax of *our* list that the
 # requestor offered, so lossless syntaxes come before lossy ones and the cheap-to-read before the rest.
 TABLE: tuple[Syntax, ...] = (
     _syntax("ExplicitVRLittleEndian", True),

@@ -4,7 +4,6 @@ oversized instances. After each the node answers a failure status (or drops the 
 from __future__ import annotations
 
 import contextlib
-import copy
 import resource
 import socket
 import struct
@@ -13,10 +12,9 @@ import zlib
 from pathlib import Path
 
 import pytest
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
-from scp import limits, receive, status
+from scp import limits, status
 from tests import hostile
 from tests.peers import TEST_FILES, node_config, running_node, wait_for
 
@@ -232,21 +230,6 @@ def _echoes(port: int) -> bool:
         return hostile.echo(port) == status.SUCCESS
     except AssertionError:  # rejected: the released associations' threads have not ended yet
         return False
-
-
-def test_the_servers_contexts_deep_copy_into_independent_equal_contexts() -> None:
-    """pynetdicom deep-copies the accepted contexts per association; the fast copy must be a real deep copy."""
-    ae = AE()
-    receive.add_supported_contexts(ae)
-    contexts = limits._Contexts(ae.supported_contexts)
-    clones = copy.deepcopy(contexts)
-    assert [(c.abstract_syntax, c.transfer_syntax, c.as_scu, c.as_scp) for c in clones] == [
-        (c.abstract_syntax, c.transfer_syntax, c.as_scu, c.as_scp) for c in contexts
-    ]
-    pairs = zip(clones, contexts, strict=True)
-    assert all(a is not b and a._transfer_syntax is not b._transfer_syntax for a, b in pairs)
-    clones[0].transfer_syntax = [ExplicitVRLittleEndian]
-    assert len(contexts[0].transfer_syntax) > 1
 
 
 def test_a_refusal_never_logs_what_a_broken_uid_swallowed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

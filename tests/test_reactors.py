@@ -17,7 +17,7 @@ from pynetdicom.pdu_primitives import A_P_ABORT, A_RELEASE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from scp import reactors
+from benchmarks import reactors
 from tests.peers import free_port, wait_for
 
 IDLE_PROBE_S = 1.0

@@ -10,7 +10,7 @@ from typing import Any
 import pydicom
 import pytest
 
-from scp import config, metrics, security
+from scp import config, metrics
 from scp import tls as tls_contexts
 from scp.config import AllowedCaller
 from scp.errors import ConfigError
@@ -196,39 +196,28 @@ def test_unreadable_certificate_fails_at_start_naming_the_files(tmp_path: Path) 
         tls_contexts.server_context(config.TlsConfig(**tls))
 
 
-def test_a_connection_that_never_sent_a_request_is_let_go() -> None:
-    """Aborting a connection that sent no A-ASSOCIATE-RQ (a port probe) triggers EVT_REQUESTED with its
-    A-P-ABORT: nothing to check, and nothing to raise."""
-    from types import SimpleNamespace
-
-    from pynetdicom.pdu_primitives import A_P_ABORT
-
-    requestor = SimpleNamespace(primitive=A_P_ABORT(), address="127.0.0.1")
-    event = SimpleNamespace(assoc=SimpleNamespace(requestor=requestor))
-    node = config.NodeConfig()
-    security.handle_requested(event, node, None, lambda why: pytest.fail(f"rejected: {why}"))  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize(("calling", "level"), [("A\\B", "INFO"), (" " * 16, "INFO"), ("A\\B", "ERROR")])
-def test_an_invalid_calling_ae_title_is_aborted_with_two_warnings(
+def test_an_invalid_calling_ae_title_is_rejected_with_one_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, calling: str, level: str
 ) -> None:
-    """PS3.5 6.2: an AE title holds no backslash and is not all spaces. pynetdicom cannot decode such a request
-    and aborts it; the log says so in two warnings (none at logging.level ERROR), not three errors and a
-    traceback of pynetdicom's code."""
+    """PS3.5 6.2: an AE title holds no backslash and is not all spaces. Such a request is rejected as "calling AE
+    title not recognised" (permanent, service user: PS3.8 9.3.4), counted, and logged in one warning (none at
+    logging.level ERROR), with no traceback."""
     import socket
 
     from tests import hostile
 
     caplog.set_level(logging.DEBUG)
     folder = {"folder": {"type": "directory", "path": str(tmp_path / "folder")}}
+    counter = metrics.REJECTED.labels("calling AE not recognised")
+    before = counter._value.get()
     with running_node(node_config(tmp_path, folder, KEEP_RULES, logging={"level": level})) as node:
         with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
             sock.sendall(hostile.associate_rq(calling=calling))
-            assert sock.recv(64)[0] == 0x07, "not aborted"
-        if level == "INFO":
-            wait_for(lambda: "AE Title" in caplog.text, 10, "the log line of the invalid title")
-        assert hostile.echo(node.port) == 0x0000  # the records of the abort have been sent by then
-    told = [r for r in caplog.records if r.name.startswith("pynetdicom") and r.levelno >= logging.WARNING]
-    assert [r.levelname for r in told] == (["WARNING", "WARNING"] if level == "INFO" else []), caplog.text
+            assert sock.recv(64) == bytes((0x03, 0, 0, 0, 0, 4, 0, 1, 1, 3)), "not rejected as PS3.8 says"
+        wait_for(lambda: counter._value.get() == before + 1, 10, "the rejection counted")
+        assert hostile.echo(node.port) == 0x0000
+    told = [r for r in caplog.records if r.name.startswith("scp.acceptor") and r.levelno >= logging.WARNING]
+    assert [r.levelname for r in told] == (["WARNING"] if level == "INFO" else []), caplog.text
+    assert all("invalid calling AE title" in r.getMessage() for r in told)
     assert "Traceback" not in caplog.text

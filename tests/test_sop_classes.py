@@ -1,4 +1,4 @@
-"""Which unlisted SOP classes the SCP accepts as storage (sop_classes.py)."""
+"""Which SOP classes the SCP accepts for storage (sop_classes.py)."""
 
 from __future__ import annotations
 
@@ -25,9 +25,15 @@ def test_storage_like(uid: str, storage: bool) -> None:
     assert sop_classes.is_storage_like(uid) is storage
 
 
-def test_registrations_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Peers choose the UIDs and a registration is never freed: past the bound a class is not accepted."""
-    monkeypatch.setattr(sop_classes, "MAX_REGISTERED", 2)
-    monkeypatch.setattr(sop_classes, "_registered", {"1.2.3.1", "1.2.3.2"})
-    assert sop_classes._register("1.2.3.1")  # already registered
-    assert not sop_classes._register("1.2.3.3")
+@pytest.mark.parametrize(
+    ("uid", "accepted"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.1.1", True),  # DX Image Storage - For Presentation: listed, no "Storage" at the end
+        ("1.2.840.10008.5.1.4.1.1.2", True),  # CT Image Storage
+        ("1.3.12.2.1107.5.9.1", True),  # storage-like
+        ("1.2.840.10008.5.1.4.31", False),  # Modality Worklist Information Model - FIND
+        ("1.2.840.10008.1.1", False),  # Verification: no instances to store
+    ],
+)
+def test_accepted_for_storage(uid: str, accepted: bool) -> None:
+    assert sop_classes.accepts(uid) is accepted

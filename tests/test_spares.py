@@ -125,7 +125,7 @@ def test_the_spool_reuses_a_delivered_jobs_inodes_and_keeps_shared_instances(tmp
 def test_partial_receives_are_spare_files_pynetdicom_can_use(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.spares.give_file(_file(spool.tmp / "old", b"x" * 1000))
-    partial = spool.open_partial_receive(delete=False, mode="wb", suffix=".dcm")
+    partial = spool.open_partial_receive()
     partial.write(b"DICM")
     partial.file.flush()  # as pynetdicom does after each P-DATA
     partial.close()
@@ -173,7 +173,7 @@ def test_a_partial_receive_whose_file_cannot_be_made_is_refused_not_raised(
 
     spool = Spool(tmp_path)
     monkeypatch.setattr(spool_module, "open", no_inode_left, raising=False)
-    partial = spool.open_partial_receive(delete=False, mode="wb", suffix=".dcm")
+    partial = spool.open_partial_receive()
     assert "No space left on device" in partial.refused
     assert partial.write(b"DICM") == 4, "drained as if written, so that pynetdicom reads on"
     partial.file.flush()  # what pynetdicom calls after each P-DATA, and at the end

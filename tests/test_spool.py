@@ -6,7 +6,6 @@ import errno
 import io
 import os
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
@@ -274,7 +273,7 @@ class _Told:
 
 
 def test_a_raising_handler_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """pynetdicom keeps its temporary file when the handler raises; ours removes it (and never says Success).
+    """A handler that raises removes the data set's file and never says Success.
 
     The node's SCP runs in a child process; to make its handler raise, the same SCP runs here."""
     spool = Spool(tmp_path / "spool")
@@ -283,16 +282,15 @@ def test_a_raising_handler_leaves_no_partial_file(tmp_path: Path, monkeypatch: p
         raise RuntimeError("simulated bug")
 
     monkeypatch.setattr(spool, "commit_received", broken)
-    monkeypatch.setattr(tempfile, "tempdir", str(spool.tmp))
-    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)
     node = config.NodeConfig(port=free_port(), host="127.0.0.1")
     told = _Told()
-    _, server = inbound.make_server(node, spool, told, min_free=0)
+    server = inbound.make_server(node, spool, told, min_free=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         output = storescu(node.port, [TEST_FILES / "CT_small.dcm"])
     finally:
         server.shutdown()
+        server.end(time.monotonic())
     assert "Received Store Response (Success)" not in output, output
     assert "Failed" in output or "Error" in output, output
     assert not list(spool.tmp.glob("tmp*.dcm"))
@@ -300,8 +298,8 @@ def test_a_raising_handler_leaves_no_partial_file(tmp_path: Path, monkeypatch: p
 
 
 def test_a_peer_dying_mid_transfer_leaves_nothing(tmp_path: Path) -> None:
-    """Half a C-STORE, then the connection drops: the partial file pynetdicom leaves in tmp/ is removed by the
-    running node after spool.partial_max_age, and nothing reaches incoming/."""
+    """Half a C-STORE, then the connection drops: the partial file in tmp/ is removed, and nothing reaches
+    incoming/."""
     destinations = {"folder": {"type": "directory", "path": str(tmp_path / "folder")}}
     data = node_config(tmp_path, destinations, RULES, spool={"partial_max_age": 1.0}, node={"max_pdu_size": 16384})
     with running_node(data) as node:
