@@ -328,7 +328,7 @@ def _explain(args: argparse.Namespace) -> int:
     # The calling AE and address are checked against allowed_calling_aets only when given: the defaults stand
     # for no modality in particular.
     asserted = args.calling_ae is not None or args.peer is not None
-    calling_ae, peer = (args.calling_ae or "EXPLAIN").strip(), args.peer or "127.0.0.1"  # as pynetdicom strips
+    calling_ae, peer = (args.calling_ae or "EXPLAIN").strip(), args.peer or "127.0.0.1"  # as the SCP strips
     callers = security.caller_policy(loaded.node) if asserted else None
     refusal = security.refused(loaded.node, callers, called_ae, calling_ae, peer)
     if refusal is not None:

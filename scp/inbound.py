@@ -1,6 +1,6 @@
 """Receiving in a process of its own.
 
-The service process applies the rules, commits the jobs and forwards: pynetdicom and pydicom, Python code under
+The service process applies the rules, commits the jobs and forwards: pydicom and the node's own code, Python under
 one GIL. Receiving in that process competed for the GIL, and a modality waiting for its C-STORE response waited
 for it (measured, 300 CT slices: the node received at 45-55 MB/s with processing and forwarding running and at
 81-96 MB/s with them stopped). So the SCP runs in a child process: it commits each instance to the spool exactly

@@ -96,7 +96,7 @@ def _text(value: Any) -> str:
 
 
 def ae_title(value: str) -> str:
-    """An AE title, stripped (pynetdicom strips the padding it receives): 1-16 characters of the default repertoire
+    """An AE title, stripped (the SCP strips the padding it receives): 1-16 characters of the default repertoire
     (printable ASCII), no backslash, not all spaces (PS3.5 6.2). Every AE title of the configuration, rules' too."""
     if not value.strip() or len(value) > 16 or "\\" in value or not all(" " <= c <= "~" for c in value):
         raise ValueError(f"'{value}' is not a valid AE title (1-16 printable ASCII characters, no backslash)")
