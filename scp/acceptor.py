@@ -44,6 +44,11 @@ ABORT_PATIENCE = 1.0
 """Seconds an A-ABORT may take to go out."""
 ACCEPT_CHECK = 0.5
 """Seconds between two looks at the stop flag while no connection comes."""
+SPARE_CONNECTIONS = 32
+"""Connections kept open beyond twice max_associations (not yet associated: port probes, a load balancer's checks);
+past that, a flood of connections is closed as they come instead of costing a thread each."""
+FLOOD_LOG_INTERVAL = 10.0
+"""Seconds between two warnings about connections closed for the limit."""
 C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
 RESPONSE_BIT = 0x8000
 UNRECOGNIZED_OPERATION = 0x0211
@@ -112,6 +117,9 @@ class Acceptor:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._stopped = threading.Event()
+        self.connection_limit = 2 * node.max_associations + SPARE_CONNECTIONS
+        self._turned_away = 0
+        self._warned_at = -FLOOD_LOG_INTERVAL
 
     @property
     def associations(self) -> int:
@@ -133,6 +141,11 @@ class Acceptor:
                     LOGGER.warning("accepting a connection failed: %s", exc)
                     time.sleep(0.1)
                     continue
+                with self._lock:
+                    crowded = len(self._connections) >= self.connection_limit
+                if crowded:
+                    self._turn_away(sock, str(address[0]))
+                    continue
                 connection = _Connection(self, sock, str(address[0]))
                 with self._lock:
                     self._connections.add(connection)
@@ -140,6 +153,22 @@ class Acceptor:
         finally:
             self._listener.close()
             self._stopped.set()
+
+    def _turn_away(self, sock: socket.socket, address: str) -> None:
+        """Close a connection at once: `connection_limit` connections are open."""
+        sock.close()
+        self._turned_away += 1
+        now = time.monotonic()
+        if now - self._warned_at >= FLOOD_LOG_INTERVAL:
+            LOGGER.warning(
+                "closed %d connection(s) at once, the last from %s: %d connections are open (2 x node.max_associations"
+                " + %d)",
+                self._turned_away,
+                address,
+                self.connection_limit,
+                SPARE_CONNECTIONS,
+            )
+            self._warned_at, self._turned_away = now, 0
 
     def shutdown(self) -> None:
         """Stop accepting (returns once the listener is closed)."""

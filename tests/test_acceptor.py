@@ -4,6 +4,7 @@ errors abort and leave no file behind, and the timeouts end an association as do
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import socket
 import struct
@@ -229,3 +230,30 @@ def test_a_message_paused_past_dimse_timeout_is_aborted(node: Service) -> None:
         started = time.monotonic()
         assert _aborted(sock)
         assert 1.0 < time.monotonic() - started < 6
+
+
+def test_a_flood_of_connections_is_turned_away_and_the_node_recovers(tmp_path: Path) -> None:
+    """Past 2 x max_associations + 32 open connections, more are closed at once instead of costing a thread
+    each; once the flood's connections are gone, modalities are served again."""
+    destinations = {"folder": {"type": "directory", "path": str(tmp_path / "folder")}}
+    with running_node(node_config(tmp_path, destinations, KEEP_RULES, node={"max_associations": 1})) as node:
+        flood = [socket.create_connection(("127.0.0.1", node.port), timeout=5) for _ in range(34 + 6)]
+        try:
+            closed = 0
+            for sock in flood[34:]:
+                sock.settimeout(5)
+                with contextlib.suppress(ConnectionResetError):
+                    closed += sock.recv(1) == b""
+            assert closed == 6
+            assert not _echoes(node.port), "served past the connection limit"
+        finally:
+            for sock in flood:
+                sock.close()
+        wait_for(lambda: _echoes(node.port), 10, "an echo once the flood is gone")
+
+
+def _echoes(port: int) -> bool:
+    try:
+        return hostile.echo(port) == status.SUCCESS
+    except (AssertionError, OSError):
+        return False
