@@ -49,6 +49,11 @@ SPARE_CONNECTIONS = 32
 past that, a flood of connections is closed as they come instead of costing a thread each."""
 FLOOD_LOG_INTERVAL = 10.0
 """Seconds between two warnings about connections closed for the limit."""
+SLOWEST_PDU_RATE = 1 << 20
+"""Bytes a second a PDU must come at, beyond node.network_timeout, once its header has come (per-read timeouts
+alone let a peer that sends a byte at a time hold a thread for ever)."""
+END_PATIENCE = 2.0
+"""Seconds the node's end waits for the connection threads it aborted (each removes its unfinished file)."""
 C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
 RESPONSE_BIT = 0x8000
 UNRECOGNIZED_OPERATION = 0x0211
@@ -67,11 +72,12 @@ _UID_CHARACTERS = frozenset("0123456789.")
 
 
 class ProtocolError(Exception):
-    """The peer broke the protocol: the association is aborted with `reason`."""
+    """The peer broke the protocol: the association is aborted by `source` (the service provider, or before any
+    association the service user: PS3.8 AA-1) with `reason`."""
 
-    def __init__(self, message: str, reason: int = UNEXPECTED_PDU) -> None:
+    def __init__(self, message: str, reason: int = UNEXPECTED_PDU, source: int = PROVIDER) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.reason, self.source = reason, source
 
 
 class _Closed(Exception):
@@ -133,6 +139,7 @@ class Acceptor:
             poller = select.poll()
             poller.register(self._listener, select.POLLIN)
             while not self._stopping.is_set():
+                self._expire_overdue()
                 if not poller.poll(ACCEPT_CHECK * 1000):
                     continue
                 try:
@@ -141,18 +148,33 @@ class Acceptor:
                     LOGGER.warning("accepting a connection failed: %s", exc)
                     time.sleep(0.1)
                     continue
-                with self._lock:
-                    crowded = len(self._connections) >= self.connection_limit
-                if crowded:
-                    self._turn_away(sock, str(address[0]))
-                    continue
-                connection = _Connection(self, sock, str(address[0]))
-                with self._lock:
-                    self._connections.add(connection)
-                threading.Thread(target=connection.run, name=f"association-{address[0]}", daemon=True).start()
+                self._start(sock, str(address[0]))
         finally:
             self._listener.close()
             self._stopped.set()
+
+    def _start(self, sock: socket.socket, address: str) -> None:
+        """Serve a new connection in a thread of its own, unless too many are open or no thread can be had."""
+        with self._lock:
+            crowded = len(self._connections) >= self.connection_limit
+        if crowded:
+            self._turn_away(sock, address)
+            return
+        connection = _Connection(self, sock, address)
+        with self._lock:
+            self._connections.add(connection)
+        try:
+            connection.thread.start()
+        except Exception as exc:  # RuntimeError: no thread to be had (TasksMax, memory); the next one may get one
+            LOGGER.error("closing the connection from %s: cannot start its thread: %s", address, exc)
+            self.forget(connection)
+            sock.close()
+
+    def _expire_overdue(self) -> None:
+        now = time.monotonic()
+        for connection in self._snapshot():
+            if connection.deadline is not None and now > connection.deadline:
+                connection.expire()
 
     def _turn_away(self, sock: socket.socket, address: str) -> None:
         """Close a connection at once: `connection_limit` connections are open."""
@@ -170,6 +192,11 @@ class Acceptor:
             )
             self._warned_at, self._turned_away = now, 0
 
+    @property
+    def stopping(self) -> bool:
+        """Whether `shutdown` was called."""
+        return self._stopping.is_set()
+
     def shutdown(self) -> None:
         """Stop accepting (returns once the listener is closed)."""
         self._stopping.set()
@@ -180,8 +207,12 @@ class Acceptor:
         never sent an association request)."""
         while time.monotonic() < deadline and any(c.established for c in self._snapshot()):
             time.sleep(0.05)
-        for connection in self._snapshot():
+        left = self._snapshot()
+        for connection in left:
             connection.abort("to stop")
+        until = time.monotonic() + END_PATIENCE
+        for connection in left:
+            connection.thread.join(max(0.0, until - time.monotonic()))
 
     def admit(self, connection: _Connection) -> bool:
         """Count `connection` as an association unless max_associations are under way already."""
@@ -216,6 +247,11 @@ class _Connection:
         self.peer_max_pdu = 0
         self._sending = threading.Lock()
         self._buffer: bytearray | None = None
+        self.thread = threading.Thread(target=self.run, name=f"association-{address}", daemon=True)
+        self.deadline: float | None = time.monotonic() + self.node.tls_handshake_timeout + self.node.acse_timeout
+        """When the step under way must be over (the accept loop closes the connection then), or None: the TLS
+        handshake and the association request together, then each PDU once its header has come."""
+        self._overdue = "its TLS handshake and association request (node.tls_handshake_timeout + acse_timeout)"
 
     def run(self) -> None:
         message: list[_Message | None] = [None]
@@ -227,10 +263,11 @@ class _Connection:
             pass
         except ProtocolError as exc:
             LOGGER.warning("aborting the association from %s (%s): %s", self._who(), self.address, exc)
-            self._send_abort(PROVIDER, exc.reason)
+            self._send_abort(exc.source, exc.reason if exc.source == PROVIDER else 0)
         except (OSError, EOFError) as exc:
             if self.established:
                 LOGGER.warning("the association from %s (%s) ended: %s", self._who(), self.address, _said(exc))
+                self._send_abort(PROVIDER, 0)
         except Exception:
             LOGGER.exception("aborting the association from %s (%s) after an error", self._who(), self.address)
             self._send_abort(PROVIDER, 0)
@@ -242,12 +279,25 @@ class _Connection:
             self.acceptor.forget(self)
 
     def abort(self, why: str) -> None:
-        """Abort from another thread (the node stops): A-ABORT, then the connection is shut so its thread ends."""
+        """Abort from another thread (the node stops): an A-ABORT (not over TLS, whose connection object is not
+        for two threads at once), then the connection is shut so that its thread ends."""
         if self.requested:
             LOGGER.warning("aborting the association from %s (%s) %s", self._who(), self.address, why)
-            self._send_abort(0, 0)
+            if not isinstance(self.sock, ssl.SSLSocket):
+                self._send_abort(0, 0)
+        self._shut()
+
+    def expire(self) -> None:
+        """Close a connection whose step under way is overdue (called by the accept loop)."""
+        self.deadline = None
+        LOGGER.warning(
+            "closing the connection from %s (%s): %s took too long", self._who(), self.address, self._overdue
+        )
+        self._shut()
+
+    def _shut(self) -> None:
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # the descriptor itself, under any TLS layer
 
     def _who(self) -> str:
         return self.calling_ae or "no AE title yet"
@@ -260,7 +310,8 @@ class _Connection:
         if tls is not None:
             self.sock.settimeout(self.node.tls_handshake_timeout)
             try:
-                self.sock = tls.wrap_socket(self.sock, server_side=True)
+                self.sock = tls.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+                self.sock.do_handshake()
             except (OSError, ssl.SSLError) as exc:
                 LOGGER.warning("TLS handshake with %s failed: %s", self.address, exc)
                 raise _Closed from exc
@@ -277,10 +328,11 @@ class _Connection:
             LOGGER.warning("no association request from %s within %g s", self.address, self.node.acse_timeout)
             return False
         except ValueError as exc:
-            LOGGER.warning("closing the connection from %s: %s", self.address, exc)
-            return False
+            raise ProtocolError(str(exc), INVALID_PDU_PARAMETER) from exc
+        if kind == pdu.ABORT:
+            return False  # aborted before it began: nothing to answer (PS3.8 AA-2)
         if kind != pdu.ASSOCIATE_RQ:
-            raise ProtocolError(f"a PDU of type 0x{kind:02X} before an association request")
+            raise ProtocolError(f"a PDU of type 0x{kind:02X} before an association request", source=0)
         try:
             request = acse.parse_request(body)
         except ValueError as exc:
@@ -313,6 +365,7 @@ class _Connection:
         self.peer_max_pdu = request.max_pdu
         self._send(negotiated.answer)
         self.established = True
+        self.deadline = None
         LOGGER.info(
             "accepted association from %s at %s to %s: %d of %d presentation contexts",
             self.calling_ae,
@@ -338,6 +391,8 @@ class _Connection:
         while True:
             mid_message = message[0] is not None or bool(command)
             kind, length = self._next_pdu(mid_message)
+            self.deadline = time.monotonic() + self.node.network_timeout + length / SLOWEST_PDU_RATE
+            self._overdue = f"a PDU of {length} bytes (node.network_timeout, then 1 MiB/s)"
             if kind == pdu.P_DATA:
                 if length > self.acceptor.limits.data:
                     raise ProtocolError(
@@ -393,6 +448,7 @@ class _Connection:
                 raise ProtocolError(f"an unexpected PDU (type 0x{kind:02X})")
             else:
                 raise ProtocolError(f"an unrecognized PDU (type 0x{kind:02X})", UNRECOGNIZED_PDU)
+            self.deadline = None
 
     def _next_pdu(self, mid_message: bool) -> tuple[int, int]:
         """The next PDU's type and length. Between messages, `network_timeout` of silence releases the
@@ -424,13 +480,15 @@ class _Connection:
         )
         self._send(pdu.RELEASE_RQ_PDU)
         deadline = time.monotonic() + self.node.acse_timeout
+        collided = False
         with contextlib.suppress(OSError, EOFError, ValueError):
-            while (kind := pdu.read_pdu(self.sock, deadline, self.acceptor.limits.control)[0]) not in (
-                pdu.RELEASE_RP,
-                pdu.ABORT,
-            ):
-                if kind == pdu.RELEASE_RQ:  # a release collision: the acceptor waits for the requestor's answer
-                    self._send(pdu.RELEASE_RP_PDU)
+            while (kind := pdu.read_pdu(self.sock, deadline, self.acceptor.limits.control)[0]) != pdu.ABORT:
+                if kind == pdu.RELEASE_RQ:
+                    collided = True  # a release collision: the acceptor answers after the requestor (PS3.8 AR-10)
+                elif kind == pdu.RELEASE_RP:
+                    if collided:
+                        self._send(pdu.RELEASE_RP_PDU)
+                    return
 
     def _dispatch(self, command: bytes, context_id: int) -> _Message | None:
         """Act on a whole command set: answer it, or return the message whose data set follows."""
@@ -466,6 +524,7 @@ class _Connection:
         """Answer a request whose data set (if any) has come whole."""
         abstract_syntax, transfer_syntax = self.contexts[message.context_id]
         elements = message.elements
+        self.deadline = None  # the handler's commit takes what the disk takes
         if message.command == C_STORE_RQ:
             if message.data_set is not None:
                 message.data_set.close()

@@ -100,7 +100,10 @@ def parse_request(body: bytes) -> AssociationRequest:
         if kind == 0x10:
             request.application_context = _text(value)
         elif kind == 0x20:
-            request.contexts.append(_proposed_context(value))
+            context = _proposed_context(value)
+            if any(c.context_id == context.context_id for c in request.contexts):
+                raise ValueError(f"presentation context ID {context.context_id} is proposed twice (PS3.8 9.3.2.2)")
+            request.contexts.append(context)
         elif kind == 0x50:
             _read_user_information(value, request)
     return request
@@ -141,13 +144,8 @@ def negotiate(request: AssociationRequest, max_pdu: int) -> Negotiated:
     """Decide each proposed context; `max_pdu` is our Maximum Length Received (0: no limit)."""
     accepted: dict[int, tuple[str, str]] = {}
     answered: list[bytes] = []
-    seen: set[int] = set()
     for proposed in request.contexts:
         result, syntax = _decide(proposed)
-        if proposed.context_id in seen:
-            result = NO_REASON  # two contexts of one ID: neither can be told apart from the other
-            accepted.pop(proposed.context_id, None)
-        seen.add(proposed.context_id)
         if result == ACCEPTANCE:
             accepted[proposed.context_id] = (proposed.abstract_syntax, syntax)
         answered.append(_item(0x21, bytes((proposed.context_id, 0, result, 0)) + _item(0x40, syntax.encode())))

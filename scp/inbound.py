@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -217,7 +218,7 @@ def _serve(
     except Exception as exc:
         send(("failed", f"cannot listen on {config.node.host}:{config.node.port}: {exc}"))
         return
-    threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
+    threading.Thread(target=_accept, args=(server,), name="accept", daemon=True).start()
     threading.Thread(target=_count_associations, args=(server, associations, heartbeat), daemon=True).start()
     send(("listening", server.server_address[1]))
     patience = 0.0
@@ -233,6 +234,18 @@ def _serve(
             break
     server.shutdown()
     server.end(time.monotonic() + patience)
+
+
+def _accept(server: Acceptor) -> None:
+    """Serve until told to stop. An accept loop that ends otherwise ends the process: the service then sees that
+    receiving has stopped (`problem`), instead of a live process that no longer listens."""
+    try:
+        server.serve_forever()
+    except Exception:
+        LOGGER.exception("the receiving process stopped accepting connections")
+    if not server.stopping:
+        LOGGER.critical("the receiving process stopped accepting connections: exiting")
+        os._exit(1)
 
 
 def make_server(

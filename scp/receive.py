@@ -86,7 +86,10 @@ class Handler:
             return self._refused(f"{_refusing(request)} while it streamed in: {data_set.refused}")
         if why := self.spool.short_of_space(self.min_free):
             return self._refused(f"{_refusing(request)}: {why}")
-        size = path.stat().st_size
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            return self._refused(f"{_refusing(request)}: its file is gone: {exc}")
         received = Received(
             calling_ae=request.calling_ae,
             called_ae=request.called_ae,

@@ -8,9 +8,11 @@ import contextlib
 import itertools
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.filereader import read_preamble
@@ -19,8 +21,10 @@ from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
-from scp import pdu, status
+from scp import acceptor, config, pdu, status
+from scp.receive import Handler
 from scp.service import Service
+from scp.spool import ReceiveBudget, Spool
 from tests import hostile
 from tests.peers import node_config, running_node, wait_for
 
@@ -257,3 +261,73 @@ def _echoes(port: int) -> bool:
         return hostile.echo(port) == status.SUCCESS
     except (AssertionError, OSError):
         return False
+
+
+def test_a_pdu_dripping_in_slower_than_its_deadline_is_closed(node: Service) -> None:
+    """Each byte within network_timeout of the last, but the PDU not within network_timeout (+ 1 MiB/s): a peer
+    dripping bytes holds a thread no longer than that."""
+    with _associate(node.port) as sock:
+        sock.sendall(pdu.HEADER.pack(pdu.P_DATA, 1000) + pdu.PDV_HEADER.pack(996, CT_CONTEXT, pdu.COMMAND))
+        started = time.monotonic()
+        with contextlib.suppress(OSError):
+            while time.monotonic() - started < 10:
+                sock.sendall(b"\0")
+                if pdu.readable(sock) and not sock.recv(64):
+                    break
+                time.sleep(0.4)
+        assert time.monotonic() - started < 5, "the node kept reading the dripping PDU"
+
+
+def test_a_connection_whose_thread_cannot_start_is_closed_and_the_next_is_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No thread to be had (TasksMax, memory) for one connection: that one is closed, the accept loop goes on."""
+    starting = acceptor._Connection.__init__
+    failed: list[int] = []
+
+    def first_cannot_start(self: acceptor._Connection, *args: Any) -> None:
+        starting(self, *args)
+        if not failed:
+            failed.append(1)
+            self.thread.start = _no_thread  # type: ignore[method-assign]
+
+    monkeypatch.setattr(acceptor._Connection, "__init__", first_cannot_start)
+    node = config.NodeConfig(host="127.0.0.1", port=0)
+    server = acceptor.Acceptor(
+        node, Handler(Spool(tmp_path / "spool"), _Silent(), node), ReceiveBudget(2**30, 0), print
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with socket.create_connection(server.server_address, timeout=5) as refused:
+            assert refused.recv(1) == b""
+        with socket.create_connection(server.server_address, timeout=5) as served:
+            served.sendall(hostile.associate_rq())
+            assert _read(served)[0] == pdu.ASSOCIATE_AC
+    finally:
+        server.shutdown()
+        server.end(time.monotonic())
+
+
+def _no_thread() -> None:
+    raise RuntimeError("can't start new thread")
+
+
+class _Silent:
+    def received(self, *args: object) -> None: ...
+
+    def refused(self, *args: object) -> None: ...
+
+    def rejected(self, *args: object) -> None: ...
+
+
+def test_a_release_collision_is_answered_after_the_requestors_answer(node: Service) -> None:
+    """The node releases an idle association; the peer asks to release too. The acceptor answers only once the
+    requestor has answered its request (PS3.8 9.2.3, AR-10 then AR-4)."""
+    with _associate(node.port) as sock:
+        assert _read(sock)[0] == pdu.RELEASE_RQ
+        sock.sendall(pdu.RELEASE_RQ_PDU)
+        time.sleep(0.5)
+        assert not pdu.readable(sock), "the acceptor answered before the requestor"
+        sock.sendall(pdu.RELEASE_RP_PDU)
+        assert _read(sock)[0] == pdu.RELEASE_RP
+        assert sock.recv(1) == b""

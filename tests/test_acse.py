@@ -98,10 +98,13 @@ def test_a_request_is_read_and_answered_as_pynetdicom_reads_it() -> None:
     assert (primitive.calling_ae_title, primitive.called_ae_title) == ("MODALITY", "COMPRESS_SCP")
 
 
-def test_two_contexts_of_one_id_are_both_refused() -> None:
-    request = acse.parse_request(_request([(CTImageStorage, [ExplicitVRLittleEndian])]))
-    request.contexts.append(acse.ProposedContext(1, MRImageStorage, (ExplicitVRLittleEndian,)))
-    assert acse.negotiate(request, 0).contexts == {}
+def test_two_contexts_of_one_id_make_a_malformed_request() -> None:
+    """PS3.8 9.3.2.2: each context's ID is its own; which of two the peer's data would be on cannot be told."""
+    body = _request([(CTImageStorage, [ExplicitVRLittleEndian]), (MRImageStorage, [ExplicitVRLittleEndian])])
+    second = body.index(MRImageStorage.encode()) - 8  # the ID of the item holding it (PS3.8 9.3.2.2)
+    assert body[second] == 3
+    with pytest.raises(ValueError, match="proposed twice"):
+        acse.parse_request(body[:second] + b"\x01" + body[second + 1 :])
 
 
 @pytest.mark.parametrize(
