@@ -14,11 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from pydicom.filereader import read_preamble
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    AsynchronousOperationsWindowNegotiation,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
 from pynetdicom.presentation import build_context
 
 from scp import acceptor, config, pdu, status
@@ -331,3 +338,61 @@ def test_a_release_collision_is_answered_after_the_requestors_answer(node: Servi
         sock.sendall(pdu.RELEASE_RP_PDU)
         assert _read(sock)[0] == pdu.RELEASE_RP
         assert sock.recv(1) == b""
+
+
+def test_role_selection_and_an_operations_window_proposed_still_store(node: Service, tmp_path: Path) -> None:
+    """PS3.7 D.3.3.3-4: the role item answered with the requestor as SCU only, the window left unanswered (no
+    asynchronous operations), and the instance stored."""
+    role = SCP_SCU_RoleSelectionNegotiation()
+    role.sop_class_uid, role.scu_role, role.scp_role = CTImageStorage, True, True
+    window = AsynchronousOperationsWindowNegotiation()
+    window.maximum_number_operations_invoked = window.maximum_number_operations_performed = 5
+    ae = AE(ae_title="WIRE")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="COMPRESS_SCP", ext_neg=[role, window])
+    assert assoc.is_established
+    try:
+        answered = {type(item).__name__ for item in assoc.acceptor.user_information}
+        assert "AsynchronousOperationsWindowNegotiation" not in answered
+        assert "SCP_SCU_RoleSelectionNegotiation" in answered
+        (context,) = assoc.accepted_contexts
+        assert (context.as_scu, context.as_scp) == (True, False)  # the requestor's roles
+        uid = generate_uid()
+        dataset = pydicom.dcmread(hostile.part10(tmp_path / f"{uid}.sent", uid, _data_set(uid)))
+        assert assoc.send_c_store(dataset).Status == status.SUCCESS
+    finally:
+        assoc.release()
+    wait_for((tmp_path / "folder" / f"{uid}.dcm").exists, 30, "the instance in the folder")
+
+
+def test_two_contexts_of_one_class_in_two_syntaxes_keep_each_syntax(node: Service, tmp_path: Path) -> None:
+    ae = AE(ae_title="WIRE")
+    ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="COMPRESS_SCP")
+    assert assoc.is_established
+    uids = {ImplicitVRLittleEndian: generate_uid(), ExplicitVRLittleEndian: generate_uid()}
+    try:
+        for syntax, uid in uids.items():
+            read = pydicom.dcmread(hostile.part10(tmp_path / f"{uid}.sent", uid, _data_set(uid)))
+            dataset = pydicom.Dataset(read)  # no encoding of its own: sent in the syntax its file meta names
+            dataset.file_meta = read.file_meta
+            dataset.file_meta.TransferSyntaxUID = syntax
+            assert assoc.send_c_store(dataset).Status == status.SUCCESS
+    finally:
+        assoc.release()
+    for syntax, uid in uids.items():
+        stored = tmp_path / "folder" / f"{uid}.dcm"
+        wait_for(stored.exists, 30, "the instance in the folder")
+        assert pydicom.dcmread(stored).file_meta.TransferSyntaxUID == syntax
+
+
+def test_a_pdu_before_any_association_request_is_aborted_by_the_service_user(node: Service) -> None:
+    """PS3.8 9.2 (Sta2, AA-1): an A-ABORT of source 0, no answer to what was sent; the node serves on."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+        sock.sendall(
+            _p_data(_pdv(VERIFICATION_CONTEXT, pdu.COMMAND | pdu.LAST, _command(0x0030, VERIFICATION, None, False)))
+        )
+        kind, body = _read(sock)
+        assert (kind, body[2]) == (pdu.ABORT, 0)
+    assert hostile.echo(node.port) == status.SUCCESS
