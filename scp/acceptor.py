@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from scp import acse, limits, pdu, security, status
+from scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, acse, limits, pdu, security, status
 from scp.config import NodeConfig
 from scp.receive import Handler, StoreRequest
 from scp.spool import PartialReceive, ReceiveBudget
@@ -625,7 +625,7 @@ class _Connection:
 
 
 def _file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
-    """A Part 10 preamble, prefix and File Meta Information (PS3.10 7.1), as pynetdicom wrote it."""
+    """A Part 10 preamble, prefix and File Meta Information (PS3.10 7.1), naming the node as the implementation."""
     elements = b"".join(
         _meta_element(element, vr, value)
         for element, vr, value in (
@@ -633,8 +633,8 @@ def _file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes
             (0x0002, "UI", _padded(sop_class, b"\0")),
             (0x0003, "UI", _padded(sop_instance, b"\0")),
             (0x0010, "UI", _padded(transfer_syntax, b"\0")),
-            (0x0012, "UI", _padded(acse.IMPLEMENTATION_CLASS_UID, b"\0")),
-            (0x0013, "SH", _padded(acse.IMPLEMENTATION_VERSION, b" ")),
+            (0x0012, "UI", _padded(IMPLEMENTATION_CLASS_UID, b"\0")),
+            (0x0013, "SH", _padded(IMPLEMENTATION_VERSION, b" ")),
         )
     )
     return bytes(128) + b"DICM" + _meta_element(0x0000, "UL", struct.pack("<I", len(elements))) + elements

@@ -15,9 +15,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-
-from scp import pdu, sop_classes, syntaxes
+from scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, pdu, sop_classes, syntaxes
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 """The DICOM application context name (PS3.7 A.2.1)."""
@@ -26,8 +24,6 @@ VERIFICATION_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10
 """Implicit and Explicit VR Little Endian, Explicit VR Big Endian: a C-ECHO carries no data set."""
 ACCEPTANCE, USER_REJECTION, NO_REASON, ABSTRACT_SYNTAX_NOT_SUPPORTED, TRANSFER_SYNTAXES_NOT_SUPPORTED = range(5)
 """Presentation context results (PS3.8 9.3.3.2)."""
-IMPLEMENTATION_CLASS_UID = PYNETDICOM_IMPLEMENTATION_UID
-IMPLEMENTATION_VERSION = PYNETDICOM_IMPLEMENTATION_VERSION
 _FIXED = struct.Struct(">HH16s16s32s")
 """Protocol version, reserved, called AE title, calling AE title, reserved (PS3.8 9.3.2)."""
 _ITEM = struct.Struct(">BxH")

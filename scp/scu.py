@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import cast
 
 from pydicom.uid import UID
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom._globals import APPLICATION_CONTEXT_NAME, DEFAULT_MAX_LENGTH
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -41,7 +40,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, build_context, negotiate_as_requestor
 
-from scp import pdu
+from scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, pdu
 
 LOGGER = logging.getLogger(__name__)
 
@@ -305,9 +304,9 @@ def _associate_rq(calling_ae: str, called_ae: str, contexts: Sequence[Presentati
     maximum = MaximumLengthNotification()
     maximum.maximum_length_received = DEFAULT_MAX_LENGTH
     implementation = ImplementationClassUIDNotification()
-    implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    implementation.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     version = ImplementationVersionNameNotification()
-    version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+    version.implementation_version_name = IMPLEMENTATION_VERSION
     primitive.user_information = [maximum, implementation, version]
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(primitive)

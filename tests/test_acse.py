@@ -21,7 +21,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import build_context
 
-from scp import acse
+from scp import IMPLEMENTATION_CLASS_UID, acse
 
 WORKLIST = "1.2.840.10008.5.1.4.31"
 RT_PLAN = "1.2.840.10008.5.1.4.1.1.481.5"
@@ -90,7 +90,7 @@ def test_a_request_is_read_and_answered_as_pynetdicom_reads_it() -> None:
     }
     user = {type(item).__name__: item for item in primitive.user_information}
     assert user["MaximumLengthNotification"].maximum_length_received == 262144
-    assert user["ImplementationClassUIDNotification"].implementation_class_uid == acse.IMPLEMENTATION_CLASS_UID
+    assert user["ImplementationClassUIDNotification"].implementation_class_uid == IMPLEMENTATION_CLASS_UID
     roles = user["SCP_SCU_RoleSelectionNegotiation"]
     assert (roles.sop_class_uid, roles.scu_role, roles.scp_role) == (CTImageStorage, True, False)
     assert "AsynchronousOperationsWindowNegotiation" not in user  # not answered: no asynchronous operations

@@ -13,7 +13,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import CTImageStorage, JPEGLSLossless
 from pynetdicom.dsutils import decode
 
-from scp import acceptor, acse, config, pdu
+from scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, acceptor, config, pdu
 from scp.receive import Handler
 from scp.spool import ReceiveBudget, Spool
 
@@ -70,7 +70,8 @@ def test_the_file_meta_written_before_a_data_set_is_what_pydicom_reads(tmp_path:
     assert meta.MediaStorageSOPClassUID == CTImageStorage
     assert meta.MediaStorageSOPInstanceUID == "1.2.345"
     assert meta.TransferSyntaxUID == JPEGLSLossless
-    assert meta.ImplementationClassUID == acse.IMPLEMENTATION_CLASS_UID
+    assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert meta.ImplementationVersionName == IMPLEMENTATION_VERSION
     assert meta.FileMetaInformationVersion == b"\x00\x01"
 
 
