@@ -12,7 +12,9 @@ a port probe that connects and closes costs nothing); then C-STORE and C-ECHO re
 (0x0211). A release request is answered and ends the association; a protocol error (a PDU out of place, a data
 set fragment without its command, a context never accepted, a malformed command) aborts it. Timeouts: each read
 or write inside a PDU `network_timeout`; between two PDUs of one message `dimse_timeout` (then an abort);
-between messages `network_timeout` (then a release). PDU lengths are checked before anything is read (PduLimits).
+between messages `network_timeout` (then a release). Deadlines per step, kept by the accept loop, stop a peer that
+sends a byte at a time: the TLS handshake and the association request, then each PDU once its header has come.
+PDU lengths are checked before anything is read (PduLimits).
 """
 
 from __future__ import annotations
@@ -247,6 +249,8 @@ class _Connection:
         self.peer_max_pdu = 0
         self._sending = threading.Lock()
         self._buffer: bytearray | None = None
+        self._incoming: _Message | None = None
+        """The request whose data set is streaming in."""
         self.thread = threading.Thread(target=self.run, name=f"association-{address}", daemon=True)
         self.deadline: float | None = time.monotonic() + self.node.tls_handshake_timeout + self.node.acse_timeout
         """When the step under way must be over (the accept loop closes the connection then), or None: the TLS
@@ -254,11 +258,10 @@ class _Connection:
         self._overdue = "its TLS handshake and association request (node.tls_handshake_timeout + acse_timeout)"
 
     def run(self) -> None:
-        message: list[_Message | None] = [None]
         try:
             self._open()
             if self._associate():
-                self._serve(message)
+                self._serve()
         except _Closed:
             pass
         except ProtocolError as exc:
@@ -272,7 +275,7 @@ class _Connection:
             LOGGER.exception("aborting the association from %s (%s) after an error", self._who(), self.address)
             self._send_abort(PROVIDER, 0)
         finally:
-            self._discard(message[0])
+            self._discard(self._incoming)
             self.established = False
             with contextlib.suppress(OSError):
                 self.sock.close()
@@ -384,12 +387,12 @@ class _Connection:
             why, reason = refusal
             raise acse.Rejection(why, acse.PERMANENT, acse.SERVICE_USER, reason)
 
-    def _serve(self, message: list[_Message | None]) -> None:
-        """Serve requests until the association ends; `message[0]` holds the one streaming in (for cleanup)."""
+    def _serve(self) -> None:
+        """Serve requests until the association ends."""
         command = bytearray()
         command_context: int | None = None
         while True:
-            mid_message = message[0] is not None or bool(command)
+            mid_message = self._incoming is not None or bool(command)
             kind, length = self._next_pdu(mid_message)
             self.deadline = time.monotonic() + self.node.network_timeout + length / SLOWEST_PDU_RATE
             self._overdue = f"a PDU of {length} bytes (node.network_timeout, then 1 MiB/s)"
@@ -412,7 +415,7 @@ class _Connection:
                     if context_id not in self.contexts:
                         raise ProtocolError(f"a fragment on presentation context {context_id}, never accepted")
                     if control & pdu.COMMAND:
-                        if message[0] is not None:
+                        if self._incoming is not None:
                             raise ProtocolError("a command fragment in the middle of a data set")
                         if command_context not in (None, context_id):
                             raise ProtocolError("a command's fragments on two presentation contexts")
@@ -421,18 +424,18 @@ class _Connection:
                         command += self._read(size)
                         command_context = context_id
                         if control & pdu.LAST:
-                            message[0] = self._dispatch(bytes(command), context_id)
+                            self._incoming = self._dispatch(bytes(command), context_id)
                             command.clear()
                             command_context = None
                     else:
-                        current = message[0]
+                        current = self._incoming
                         if current is None:
                             raise ProtocolError("a data set fragment with no command before it")
                         if context_id != current.context_id:
                             raise ProtocolError("a data set fragment on another context than its command")
                         self._take(size, current.data_set)
                         if control & pdu.LAST:
-                            message[0] = None
+                            self._incoming = None
                             self._complete(current)
             elif kind == pdu.RELEASE_RQ:
                 self._read(length)
