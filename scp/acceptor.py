@@ -70,7 +70,6 @@ _REJECTION_LABELS = {
 }
 """Rejections counted in scp_associations_rejected_total, by reason (access control)."""
 _FILE_META_HEADER = struct.Struct("<HH2sH")
-_UID_CHARACTERS = frozenset("0123456789.")
 
 
 class ProtocolError(Exception):
@@ -538,8 +537,8 @@ class _Connection:
                     self.address,
                     abstract_syntax,
                     transfer_syntax,
-                    _uid_shown(pdu.uid_of(elements, 0x0002)),
-                    _uid_shown(pdu.uid_of(elements, 0x1000)),
+                    limits.as_uid(pdu.uid_of(elements, 0x0002)),
+                    limits.as_uid(pdu.uid_of(elements, 0x1000)),
                 ),
                 message.data_set,
             )
@@ -656,13 +655,6 @@ def _padded(value: str, pad: bytes) -> bytes:
 
 def _even(value: bytes) -> bytes:
     return value + b"\0" * (len(value) % 2)
-
-
-def _uid_shown(value: str) -> str:
-    """A request's UID as logs and the spool may show it: itself when it looks like one, else only its length."""
-    if 0 < len(value) <= 64 and set(value) <= _UID_CHARACTERS:
-        return value
-    return f"(not a UID: {len(value)} characters)"
 
 
 def _said(exc: BaseException) -> str:

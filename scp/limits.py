@@ -105,15 +105,15 @@ def check_instance(
         if str(ds[keyword].value) != requested:
             raise Refused(
                 status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                f"the data set's {keyword} {_as_uid(ds[keyword].value)} is not the C-STORE request's {requested}",
+                f"the data set's {keyword} {as_uid(ds[keyword].value)} is not the C-STORE request's {requested}",
             )
 
 
 _UID_LIKE = re.compile(r"[0-9.]{1,64}")
 
 
-def _as_uid(value: object) -> str:
-    """A data set's UID as a log line may show it: itself when it looks like one, else only its length. One wrong
+def as_uid(value: object) -> str:
+    """A UID a peer sent, as a log line may show it: itself when it looks like one, else only its length. One wrong
     length byte makes a UID run over the elements after it, a patient's name and ID among them."""
     text = str(value)
     return text if _UID_LIKE.fullmatch(text) else f"(not a UID: {len(text)} characters)"

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from scp.acse import CALLED_AE_NOT_RECOGNISED, CALLING_AE_NOT_RECOGNISED
 from scp.config import AllowedCaller, NodeConfig
-
-LOGGER = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
