@@ -185,13 +185,15 @@ def _wait_with_rusage(pid: int, timeout: float) -> tuple[int, Any]:
 
 # -- /proc accounting ---------------------------------------------------------------------------------------
 def _stat(pid: int) -> tuple[int, int] | None:
-    """(utime+stime in ticks, RSS in bytes) of one process, or None when it is gone."""
+    """(CPU ticks, RSS in bytes) of one process, or None when it is gone. The ticks are its own user + system time
+    and those of the children it has waited for (cutime + cstime): a child that ended between two samples, or
+    before its first, is counted in its parent."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2 :].split()  # the command name may contain spaces
-    return int(fields[11]) + int(fields[12]), int(fields[21]) * PAGE
+    return sum(int(field) for field in fields[11:15]), int(fields[21]) * PAGE
 
 
 def _pss(pid: int) -> int:
@@ -216,17 +218,18 @@ def tree(root: int) -> list[int]:
     return found
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """CPU time (user + system) the given processes have used so far."""
-    return sum(s[0] for s in map(_stat, pids) if s is not None) / CLOCK_TICKS
+def cpu_seconds(root: int) -> float:
+    """CPU time (user + system) that `root` and its descendants, living or ended, have used so far."""
+    return sum(s[0] for s in map(_stat, tree(root)) if s is not None) / CLOCK_TICKS
 
 
 class TreeMonitor:
     """Samples a process tree in a thread: peak total RSS and PSS, and CPU time used since `start()`.
 
     RSS summed over processes counts pages shared by forked workers once per process (an upper bound); PSS
-    shares them out (what the tree really costs). CPU of a process that ends between samples is counted up to
-    its last sample.
+    shares them out (what the tree really costs). CPU is the tree's total at the end less its total at the start:
+    a process that ended meanwhile is counted in the parent that waited for it (lost only if none in the tree
+    did).
     """
 
     def __init__(self, root: int, interval: float = 0.05, pss: bool = False) -> None:
@@ -235,14 +238,14 @@ class TreeMonitor:
         self.pss = pss
         self.peak_rss = 0
         self.peak_pss = 0
-        self._baseline: dict[int, int] = {}
-        self._last: dict[int, int] = {}
+        self._baseline = 0
+        self._last = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tree-monitor", daemon=True)
 
     def start(self) -> TreeMonitor:
         self._sample()
-        self._baseline = dict(self._last)
+        self._baseline = self._last
         self.peak_rss = self.peak_pss = 0
         self._thread.start()
         return self
@@ -254,8 +257,7 @@ class TreeMonitor:
 
     @property
     def cpu_seconds(self) -> float:
-        used = sum(ticks - self._baseline.get(pid, 0) for pid, ticks in self._last.items())
-        return used / CLOCK_TICKS
+        return (self._last - self._baseline) / CLOCK_TICKS
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -263,12 +265,11 @@ class TreeMonitor:
 
     def _sample(self) -> None:
         pids = tree(self.root)
-        rss = 0
-        for pid in pids:
-            stat = _stat(pid)
-            if stat is not None:
-                self._last[pid] = stat[0]
-                rss += stat[1]
+        stats = [stat for stat in map(_stat, pids) if stat is not None]
+        if not stats:  # the root has ended: its CPU is as last sampled
+            return
+        self._last = sum(ticks for ticks, _ in stats)
+        rss = sum(rss for _, rss in stats)
         self.peak_rss = max(self.peak_rss, rss)
         if self.pss:
             self.peak_pss = max(self.peak_pss, sum(map(_pss, pids)))

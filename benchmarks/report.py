@@ -325,8 +325,9 @@ ceiling = 1 / (1 / R + C / cores), where
 - R = {codec:.1f} MB/s: the fastest pixel-exact JPEG-LS binding encoding the same pixels with one process per
   core (the parallel efficiency of the machine is in this figure);
 - C = CPU-seconds per MB of everything else that must run per MB: the node's receive + forward measured in the
-  forward-only scenario (all the node's processes, from /proc utime+stime) = {node:.4f} s/MB, plus the DCMTK
-  modality and archive on the same cores = {peers:.4f} s/MB;
+  forward-only scenario (all the node's processes and the children they waited for, from /proc utime + stime +
+  cutime + cstime) = {node:.4f} s/MB, plus the DCMTK modality and archive on the same cores (the archive's
+  `--fork` children included) = {peers:.4f} s/MB;
 - cores = {cores}.
 
 Whole-machine ceiling (used for the target): **{whole:.1f} MB/s**. Counting only the node's own work

@@ -147,7 +147,7 @@ def _timed_send(
 ) -> tuple[procs.Sent, float | None, procs.TreeMonitor, float]:
     """Send `files`; wait for the archive (if any) to hold them all; returns storescu's result, end-to-end
     seconds, the receiver's monitor and the peers' CPU seconds."""
-    peers_before = procs.cpu_seconds(peers)
+    peers_before = sum(map(procs.cpu_seconds, peers))
     with procs.TreeMonitor(receiver) as monitor:
         start = time.perf_counter()
         sent = procs.storescu(port, files, called, workdir / "storescu.log", timeout)
@@ -155,7 +155,7 @@ def _timed_send(
         if archive is not None:
             procs.wait_for(lambda: _count(archive) >= len(files), timeout, f"{len(files)} instances in {archive}")
             end_to_end = time.perf_counter() - start
-    peers_cpu = procs.cpu_seconds(peers) - peers_before + sent.cpu_seconds
+    peers_cpu = sum(map(procs.cpu_seconds, peers)) - peers_before + sent.cpu_seconds
     return sent, end_to_end, monitor, peers_cpu
 
 

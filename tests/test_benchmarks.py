@@ -139,6 +139,43 @@ def test_tree_monitor_counts_cpu_and_memory_of_children() -> None:
     assert monitor.peak_rss > 1 * MIB and monitor.peak_pss > 0
 
 
+def _spinning_children(count: int, seconds: float) -> subprocess.Popen[bytes]:
+    """A process that runs `count` children one after the other, each spinning `seconds` of CPU, then sleeps."""
+    spin = f"import time\nwhile time.process_time() < {seconds}: pass"
+    code = (
+        "import subprocess, sys, time\n"
+        f"for _ in range({count}): subprocess.run([sys.executable, '-c', {spin!r}])\n"
+        "print('done', flush=True)\n"
+        "time.sleep(60)"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("interval", [1.0, 0.005])
+def test_tree_monitor_counts_children_that_end_between_samples_once(interval: float) -> None:
+    """Children living shorter than the sampling interval (the DCMTK route's dcmcjpls and storescu) are counted
+    through their parent; children sampled many times are not counted twice."""
+    proc = _spinning_children(12, 0.05)
+    try:
+        with procs.TreeMonitor(proc.pid, interval=interval) as monitor:
+            assert proc.stdout is not None and proc.stdout.readline() == b"done\n"
+        whole_tree = procs.cpu_seconds(proc.pid)
+    finally:
+        procs.stop_process(proc)
+    assert 0.55 <= monitor.cpu_seconds <= whole_tree + 0.02
+    assert monitor.cpu_seconds < 1.1, "each child's 0.05 s counted once (12 children), plus the parent's own"
+
+
+def test_cpu_seconds_counts_the_children_of_a_forking_server() -> None:
+    """A peer such as `storescp --fork` spends its CPU in children: the peers' CPU must count them."""
+    proc = _spinning_children(6, 0.05)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"done\n"
+        assert procs.cpu_seconds(proc.pid) >= 0.3
+    finally:
+        procs.stop_process(proc)
+
+
 def _scenario(name: str, syntax: str | None, modality_s: float, end_to_end_s: float, in_target: int = 10) -> Scenario:
     run = Run(10, 10.0, modality_s, end_to_end_s, 10, 0.2, 0.05, 100 * MIB, 2_500_000, in_target)
     return Scenario(name, name, syntax, [run, run])
