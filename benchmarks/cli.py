@@ -20,7 +20,14 @@ from benchmarks import codecs, data, memory, procs, report, throughput
 from benchmarks.report import Results
 from benchmarks.throughput import Scenario
 
-SCENARIO_NAMES = {"JPEGLSLossless": "jpegls", "HTJ2KLossless": "htj2k", "JPEG2000Lossless": "j2k"}
+UNVERIFIED = ":unverified"
+"""Suffix of a syntax keyword (`--syntax JPEGLSLossless:unverified`): the node with `verify: false`."""
+SCENARIO_NAMES = {
+    "JPEGLSLossless": "jpegls",
+    "JPEGLSLossless" + UNVERIFIED: "jpegls-unverified",
+    "HTJ2KLossless": "htj2k",
+    "JPEG2000Lossless": "j2k",
+}
 PYNETDICOM_ARCHIVE = ("HTJ2KLossless", "JPEG2000Lossless")
 """Measured against the pynetdicom archive: DCMTK 3.6.7's storescp cannot store HTJ2K, and the two are compared."""
 
@@ -49,7 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sub = commands.add_parser("throughput", parents=[common], help="loopback throughput against the baselines")
-    sub.add_argument("--syntax", action="append", help="target syntax keyword (repeatable; default JPEGLSLossless)")
+    sub.add_argument(
+        "--syntax",
+        action="append",
+        help="target syntax keyword (repeatable; default JPEGLSLossless; KEYWORD:unverified for verify: false)",
+    )
     sub.add_argument("--no-baselines", action="store_true", help="only the node, no pass-through/DCMTK route")
     sub.set_defaults(handler=_throughput)
 
@@ -115,14 +126,18 @@ def _node_scenario(
 ) -> Scenario:
     if keyword is None:
         return throughput.run_node("keep", "node, forward only", files, None, workdir, runs, args.processes)
-    uid = str(pydicom.uid.UID(getattr(pydicom.uid, keyword)))
+    syntax = keyword.removesuffix(UNVERIFIED)
+    uid = str(pydicom.uid.UID(getattr(pydicom.uid, syntax)))
     name = SCENARIO_NAMES.get(keyword, keyword.lower())
-    label, pynetdicom_archive = _node_label(keyword), keyword in PYNETDICOM_ARCHIVE
-    return throughput.run_node(name, label, files, uid, workdir, runs, args.processes, pynetdicom_archive)
+    label, pynetdicom_archive = _node_label(keyword), syntax in PYNETDICOM_ARCHIVE
+    verify = not keyword.endswith(UNVERIFIED)
+    return throughput.run_node(name, label, files, uid, workdir, runs, args.processes, pynetdicom_archive, verify)
 
 
 def _node_label(keyword: str) -> str:
-    return f"node -> {keyword}" + (" (pynetdicom archive)" if keyword in PYNETDICOM_ARCHIVE else "")
+    syntax = keyword.removesuffix(UNVERIFIED)
+    label = f"node -> {syntax}" + (", verify: false" if syntax != keyword else "")
+    return label + (" (pynetdicom archive)" if syntax in PYNETDICOM_ARCHIVE else "")
 
 
 Step = Callable[[Path, int], Scenario]

@@ -204,8 +204,14 @@ def _measure(
     return scenario
 
 
-def node_config(workdir: Path, port: int, archive_port: int, syntax: str | None, processes: int) -> dict[str, Any]:
-    """The node's configuration: everything is re-encoded to `syntax` (None: kept) and sent to the archive."""
+def node_config(
+    workdir: Path, port: int, archive_port: int, syntax: str | None, processes: int, verify: bool = True
+) -> dict[str, Any]:
+    """The node's configuration: everything is re-encoded to `syntax` (None: kept) and sent to the archive;
+    `verify=False` turns off the lossless verification (`verify: false`)."""
+    compress: str | dict[str, Any] = syntax or "keep"
+    if syntax and not verify:
+        compress = {"syntax": syntax, "verify": False}
     return {
         "node": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": port, "max_pdu_size": MAX_PDU},
         "spool": {"path": str(workdir / "spool")},
@@ -213,7 +219,7 @@ def node_config(workdir: Path, port: int, archive_port: int, syntax: str | None,
         "destinations": {
             "archive": {"type": "dicom", "ae_title": ARCHIVE_AE, "host": "127.0.0.1", "port": archive_port}
         },
-        "rules": [{"name": "benchmark", "compress": syntax or "keep", "forward": ["archive"]}],
+        "rules": [{"name": "benchmark", "compress": compress, "forward": ["archive"]}],
         "logging": {"level": "INFO"},
     }
 
@@ -227,11 +233,13 @@ def run_node(
     runs: int,
     processes: int,
     pynetdicom_archive: bool = False,
+    verify: bool = True,
 ) -> Scenario:
     """The node between storescu and storescp, re-encoding to `syntax` (None: forward-only).
 
     `pynetdicom_archive`: the archive is benchmarks/passthrough.py accepting every syntax instead of storescp
     (DCMTK 3.6.7's storescp cannot store HTJ2K: the node would fall back to sending the original).
+    `verify`: the node's lossless verification (its default, on).
     """
     folder = workdir / name
     archive = folder / "archive"
@@ -244,7 +252,7 @@ def run_node(
     )
     with (
         archive_server as archive_pid,
-        procs.node(folder, node_config(folder, port, archive_port, syntax, processes)) as node_pid,
+        procs.node(folder, node_config(folder, port, archive_port, syntax, processes, verify)) as node_pid,
     ):
         timeout = 60 + 2 * len(files)
         return _measure(scenario, files, runs, port, NODE_AE, archive, node_pid, [archive_pid], folder, timeout)

@@ -13,9 +13,10 @@ import pydicom
 import pytest
 from pydicom.uid import JPEGLSLossless
 
-from benchmarks import cli, codecs, data, procs, report, stats
+from benchmarks import cli, codecs, data, procs, report, stats, throughput
 from benchmarks.memory import MIB, MemoryResult
 from benchmarks.throughput import Run, Scenario
+from scp.config import Config
 
 
 def _jls_ratio(arr: np.ndarray) -> float:
@@ -212,10 +213,49 @@ def test_report_checks_the_targets_from_the_figures(tmp_path: Path) -> None:
     assert not memory_target.met and "500 MiB" in memory_target.measured
     text = report.markdown(results)
     assert "python -m benchmarks all" in text and "| JPEG-LS modality-side" in text and "**not met**" in text
+    assert "verify: false" not in text  # that scenario did not run
     if importlib.util.find_spec("matplotlib"):
         report.write(results, tmp_path)
         assert (tmp_path / "benchmarks.png").read_bytes()[:4] == b"\x89PNG"
         assert (tmp_path / "benchmarks.json").is_file()
+
+
+def test_report_sets_the_unverified_node_against_the_same_ceiling() -> None:
+    jls = report.JLS
+    scenarios = [
+        _scenario("keep", None, 0.1, 0.2),
+        _scenario("jpegls", jls, 0.11, 0.25),
+        _scenario("jpegls-unverified", jls, 0.11, 0.22),
+    ]
+    codec = codecs.CodecResult("JPEGLSLossless", "x", True, "", 50.0, 100.0, 2, 4.0, True, True, True)
+    results = report.Results("python -m benchmarks all", "test data", 2, scenarios, [codec], [], None, {})
+    text = report.markdown(results)
+    # the ceiling as above, 44.4 MB/s: 10 MB in 0.22 s = 45.5 MB/s = 102%; verified 40.0 MB/s = 90%
+    assert "45.5 MB/s end to end = 102% of the ceiling" in text
+    assert "40.0 MB/s = 90%" in text
+    targets = {t.name: t.measured for t in results.targets()}
+    assert targets["JPEG-LS end-to-end vs the work-limited ceiling"].startswith("40.0 / 44.4")  # the verified node
+
+
+def test_an_unverified_scenario_runs_the_node_with_verify_false(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[str, str, object, bool]] = []
+
+    def node(name: str, label: str, files: object, syntax: object, *rest: object) -> Scenario:
+        seen.append((name, label, syntax, bool(rest[-1])))
+        return Scenario(name, label, None)
+
+    monkeypatch.setattr(cli.throughput, "run_node", node)
+    args = cli._parser().parse_args(["throughput", "--runs", "1", "--no-baselines"])
+    cli._run_throughput(args, tmp_path, [], ["JPEGLSLossless", "JPEGLSLossless:unverified"])
+    assert seen[1:] == [
+        ("jpegls", "node -> JPEGLSLossless", str(JPEGLSLossless), True),
+        ("jpegls-unverified", "node -> JPEGLSLossless, verify: false", str(JPEGLSLossless), False),
+    ]
+    config = throughput.node_config(tmp_path, 1, 2, str(JPEGLSLossless), 2, verify=False)
+    assert config["rules"][0]["compress"] == {"syntax": str(JPEGLSLossless), "verify": False}
+    assert Config.model_validate(config).rules[0].compress.verify is False
 
 
 def test_scenarios_run_in_rounds_and_a_failed_one_drops_out(
