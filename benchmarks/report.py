@@ -393,7 +393,8 @@ not show in it: the same scenario's CPU per MB is what tells a slow run (see the
 - **ratio**: bytes sent / bytes the archive holds. **in target syntax**: whether every archived instance is in
   the transfer syntax the scenario asked for (a node that passes instances through would show ratio 1.0 here).
 - **receiver CPU s/MB**: user + system CPU of the receiver's process tree (for the node: the service, its
-  receiving process and its encoder processes), per MB sent.
+  receiving process and its encoder processes; for the DCMTK route: its storescp and the dcmcjpls and storescu
+  it runs per instance), ended children included, per MB sent.
 - **peak RSS**: summed over the receiver's processes, sampled every 50 ms.
 
 Scenarios: *pass-through pynetdicom receiver* (baseline 1: a minimal pynetdicom SCP that streams each dataset to
@@ -404,7 +405,8 @@ receive + spool + forward, used for the ceiling), *node → X* (the node re-enco
 processes, forwarding to storescp `--fork`, which serves each association in a process of its own, as an archive
 does; HTJ2K and JPEG 2000 forward to `benchmarks/passthrough.py --all-syntaxes`
 instead, as DCMTK 3.6.7's storescp cannot store HTJ2K and the node would fall back to the original),
-*DCMTK route* (baseline 3: `storescp --exec-on-reception "dcmcjpls #p/#f
+*node → JPEGLSLossless, verify: false* (the same without the lossless verification decode, not the node's default:
+what verifying costs), *DCMTK route* (baseline 3: `storescp --exec-on-reception "dcmcjpls #p/#f
 OUT/#f && storescu ... OUT/#f"` forwarding to a second storescp, which also runs with `--fork`: one process pair
 and one association per instance).
 

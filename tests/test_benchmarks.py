@@ -213,7 +213,7 @@ def test_report_checks_the_targets_from_the_figures(tmp_path: Path) -> None:
     assert not memory_target.met and "500 MiB" in memory_target.measured
     text = report.markdown(results)
     assert "python -m benchmarks all" in text and "| JPEG-LS modality-side" in text and "**not met**" in text
-    assert "verify: false" not in text  # that scenario did not run
+    assert "judged on the verified node" not in text  # the scenario without verification did not run
     if importlib.util.find_spec("matplotlib"):
         report.write(results, tmp_path)
         assert (tmp_path / "benchmarks.png").read_bytes()[:4] == b"\x89PNG"
