@@ -195,7 +195,7 @@ def chart(results: Results, path: Path) -> None:
     labels, modality, end_to_end = [], [], []
     for s in results.scenarios:
         if s.runs:
-            label = s.label.replace(": ", ":\n", 1) if len(s.label) > 28 else s.label
+            label = _wrapped(s.label)
             labels.append(label if s.syntax is None or s.all_in_target else f"{label}\n(NOT compressed)")
             modality.append(s.modality_mb_s)
             end_to_end.append(s.end_to_end_mb_s)
@@ -229,6 +229,13 @@ def chart(results: Results, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _wrapped(label: str) -> str:
+    """A long scenario label on two lines, broken after its first comma, else after its first colon."""
+    if len(label) <= 28:
+        return label
+    return label.replace(", ", ",\n", 1) if ", " in label else label.replace(": ", ":\n", 1)
 
 
 def to_json(results: Results) -> dict[str, Any]:

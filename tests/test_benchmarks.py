@@ -304,3 +304,11 @@ def test_tiny_throughput_run(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         assert label in table
     jls_row = next(line for line in table.splitlines() if "node -> JPEGLSLossless" in line)
     assert jls_row.rstrip().endswith("| all |"), jls_row
+
+
+def test_long_chart_labels_break_after_a_comma_else_a_colon() -> None:
+    assert report._wrapped("node -> JPEGLSLossless, verify: false") == "node -> JPEGLSLossless,\nverify: false"
+    assert report._wrapped("DCMTK route: storescp -xcr dcmcjpls + storescu") == (
+        "DCMTK route:\nstorescp -xcr dcmcjpls + storescu"
+    )
+    assert report._wrapped("node, forward only") == "node, forward only"
