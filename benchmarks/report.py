@@ -374,9 +374,9 @@ Produced by:
 {command}
 ```
 
-Data: {data}. Everything runs on loopback; the raw figures of every run are in `docs/benchmarks.json`. The
-runs go in rounds: each round starts every scenario afresh and times one send of the whole set, scenario after
-scenario, so that the drift of this shared machine's speed weighs on every scenario alike. Load
+Data: {data}. Everything runs on loopback; the raw figures of every run are in `benchmarks.json` beside this
+file. The runs go in rounds: each round starts every scenario afresh and times one send of the whole set, scenario
+after scenario, so that the drift of this shared machine's speed weighs on every scenario alike. Load
 average at the start and end of the run: {load} on {cores} cores. The load average counts the benchmark's own
 processes (the node, its encoders and the peers, five or more running at a time), so the figure at the end is
 mostly the benchmark itself; a load at the start means other work was running. The machine's other tenants do
