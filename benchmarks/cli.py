@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pydicom
@@ -22,6 +23,8 @@ from benchmarks.throughput import Scenario
 
 UNVERIFIED = ":unverified"
 """Suffix of a syntax keyword (`--syntax JPEGLSLossless:unverified`): the node with `verify: false`."""
+CODEC_MB = 32.0
+"""Pixel data the codecs encode: 61 generated slices, or every image of the CT/MR corpus (24.7 MB) once."""
 SCENARIO_NAMES = {
     "JPEGLSLossless": "jpegls",
     "JPEGLSLossless" + UNVERIFIED: "jpegls-unverified",
@@ -65,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.set_defaults(handler=_throughput)
 
     sub = commands.add_parser("codecs", parents=[common], help="encode MB/s and ratio of every codec binding")
-    sub.add_argument("--frames", type=int, default=32, help="frames to encode")
+    sub.add_argument("--codec-mb", type=float, default=CODEC_MB, help="MB of distinct images' pixels to encode")
     sub.set_defaults(handler=_codecs)
 
     sub = commands.add_parser("memory", parents=[common], help="peak RSS of the node for one huge instance")
@@ -74,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.set_defaults(handler=_memory)
 
     sub = commands.add_parser("all", parents=[common], help="everything; writes docs/benchmarks.{md,png,json}")
-    sub.add_argument("--frames", type=int, default=32, help="frames for the codec measurements")
+    sub.add_argument(
+        "--codec-mb", type=float, default=CODEC_MB, help="MB of distinct images' pixels for the codec measurements"
+    )
     sub.add_argument("--size-gib", type=float, default=1.0, help="size of the memory benchmark's instance")
     sub.add_argument("--docs", type=Path, default=procs.PROJECT / "docs", help="where to write the report")
     sub.set_defaults(handler=_all)
@@ -93,29 +98,42 @@ def _workdir(args: argparse.Namespace) -> Iterator[Path]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _instances(args: argparse.Namespace, workdir: Path) -> tuple[list[Path], str]:
-    """The files to send, and a description of them."""
+class Instances(NamedTuple):
+    """The files to send, a description of them, and one of each distinct image among them, in sending order."""
+
+    files: list[Path]
+    description: str
+    distinct: list[Path]
+
+
+def _instances(args: argparse.Namespace, workdir: Path) -> Instances:
     if args.corpus:
-        files = data.load_corpus(args.corpus, workdir / "in", args.count, tuple(args.modality))
+        sources = data.corpus_images(args.corpus, tuple(args.modality))
+        files = data.copy_cycled(sources, workdir / "in", args.count)
         kinds = f" ({', '.join(args.modality)})" if args.modality else ""
-        return files, f"{len(files)} instances cycled from the corpus {args.corpus}{kinds}"
+        description = f"{len(files)} instances cycled from the {len(sources)} images of the corpus {args.corpus}{kinds}"
+        return Instances(files, description, files[: len(sources)])
     files = data.write_ct_series(workdir / "in", args.count)
-    return files, f"{len(files)} generated CT-like 512x512 slices, 12 bits stored"
+    return Instances(files, f"{len(files)} generated CT-like 512x512 slices, 12 bits stored", files)
 
 
-def _codec_frames(paths: Sequence[Path], limit: int) -> tuple[list[np.ndarray], int]:
-    """Up to `limit` single-sample 16-bit frames (signed viewed as unsigned) and the Bits Stored to declare."""
-    frames, bits = [], 0
+def _codec_frames(paths: Sequence[Path], megabytes: float) -> tuple[list[np.ndarray], list[int]]:
+    """The single-sample 16-bit frames of `paths`, in order, up to `megabytes` of pixel data, and the Bits Stored
+    each declares (signed samples are viewed as unsigned 16-bit words: the codecs differ in how they take them)."""
+    frames: list[np.ndarray] = []
+    bits: list[int] = []
+    total = 0
     for path in paths:
         header = pydicom.dcmread(path, stop_before_pixels=True)
         if header.get("SamplesPerPixel", 1) != 1 or header.get("BitsAllocated") != 16:
             continue
         signed = header.get("PixelRepresentation", 0) == 1
-        bits = max(bits, 16 if signed else int(header.BitsStored))
         for frame in data.pixel_frames([path]):
-            frames.append(frame.view(np.uint16) if signed else frame)
-            if len(frames) >= limit:
+            total += frame.nbytes
+            if frames and total > megabytes * 1e6:
                 return frames, bits
+            frames.append(frame.view(np.uint16) if signed else frame)
+            bits.append(16 if signed else int(header.BitsStored))
     if not frames:
         raise SystemExit("no single-sample 16-bit images to measure the codecs on")
     return frames, bits
@@ -193,7 +211,7 @@ def _run_throughput(
 
 
 def _throughput(args: argparse.Namespace, workdir: Path) -> int:
-    files, description = _instances(args, workdir)
+    files, description, _ = _instances(args, workdir)
     scenarios = _run_throughput(args, workdir, files, args.syntax or ["JPEGLSLossless"])
     print(f"{description}, {args.runs} runs, medians\n")
     print(report.scenario_table(scenarios))
@@ -201,10 +219,10 @@ def _throughput(args: argparse.Namespace, workdir: Path) -> int:
 
 
 def _codecs(args: argparse.Namespace, workdir: Path) -> int:
-    files, description = _instances(args, workdir)
-    frames, bits = _codec_frames(files, args.frames)
+    instances = _instances(args, workdir)
+    frames, bits = _codec_frames(instances.distinct, args.codec_mb)
     results = codecs.measure(frames, bits, args.runs)
-    print(f"{len(frames)} frames from {description}, {args.runs} runs, medians\n")
+    print(f"{len(frames)} frames from {instances.description}, {args.runs} runs, medians\n")
     print(report.codec_table(results), "\n")
     print(report.decoder_table(codecs.measure_decoders(frames, bits, args.runs)))
     return 0
@@ -224,9 +242,9 @@ def _memory(args: argparse.Namespace, workdir: Path) -> int:
 
 def _all(args: argparse.Namespace, workdir: Path) -> int:
     environment = report.environment()
-    files, description = _instances(args, workdir)
+    files, description, distinct = _instances(args, workdir)
     _progress("codecs")
-    frames, bits = _codec_frames(files, args.frames)
+    frames, bits = _codec_frames(distinct, args.codec_mb)
     codec_results = codecs.measure(frames, bits, args.runs)
     decoder_results = codecs.measure_decoders(frames, bits, args.runs)
     scenarios = _run_throughput(args, workdir, files, list(SCENARIO_NAMES))
@@ -236,7 +254,8 @@ def _all(args: argparse.Namespace, workdir: Path) -> int:
     environment["load average at end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     results = Results(
         command=args.command_line,
-        data=f"{description}, {args.runs} runs per scenario (one per round), {args.processes} encoder processes",
+        data=f"{description}, {args.runs} runs per scenario (one per round), {args.processes} encoder processes; "
+        f"the codecs encode {len(frames)} frames ({sum(f.nbytes for f in frames) / 1e6:.1f} MB) of its distinct images",
         cores=os.cpu_count() or 1,
         scenarios=scenarios,
         codecs=codec_results,

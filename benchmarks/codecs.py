@@ -136,12 +136,27 @@ def _dataset(syntax: UID, encoded: bytes, frame: np.ndarray, bits_stored: int) -
 
 # Frames for the worker processes: set before the pool forks, so they are not pickled per call.
 _FRAMES: list[np.ndarray] = []
-_BITS = 16
+_BITS: list[int] = []
 
 
-def _encode_index(args: tuple[int, int]) -> int:
-    binding_index, frame_index = args
-    return len(BINDINGS[binding_index].encode(_FRAMES[frame_index], _BITS))
+def _encode_indexes(args: tuple[int, list[int]]) -> int:
+    binding_index, frame_indexes = args
+    return sum(len(BINDINGS[binding_index].encode(_FRAMES[i], _BITS[i])) for i in frame_indexes)
+
+
+def balanced_tasks(sizes: Sequence[int], cores: int) -> list[list[int]]:
+    """Frame indexes in tasks of about a (cores x 8)th of the bytes each, largest frames first, so that frames of
+    unequal size (a corpus) keep every core busy to the end and equal ones are not sent one by one."""
+    share = sum(sizes) / (cores * 8)
+    tasks: list[list[int]] = []
+    load = share
+    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        if load >= share:
+            tasks.append([])
+            load = 0
+        tasks[-1].append(index)
+        load += sizes[index]
+    return tasks
 
 
 def _probe(binding: Binding, frame: np.ndarray, bits_stored: int) -> str:
@@ -154,39 +169,35 @@ def _probe(binding: Binding, frame: np.ndarray, bits_stored: int) -> str:
 
 
 def measure(
-    frames: Sequence[np.ndarray], bits_stored: int, runs: int = 3, cores: int | None = None
+    frames: Sequence[np.ndarray], bits_stored: Sequence[int], runs: int = 3, cores: int | None = None
 ) -> list[CodecResult]:
-    """Measure every binding on `frames`; MB is 10^6 bytes of uncompressed pixel data."""
-    global _BITS
+    """Measure every binding on `frames`, each declaring its own Bits Stored; MB is 10^6 bytes of uncompressed
+    pixel data."""
     cores = cores or os.cpu_count() or 1
     _FRAMES[:] = list(frames)
-    _BITS = bits_stored
+    _BITS[:] = list(bits_stored)
     megabytes = sum(f.nbytes for f in frames) / 1e6
-    references = {
-        b.syntax: b.encode(frames[0], bits_stored)
-        for b in BINDINGS
-        if b.reference and not _probe(b, frames[0], bits_stored)
-    }
+    pairs = list(zip(frames, bits_stored, strict=True))
+    references = {b.syntax: b.encode(*pairs[0]) for b in BINDINGS if b.reference and not _probe(b, *pairs[0])}
+    tasks = balanced_tasks([f.nbytes for f in frames], cores)
     context = multiprocessing.get_context("fork")
     results = []
     with ProcessPoolExecutor(cores, mp_context=context) as pool:
         for index, binding in enumerate(BINDINGS):
-            why = _probe(binding, frames[0], bits_stored)
+            why = _probe(binding, *pairs[0])
             if why:
                 results.append(CodecResult(binding.syntax.keyword, binding.name, False, why))
                 continue
             one, many, sizes = [], [], []
             for _ in range(runs):
                 start = time.perf_counter()
-                sizes = [len(binding.encode(f, bits_stored)) for f in frames]
+                sizes = [len(binding.encode(f, bits)) for f, bits in pairs]
                 one.append(megabytes / (time.perf_counter() - start))
-                list(pool.map(_encode_index, [(index, i) for i in range(cores)]))  # warm the workers
+                list(pool.map(_encode_indexes, [(index, [0])] * cores))  # warm the workers
                 start = time.perf_counter()
-                chunk = max(1, len(frames) // (cores * 4))
-                list(pool.map(_encode_index, [(index, i) for i in range(len(frames))], chunksize=chunk))
+                list(pool.map(_encode_indexes, [(index, task) for task in tasks]))
                 many.append(megabytes / (time.perf_counter() - start))
-            check = frames[: min(4, len(frames))]
-            exact = all(decodes_exactly(binding.syntax, binding.encode(f, bits_stored), f, bits_stored) for f in check)
+            exact = all(decodes_exactly(binding.syntax, binding.encode(f, bits), f, bits) for f, bits in pairs[:4])
             reference = references.get(binding.syntax)
             results.append(
                 CodecResult(
@@ -198,9 +209,9 @@ def measure(
                     cores=cores,
                     ratio=megabytes * 1e6 / sum(sizes),
                     exact=exact,
-                    identical=None if reference is None else binding.encode(frames[0], bits_stored) == reference,
+                    identical=None if reference is None else binding.encode(*pairs[0]) == reference,
                     reference=binding.reference,
-                    precision=declared_precision(binding.encode(frames[0], bits_stored)),
+                    precision=declared_precision(binding.encode(*pairs[0])),
                 )
             )
     return results
@@ -246,23 +257,22 @@ class DecodeResult:
     exact: bool
 
 
-def measure_decoders(frames: Sequence[np.ndarray], bits_stored: int, runs: int = 3) -> list[DecodeResult]:
+def measure_decoders(frames: Sequence[np.ndarray], bits_stored: Sequence[int], runs: int = 3) -> list[DecodeResult]:
     """Decode every frame as encoded by each syntax's reference binding (or the first that works here) with
     every decoder, on one core."""
     megabytes = sum(f.nbytes for f in frames) / 1e6
+    pairs = list(zip(frames, bits_stored, strict=True))
     results = []
     for decoder in DECODERS:
         candidates = sorted((b for b in BINDINGS if b.syntax == decoder.syntax), key=lambda b: not b.reference)
-        encoder = next(b for b in candidates if not _probe(b, frames[0], bits_stored))
-        encoded = [encoder.encode(f, bits_stored) for f in frames]
-        exact = all(
-            np.array_equal(decoder.decode(e, f, bits_stored), f) for e, f in zip(encoded[:4], frames, strict=False)
-        )
+        encoder = next(b for b in candidates if not _probe(b, *pairs[0]))
+        encoded = [(encoder.encode(f, bits), f, bits) for f, bits in pairs]
+        exact = all(np.array_equal(decoder.decode(*e), e[1]) for e in encoded[:4])
         rates = []
         for _ in range(runs):
             start = time.perf_counter()
-            for e, f in zip(encoded, frames, strict=True):
-                decoder.decode(e, f, bits_stored)
+            for e in encoded:
+                decoder.decode(*e)
             rates.append(megabytes / (time.perf_counter() - start))
         results.append(DecodeResult(decoder.syntax.keyword, decoder.name, median(rates), exact))
     return results

@@ -109,9 +109,8 @@ def write_ct_series(folder: Path, count: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def load_corpus(corpus: Path, folder: Path, count: int, modalities: tuple[str, ...] = ()) -> list[Path]:
-    """Copy `count` instances of a real corpus into `folder` (cycling through it), each with a new SOP
-    Instance UID so that repeats are distinct instances; only uncompressed files with pixel data are used."""
+def corpus_images(corpus: Path, modalities: tuple[str, ...] = ()) -> list[Path]:
+    """The uncompressed DICOM images with pixel data under `corpus` (of `modalities`, if given), by name."""
     sources = []
     for path in sorted(p for p in corpus.rglob("*") if p.is_file()):
         try:
@@ -127,6 +126,12 @@ def load_corpus(corpus: Path, folder: Path, count: int, modalities: tuple[str, .
     if not sources:
         wanted = f" of modality {', '.join(modalities)}" if modalities else ""
         raise SystemExit(f"no uncompressed DICOM images{wanted} with pixel data found in {corpus}")
+    return sources
+
+
+def copy_cycled(sources: list[Path], folder: Path, count: int) -> list[Path]:
+    """Copy `count` instances into `folder`, cycling through `sources`, each with a new SOP Instance UID so that
+    repeats are distinct instances: the first `len(sources)` copies are one of each source, in order."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index in range(count):

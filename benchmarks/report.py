@@ -353,8 +353,9 @@ verified. The target is judged on the verified node.
 CEILING = """\
 ceiling = 1 / (1 / R + C / cores), where
 
-- R = {codec:.1f} MB/s: the fastest pixel-exact JPEG-LS binding encoding the same pixels with one process per
-  core (the parallel efficiency of the machine is in this figure);
+- R = {codec:.1f} MB/s: the fastest pixel-exact JPEG-LS binding encoding the pixels of the set's distinct images
+  (see the codecs below) with one process per core, the frames handed out in tasks balanced by size (the
+  parallel efficiency of the machine is in this figure);
 - C = CPU-seconds per MB of everything else that must run per MB: the node's receive + forward measured in the
   forward-only scenario (all the node's processes and the children they waited for, from /proc utime + stime +
   cutime + cstime) = {node:.4f} s/MB, plus the DCMTK modality and archive on the same cores (the archive's
@@ -429,12 +430,15 @@ each of its sockets (forwarding to a Nagle storescp, 100 slices: 11 MB/s without
 
 ## Codecs on the same pixels
 
-Every binding encodes the same frames; MB is 10^6 bytes of uncompressed pixel data. "all cores" is one process
-per core (baseline 2: the raw codec with all cores). Each output is decoded by pydicom's decoders and compared
-with the source ("pixel-exact"); "same codestream" compares the bytes with pydicom's own encoder; "declared
-bits" is the sample precision written in the codestream (JPEG-LS P, JPEG 2000 Ssiz + 1), to compare with Bits
-Stored: imagecodecs' `jpegls_encode` and `htj2k_encode` take no bit depth and declare the container's 16 bits
-for 12-bit data (still pixel-exact; JPEG-LS ratio about 1% lower, and a codestream that differs from pydicom's).
+Every binding encodes the same frames: those of the distinct images of the set sent, in sending order, up to
+32 MB (`--codec-mb`; with a corpus, which the set cycles through, each image once, so that large and small
+images weigh as in the set), each frame declaring its own Bits Stored as the node does. MB is 10^6 bytes of
+uncompressed pixel data. "all cores" is one process per core (baseline 2: the raw codec with all cores). Each
+output is decoded by pydicom's decoders and compared with the source ("pixel-exact"); "same codestream" compares
+the bytes with pydicom's own encoder; "declared bits" is the sample precision written in the first frame's
+codestream (JPEG-LS P, JPEG 2000 Ssiz + 1), to compare with its Bits Stored: imagecodecs' `jpegls_encode` and
+`htj2k_encode` take no bit depth and declare the container's 16 bits for 12-bit data (still pixel-exact; JPEG-LS
+ratio about 1% lower, and a codestream that differs from pydicom's).
 
 {codecs}
 
@@ -461,7 +465,7 @@ pip install -e ".[bench]"                      # matplotlib for the chart; DCMTK
 python -m benchmarks all                       # everything below, writes docs/benchmarks.md/.png/.json
 python -m benchmarks throughput --syntax JPEGLSLossless --runs 3 --count 150
 python -m benchmarks throughput --corpus /path/to/dicom --modality CT MR
-python -m benchmarks codecs --frames 32
+python -m benchmarks codecs --codec-mb 32
 python -m benchmarks memory --size-gib 1
 ```
 

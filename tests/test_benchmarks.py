@@ -11,6 +11,7 @@ import imagecodecs
 import numpy as np
 import pydicom
 import pytest
+from pydicom import examples
 from pydicom.uid import JPEGLSLossless
 
 from benchmarks import cli, codecs, data, procs, report, stats, throughput
@@ -64,11 +65,41 @@ def test_corpus_copies_get_new_instance_uids(tmp_path: Path) -> None:
     source = tmp_path / "corpus"
     data.write_ct_series(source, 2)
     (source / "README.md").write_text("not DICOM")
-    copies = data.load_corpus(source, tmp_path / "copies", 5)
+    sources = data.corpus_images(source)
+    assert [p.name for p in sources] == ["ct00000.dcm", "ct00001.dcm"]
+    copies = data.copy_cycled(sources, tmp_path / "copies", 5)
     uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in copies}
     assert len(copies) == 5 and len(uids) == 5
+    assert pydicom.dcmread(copies[2]).PixelData == pydicom.dcmread(sources[0]).PixelData
     with pytest.raises(SystemExit, match="modality MR"):
-        data.load_corpus(source, tmp_path / "none", 1, ("MR",))
+        data.corpus_images(source, ("MR",))
+
+
+def test_the_codecs_encode_each_distinct_image_of_a_corpus_once_with_its_own_bits_stored(tmp_path: Path) -> None:
+    """The raw codec rate behind the ceiling must come from the pixels the node is sent: every image of a cycled
+    corpus, not the first frames of its first files."""
+    corpus = tmp_path / "corpus"
+    data.write_ct_series(corpus, 1)
+    data.write_multiframe(corpus / "multi.dcm", 3 * 512 * 512 * 2)
+    small = pydicom.dcmread(examples.get_path("ct"))  # 128x128, 16 bits stored, signed
+    small.save_as(corpus / "small.dcm")
+    args = cli._parser().parse_args(["all", "--corpus", str(corpus), "--count", "7"])
+    instances = cli._instances(args, tmp_path / "work")
+    assert len(instances.files) == 7 and len(instances.distinct) == 3
+    frames, bits = cli._codec_frames(instances.distinct, cli.CODEC_MB)
+    assert [f.shape for f in frames] == [(512, 512)] + [(512, 512)] * 3 + [(128, 128)]
+    assert bits == [12, 12, 12, 12, 16] and all(f.dtype == np.uint16 for f in frames)
+    frames, bits = cli._codec_frames(instances.distinct, 2 * 512 * 512 * 2 / 1e6)
+    assert len(frames) == len(bits) == 2
+
+
+def test_parallel_encode_tasks_hold_every_frame_once_largest_first() -> None:
+    sizes = [100, 5000, 100, 100, 2000, 100, 100, 100]
+    tasks = codecs.balanced_tasks(sizes, cores=2)
+    assert sorted(i for task in tasks for i in task) == list(range(len(sizes)))
+    assert tasks[0] == [1] and tasks[1] == [4]
+    equal = codecs.balanced_tasks([10] * 64, cores=2)
+    assert len(equal) == 16 and all(len(task) == 4 for task in equal)
 
 
 def test_median() -> None:
@@ -112,7 +143,7 @@ def test_decodes_exactly_detects_a_wrong_frame() -> None:
 
 def test_codec_measure_on_a_few_small_frames() -> None:
     frames = [data.ct_slice(i)[:128, :128].copy() for i in range(2)]
-    results = codecs.measure(frames, 12, runs=1, cores=2)
+    results = codecs.measure(frames, [12, 12], runs=1, cores=2)
     by_name = {r.binding: r for r in results}
     assert set(by_name) == {b.name for b in codecs.BINDINGS}
     reference = by_name["pyjpegls via pydicom"]
@@ -122,7 +153,7 @@ def test_codec_measure_on_a_few_small_frames() -> None:
     assert node.exact and node.identical and node.precision == 12
     best = codecs.fastest_exact(results, "JPEGLSLossless")
     assert best is not None and best.syntax == "JPEGLSLossless"
-    decoders = codecs.measure_decoders(frames, 12, runs=1)
+    decoders = codecs.measure_decoders(frames, [12, 12], runs=1)
     assert {(d.syntax, d.decoder) for d in decoders} == {(d.syntax.keyword, d.name) for d in codecs.DECODERS}
     assert all(d.exact and d.one_core_mb_s > 0 for d in decoders)
 
