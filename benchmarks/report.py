@@ -431,8 +431,8 @@ each of its sockets (forwarding to a Nagle storescp, 100 slices: 11 MB/s without
 ## Codecs on the same pixels
 
 Every binding encodes the same frames: those of the distinct images of the set sent, in sending order, up to
-32 MB (`--codec-mb`; with a corpus, which the set cycles through, each image once, so that large and small
-images weigh as in the set), each frame declaring its own Bits Stored as the node does. MB is 10^6 bytes of
+`--codec-mb` MB (32 by default; with a corpus, which the set cycles through, each image once, so that large and
+small images weigh as in the set), each frame declaring its own Bits Stored as the node does. MB is 10^6 bytes of
 uncompressed pixel data. "all cores" is one process per core (baseline 2: the raw codec with all cores). Each
 output is decoded by pydicom's decoders and compared with the source ("pixel-exact"); "same codestream" compares
 the bytes with pydicom's own encoder; "declared bits" is the sample precision written in the first frame's
